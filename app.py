@@ -1,0 +1,81 @@
+"""mmcore's Gradio app: `python app.py [--kit offline|hub|tiny] [--host] [--port] [--share]`.
+
+Nothing happens at import: flags are parsed, the kit checked and the app built in `main()`.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+
+KITS = ("offline", "hub", "tiny")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="mmcore: use and look inside multimodal models.")
+    p.add_argument("--kit", choices=KITS, default=os.environ.get("MMCORE_KIT", "offline"),
+                   help="model kit (default: $MMCORE_KIT or offline)")
+    p.add_argument("--host", default=os.environ.get("MMCORE_HOST", "127.0.0.1"),
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
+    p.add_argument("--share", action="store_true", help="make a public gradio.live link")
+    p.add_argument("--no-warm", dest="warm", action="store_false",
+                   help="load models on first use only, not in the background at start")
+    p.add_argument("--queue-size", type=int, default=64, help="waiting requests before 'queue full'")
+    return p.parse_args(argv)
+
+
+def configure_environment() -> None:
+    """Process-level settings that must be in place before gradio is imported."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # uploads go to a folder of the app's own, not a shared system temp folder
+    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mmcore-gradio-"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def check_kit(args: argparse.Namespace):
+    """The kit, checked fast (packages present, hub reachable or cached). Raises MmcoreError."""
+    import mmcore
+
+    kit = mmcore.load_kit(args.kit)
+    kit.preflight()
+    return kit
+
+
+def create(args: argparse.Namespace, kit=None):
+    """Build the app for `args` (and an already checked kit); returns (demo, ctx)."""
+    from demos import build_app
+    from demos.context import AppContext
+
+    kit = kit or check_kit(args)
+    ctx = AppContext(kit=kit, queue_size=args.queue_size)
+    return build_app(ctx), ctx
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_environment()
+    import mmcore
+
+    try:
+        kit = check_kit(args)  # before importing gradio: a bad kit fails in seconds
+    except mmcore.MmcoreError as exc:
+        print(f"mmcore: {exc}", file=sys.stderr)
+        return 2
+    from demos import launch_kwargs
+
+    demo, ctx = create(args, kit)
+    if args.warm:
+        ctx.start_warming()
+    demo.launch(**launch_kwargs(ctx, args.host, args.port, args.share))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""mmcore: using and looking inside multimodal foundation models.
+
+The public API (see DESIGN.md):
+
+    kit = mmcore.load_kit("offline" | "hub" | "tiny")   # roles load lazily, once
+    kit.model("causal_lm")                               # the loaded model of one role
+"""
+
+from .errors import InputError, MmcoreError, ModelUnavailable
+from .kits import KIT_NAMES, ROLES, Kit, ModelSpec, load_kit
+
+__all__ = ["load_kit", "Kit", "ModelSpec", "KIT_NAMES", "ROLES", "MmcoreError", "InputError",
+           "ModelUnavailable"]

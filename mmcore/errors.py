@@ -1,0 +1,18 @@
+"""Errors with messages meant for the person using the tool.
+
+Everything that reaches the UI or the API as a user-facing message derives from
+`MmcoreError`; the app shows its text (escaped) and keeps serving. Anything else is a bug
+and is logged with its stack trace.
+"""
+
+
+class MmcoreError(Exception):
+    """Base class: the message is safe and useful to show to the user as-is."""
+
+
+class InputError(MmcoreError, ValueError):
+    """The request itself is bad (empty text, wrong parameter range, bad file...)."""
+
+
+class ModelUnavailable(MmcoreError, RuntimeError):
+    """A model cannot be loaded here: missing package, no network, incompatible checkpoint."""

@@ -1,0 +1,142 @@
+"""Loading Hugging Face checkpoints for a role: hub ids and local folders, one code path.
+
+The `hub` kit, the `tiny` kit (local folders of small random models) and any user-given
+hub id or folder all go through `load_role`. Rules for anything a user names:
+safetensors only, `trust_remote_code` never, and the architecture must fit the role.
+With no network, a hub id that is not already cached fails within seconds.
+"""
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import ModelUnavailable
+
+OFFLINE_HINT = "Use `--kit offline` (or MMCORE_KIT=offline), which needs no network."
+
+# role -> (what it needs, an example) for messages
+ROLE_NEEDS = {
+    "masked_lm": ("a masked language model (AutoModelForMaskedLM)", "bert-base-uncased"),
+    "next_sentence": ("a model with a next-sentence head (AutoModelForNextSentencePrediction)",
+                      "bert-base-uncased"),
+    "causal_lm": ("a causal language model (AutoModelForCausalLM)", "gpt2"),
+    "dual_encoder": ("an image-text dual encoder with get_image_features/get_text_features "
+                     "(e.g. CLIPModel)", "openai/clip-vit-base-patch32"),
+}
+
+_probe_lock = threading.Lock()
+_probe = {"at": 0.0, "ok": False}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to the hub endpoint? Cached for 30 s; never hangs."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    with _probe_lock:
+        if time.monotonic() - _probe["at"] < 30:
+            return _probe["ok"]
+        url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        port = url.port or (443 if url.scheme == "https" else 80)
+        result = {"ok": False}
+
+        def attempt():  # getaddrinfo has no timeout of its own: run it in a thread
+            try:
+                socket.create_connection((url.hostname, port), timeout=timeout).close()
+                result["ok"] = True
+            except OSError:
+                pass
+
+        worker = threading.Thread(target=attempt, daemon=True)
+        worker.start()
+        worker.join(timeout + 0.5)
+        _probe.update(at=time.monotonic(), ok=result["ok"])
+        return result["ok"]
+
+
+def is_local(source: str) -> bool:
+    return Path(source).expanduser().is_dir() or source.startswith((".", "/", "~"))
+
+
+def _hub_kwargs(source: str) -> dict:
+    """`local_files_only` when the hub is unreachable; a clear error when not cached either."""
+    if is_local(source):
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise ModelUnavailable(f"No such model folder: {source}")
+        return {"local_files_only": True}
+    if hub_reachable():
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return {"local_files_only": True}
+    raise ModelUnavailable(
+        f"Cannot reach the Hugging Face hub to fetch '{source}', and it is not in the local "
+        f"cache. {OFFLINE_HINT}"
+    )
+
+
+def check_source(role: str, source: str) -> None:
+    """Fast check (no weights read) that `source` can be had here; raises ModelUnavailable."""
+    _hub_kwargs(source)
+
+
+def _auto_class(role: str):
+    import transformers as tf
+
+    return {
+        "masked_lm": tf.AutoModelForMaskedLM,
+        "next_sentence": tf.AutoModelForNextSentencePrediction,
+        "causal_lm": tf.AutoModelForCausalLM,
+        "dual_encoder": tf.AutoModel,
+    }[role]
+
+
+def model_class(role: str, config):
+    """The class that loads `config` for `role`, or a clear ModelUnavailable."""
+    auto = _auto_class(role)
+    needs, example = ROLE_NEEDS[role]
+    cls = auto._model_mapping[type(config)] if type(config) in auto._model_mapping else None
+    if role == "dual_encoder" and cls is not None:
+        if not (hasattr(cls, "get_image_features") and hasattr(cls, "get_text_features")):
+            cls = None
+    if cls is None:
+        archs = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+        raise ModelUnavailable(
+            f"This checkpoint is a '{config.model_type}' model ({archs}); the {role} role needs "
+            f"{needs}, e.g. {example}."
+        )
+    return cls
+
+
+def load_role(role: str, source: str, device):
+    """Load (model, tokenizer_or_processor) for `role` from a hub id or a local folder."""
+    import transformers as tf
+
+    kwargs = _hub_kwargs(source)
+    kwargs["trust_remote_code"] = False
+    try:
+        config = tf.AutoConfig.from_pretrained(source, **kwargs)
+    except ModelUnavailable:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelUnavailable(f"Cannot read a model config from '{source}': {exc}") from exc
+    cls = model_class(role, config)
+    if is_local(source) and not any(Path(source).expanduser().glob("*.safetensors")):
+        raise ModelUnavailable(
+            f"'{source}' holds no .safetensors weights; only safetensors checkpoints are loaded "
+            f"(pickle-based .bin files can run code)."
+        )
+    try:
+        model = cls.from_pretrained(source, config=config, use_safetensors=True, **kwargs)
+        if role == "dual_encoder":
+            processor = tf.AutoProcessor.from_pretrained(source, **kwargs)
+        else:
+            processor = tf.AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"Cannot load '{source}' for the {role} role: {exc}") from exc
+    model.eval().to(device)
+    return model, processor

