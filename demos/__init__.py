@@ -18,11 +18,13 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 
         timer.tick(refresh_header, outputs=[header, timer], queue=False,
                    show_progress="hidden", api_visibility="private")
-        demo.load(refresh_header, outputs=[header, timer], queue=False,
-                  show_progress="hidden", api_visibility="private")
+        ctx.on_page_load(refresh_header, [header, timer])
         for tab in TABS:
             with gr.Tab(tab.TITLE):
                 tab.build(ctx)
+        for fn, outputs in ctx._on_load:
+            demo.load(fn, outputs=outputs, queue=False, show_progress="hidden",
+                      api_visibility="private")
     # a bounded queue; REST routes may not bypass it
     demo.queue(max_size=ctx.queue_size, api_open=False, default_concurrency_limit=1)
     return demo

@@ -27,6 +27,11 @@ class AppContext:
     model_concurrency: int = 1       # model events run at once (torch already uses every core)
     max_file_size: str = "50mb"      # per uploaded file
     _warmer: threading.Thread | None = field(default=None, repr=False)
+    _on_load: list = field(default_factory=list, repr=False)
+
+    def on_page_load(self, fn, outputs) -> None:
+        """Run `fn` into `outputs` whenever a page opens (registered by `build_app`)."""
+        self._on_load.append((fn, outputs))
 
     def model_event(self) -> dict:
         """Keyword arguments that put an event in the shared model concurrency group."""

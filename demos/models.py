@@ -7,14 +7,16 @@ from mmcore import ROLES
 from .context import AppContext, guarded
 
 TITLE = "Models"
-ICONS = {"ready": "✅", "loading": "⏳", "not loaded": "○", "error": "⚠️"}
+# plain words, not emoji: a server without emoji fonts (or a screen reader) shows them right
+BADGES = {"ready": "ready", "loading": "loading…", "not loaded": "loads on first use",
+          "error": "error (see the Models tab)"}
 
 
 def header_markdown(ctx: AppContext) -> str:
     rows = ctx.kit.describe()
-    parts = [f"{ICONS[r['status']]} **{r['role'].replace('_', ' ')}**: {r['name']} "
-             f"<small>({r['licence']})</small>" for r in rows]
-    return f"### mmcore · kit `{ctx.kit.name}`\n" + " · ".join(parts)
+    parts = [f"**{r['role'].replace('_', ' ')}**: {r['name']} <small>({r['licence']}) · "
+             f"{BADGES[r['status']]}</small>" for r in rows]
+    return f"### mmcore · kit `{ctx.kit.name}` · {ctx.kit.device}\n" + " &nbsp;|&nbsp; ".join(parts)
 
 
 def busy(ctx: AppContext) -> bool:
@@ -45,7 +47,8 @@ def build(ctx: AppContext) -> None:
         "when the app starts; the header above shows their status.")
     models = gr.Dataframe(value=table(ctx),
                           headers=["role", "model", "licence", "source", "status", "error"],
-                          interactive=False, wrap=True, label="Models in this kit")
+                          interactive=False, wrap=True, label="Models in this kit",
+                          column_widths=["12%", "22%", "10%", "26%", "10%", "20%"])
     timer = gr.Timer(2.0)
 
     def refresh_table():
@@ -53,6 +56,7 @@ def build(ctx: AppContext) -> None:
 
     timer.tick(refresh_table, outputs=[models, timer], queue=False, show_progress="hidden",
                api_visibility="private")
+    ctx.on_page_load(refresh_table, [models, timer])
     with gr.Row():
         load_btn = gr.Button("Load all now", variant="primary")
         refresh_btn = gr.Button("Refresh")

@@ -136,7 +136,8 @@ def load_role(role: str, source: str, device):
             processor = tf.AutoProcessor.from_pretrained(source, **kwargs)
         else:
             processor = tf.AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelUnavailable(f"Cannot load '{source}' for the {role} role: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt files raise many types (SafetensorError...)
+        raise ModelUnavailable(
+            f"Cannot load '{source}' for the {role} role: {type(exc).__name__}: {exc}") from exc
     model.eval().to(device)
     return model, processor

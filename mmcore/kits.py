@@ -62,12 +62,12 @@ def _tiny_specs() -> dict:
     from . import tiny
 
     bert, gpt2, clip = tiny.folder("bert"), tiny.folder("gpt2"), tiny.folder("clip")
+    free = "n/a (random weights)"
     return {
-        "masked_lm": ModelSpec("hf", str(bert), "tiny random BERT", "none (random)", "masked_lm"),
-        "next_sentence": ModelSpec("hf", str(bert), "tiny random BERT (NSP head)",
-                                   "none (random)", "nsp_head"),
-        "causal_lm": ModelSpec("hf", str(gpt2), "tiny random GPT-2", "none (random)", "causal_lm"),
-        "dual_encoder": ModelSpec("hf", str(clip), "tiny random CLIP", "none (random)", "clip"),
+        "masked_lm": ModelSpec("hf", str(bert), "tiny random BERT", free, "masked_lm"),
+        "next_sentence": ModelSpec("hf", str(bert), "tiny random BERT (NSP head)", free, "nsp_head"),
+        "causal_lm": ModelSpec("hf", str(gpt2), "tiny random GPT-2", free, "causal_lm"),
+        "dual_encoder": ModelSpec("hf", str(clip), "tiny random CLIP", free, "clip"),
     }
 
 

@@ -76,11 +76,42 @@ def bert_tokenizer():
     return BertTokenizer(vocab={t: i for i, t in enumerate(vocab_list)})
 
 
-def bpe_tokenizer(cls):
+def bpe_tokenizer(cls, end_of_word: str = ""):
+    """A byte-level BPE tokenizer of class `cls` (GPT-2 or CLIP style), built deterministically.
+
+    The `tokenizers` trainer breaks ties in hash order, so two runs differ; instead every
+    frequent corpus word adds the merges that spell it left to right. Any byte sequence
+    still tokenizes (the 256 byte symbols are all in the vocabulary).
+    """
+    from collections import Counter
+
     from tokenizers import pre_tokenizers
 
-    return cls().train_new_from_iterator(corpus(), vocab_size=SIZES.vocab,
-                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    base = cls()  # an empty tokenizer of the class: its normalizer and pre-tokenizer
+    backend = base.backend_tokenizer
+    words = Counter()
+    for line in corpus():
+        if backend.normalizer is not None:
+            line = backend.normalizer.normalize_str(line)
+        words.update(piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(line))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = dict.fromkeys(base.all_special_tokens)
+    vocab.update(dict.fromkeys(alphabet))
+    if end_of_word:
+        vocab.update(dict.fromkeys(c + end_of_word for c in alphabet))
+    merges = []
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        symbols = list(word)
+        symbols[-1] += end_of_word
+        current = symbols[0]
+        for symbol in symbols[1:]:
+            if len(vocab) >= SIZES.vocab:
+                break
+            if current + symbol not in vocab:
+                vocab[current + symbol] = None
+                merges.append((current, symbol))
+            current += symbol
+    return cls(vocab={t: i for i, t in enumerate(vocab)}, merges=merges)
 
 
 def build_bert(folder: Path) -> None:
@@ -115,7 +146,7 @@ def build_clip(folder: Path) -> None:
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
                               CLIPTokenizer)
 
-    tok = bpe_tokenizer(CLIPTokenizer)
+    tok = bpe_tokenizer(CLIPTokenizer, end_of_word="</w>")
     text = dict(vocab_size=len(tok), hidden_size=SIZES.hidden, intermediate_size=SIZES.ffn,
                 num_hidden_layers=SIZES.layers, num_attention_heads=SIZES.heads,
                 max_position_embeddings=77, bos_token_id=tok.bos_token_id,

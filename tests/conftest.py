@@ -1,0 +1,36 @@
+"""Shared fixtures. No test reaches the network: the hub endpoint points at a closed local
+port, and every model comes from a package on disk or is made here."""
+
+import os
+import tempfile
+
+import pytest
+
+# Set before mmcore reads them: a cache of this test session's own, and a hub that is
+# certainly unreachable (a closed port on this machine).
+os.environ.setdefault("MMCORE_CACHE", tempfile.mkdtemp(prefix="mmcore-test-cache-"))
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mmcore-test-gradio-"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kit():
+    import mmcore
+
+    return mmcore.load_kit("tiny")
+
+
+@pytest.fixture(scope="session")
+def offline_kit():
+    import mmcore
+
+    return mmcore.load_kit("offline")
+
+
+@pytest.fixture(scope="session")
+def chelsea():
+    from PIL import Image
+    from skimage import data
+
+    return Image.fromarray(data.chelsea())

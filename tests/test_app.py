@@ -1,0 +1,119 @@
+"""The app shell, launched in-process on the tiny kit and driven through gradio_client."""
+
+import html
+
+import gradio as gr
+import httpx
+import pytest
+from gradio_client import Client
+
+import app as app_module
+import mmcore
+from demos import context, launch_kwargs
+
+
+@pytest.fixture(scope="module")
+def served(tiny_kit):
+    args = app_module.parse_args(["--kit", "tiny"])
+    demo, ctx = app_module.create(args)
+    ctx.start_warming()
+    kwargs = launch_kwargs(ctx, "127.0.0.1", None, False)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
+    yield demo, ctx, url
+    demo.close()
+
+
+def test_app_answers_through_gradio_client(served):
+    demo, ctx, url = served
+    client = Client(url, verbose=False)
+    info = client.predict(api_name="/kit_info")
+    assert info["kit"] == "tiny"
+    assert [r["role"] for r in info["roles"]] == list(mmcore.ROLES)
+    table = client.predict(api_name="/load_all")
+    assert [row[4] for row in table["data"]] == ["ready"] * 4
+    assert {row[1] for row in table["data"]} >= {"tiny random GPT-2", "tiny random CLIP"}
+
+
+def test_header_names_kit_models_and_licences(served):
+    demo, ctx, url = served
+    ctx.kit.warm()
+    from demos import models
+
+    header = models.header_markdown(ctx)
+    assert "kit `tiny`" in header
+    for row in ctx.kit.describe():
+        assert row["name"] in header and row["licence"] in header
+    assert header.count("· ready") == 4
+
+
+def test_launch_is_hardened(served):
+    demo, ctx, url = served
+    assert demo.api_open is False
+    assert demo._queue.max_size == ctx.queue_size
+    kwargs = launch_kwargs(ctx, "127.0.0.1", 7860, False)
+    assert kwargs["ssr_mode"] is False and kwargs["enable_monitoring"] is False
+    assert kwargs["max_file_size"] and kwargs["allowed_paths"] == []
+    assert demo.analytics_enabled is False
+    # REST routes may not skip the queue, and monitoring is closed
+    direct = httpx.post(f"{url}gradio_api/run/kit_info", json={"data": []}, timeout=10)
+    assert direct.status_code >= 400
+    assert httpx.get(f"{url}monitoring", timeout=10).status_code >= 400
+
+
+def test_default_host_is_loopback():
+    assert app_module.parse_args([]).host == "127.0.0.1"
+    assert app_module.parse_args([]).kit in mmcore.KIT_NAMES
+
+
+def test_kit_from_environment(monkeypatch):
+    monkeypatch.setenv("MMCORE_KIT", "tiny")
+    assert app_module.parse_args([]).kit == "tiny"
+
+
+def test_guard_escapes_user_errors_and_hides_internal_ones():
+    @context.guarded
+    def bad_input():
+        raise mmcore.InputError("bad <script>alert(1)</script>")
+
+    @context.guarded
+    def bug():
+        raise KeyError("secret internals")
+
+    @context.guarded
+    def stream():
+        yield 1
+        raise mmcore.InputError("<b>no</b>")
+
+    with pytest.raises(gr.Error) as err:
+        bad_input()
+    assert err.value.message == html.escape("bad <script>alert(1)</script>")
+    with pytest.raises(gr.Error) as err:
+        bug()
+    assert "secret" not in err.value.message and "KeyError" in err.value.message
+    gen = stream()
+    assert next(gen) == 1
+    with pytest.raises(gr.Error) as err:
+        next(gen)
+    assert err.value.message == "&lt;b&gt;no&lt;/b&gt;"
+
+
+def test_user_error_reaches_the_client_escaped(tiny_kit):
+    with gr.Blocks() as demo:
+        box = gr.Textbox()
+        out = gr.Textbox()
+
+        @context.guarded
+        def fail(text):
+            raise mmcore.InputError(f"cannot use {text}")
+
+        box.submit(fail, box, out, api_name="fail")
+    demo.queue(api_open=False)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    try:
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception) as err:
+            client.predict("<img src=x>", api_name="/fail")
+        assert "cannot use &lt;img src=x&gt;" in str(err.value)
+        assert httpx.get(url, timeout=10).status_code == 200
+    finally:
+        demo.close()
