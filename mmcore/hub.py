@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .device import default_dtype
 from .errors import ModelUnavailable
 
 OFFLINE_HINT = "Use `--kit offline` (or MMCORE_KIT=offline), which needs no network."
@@ -131,7 +132,8 @@ def load_role(role: str, source: str, device):
             f"(pickle-based .bin files can run code)."
         )
     try:
-        model = cls.from_pretrained(source, config=config, use_safetensors=True, **kwargs)
+        model = cls.from_pretrained(source, config=config, use_safetensors=True,
+                                    dtype=default_dtype(device), **kwargs)
         if role == "dual_encoder":
             processor = tf.AutoProcessor.from_pretrained(source, **kwargs)
         else:
