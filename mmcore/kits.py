@@ -201,6 +201,24 @@ class Kit:
             except ModelUnavailable:
                 pass
 
+    # ---- tasks (the public API of DESIGN.md); each module holds the real work
+
+    def fill_mask(self, text, top_k: int = 5, targets=None) -> list:
+        """One list per mask of {"token_str", "score", "sequence"}, best first."""
+        return self.fill_mask_details(text, top_k, targets).per_mask
+
+    def fill_mask_details(self, text, top_k: int = 5, targets=None):
+        """A `FillResult`: per-mask lists, joint fills, the backend used and any notices."""
+        from .fill_mask import fill
+
+        return fill(self.model("masked_lm"), text, top_k, targets)
+
+    def next_sentence(self, first, second) -> float:
+        """P(second follows first)."""
+        from .nsp import next_sentence
+
+        return next_sentence(self.model("next_sentence"), first, second)
+
     def describe(self) -> list:
         """One dict per role for headers and the API: name, licence, source and status."""
         rows = []

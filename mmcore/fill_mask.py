@@ -1,0 +1,323 @@
+"""Fill-mask: BERT's masked-word task, by a masked LM or approximated by a causal LM.
+
+`fill(loaded, text, top_k, targets)` returns a `FillResult`:
+- `per_mask`: one list per mask of {"token_str", "score", "sequence"}, best first (the
+  shape `transformers.pipeline("fill-mask")` returns, for any number of masks);
+- `joint`: whole-sentence fills {"tokens", "score", "sequence"} ranked by joint probability
+  (a small beam over the masks; the pipeline scores masks only one by one).
+
+Masked-LM backend: scores are the model's softmax probabilities, as in the pipeline; several
+masks are filled most-confident-first with a beam; a multi-token target word is scored over
+all its tokens (chain rule, one batched forward), where the pipeline keeps only its first.
+
+Causal-LM backend (the offline kit): candidates are the LM's likeliest next words after the
+left context (plus targets), each completed to a whole word, and every candidate sentence is
+scored by its log-likelihood; probabilities are renormalised over the candidates. This is an
+approximation of BERT's task, and the UI says so.
+"""
+
+import math
+import re
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from . import lm_scoring
+from .errors import InputError
+from .text import clean_text, parse_words
+
+MAX_MASKS = 5
+MASK_SPELLINGS = r"\[mask\]|<mask>"
+CAUSAL_CANDIDATES = 12      # next-token candidates considered per mask by the causal backend
+WORD_EXTENSIONS = 2         # extra tokens a causal candidate may grow by to finish its word
+RIGHT_CONTEXT = 6           # tokens after a candidate that take part in its score
+
+
+@dataclass
+class FillResult:
+    per_mask: list                     # [[{"token_str", "score", "sequence"}, ...], ...]
+    joint: list                        # [{"tokens": [...], "score", "sequence"}, ...]
+    backend: str                       # "masked_lm" or "causal_lm"
+    notices: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"per_mask": self.per_mask, "joint": self.joint, "backend": self.backend,
+                "notices": self.notices}
+
+
+def split_masks(text: str, mask_token: str | None = None) -> list:
+    """The text around its masks: n masks give n + 1 segments. Accepts [MASK], [mask], <mask>
+    and the model's own mask token."""
+    pattern = MASK_SPELLINGS + (f"|{re.escape(mask_token)}" if mask_token else "")
+    segments = re.split(pattern, text, flags=re.IGNORECASE)
+    masks = len(segments) - 1
+    if masks == 0:
+        raise InputError("No mask found: write [MASK] where the missing word goes, "
+                         "e.g. 'The capital of France is [MASK].'")
+    if masks > MAX_MASKS:
+        raise InputError(f"{masks} masks found; the limit is {MAX_MASKS}.")
+    return segments
+
+
+def join(segments: list, fills: list) -> str:
+    out = segments[0]
+    for fill, seg in zip(fills, segments[1:]):
+        out += fill + seg
+    return out
+
+
+def fill(loaded, text, top_k: int = 5, targets=None) -> FillResult:
+    text = clean_text(text, "Text")
+    top_k = int(top_k)
+    if not 1 <= top_k <= 50:
+        raise InputError(f"top_k must be between 1 and 50, not {top_k}.")
+    targets = parse_words(targets)
+    model, tok = loaded.parts["model"], loaded.parts["processor"]
+    if loaded.spec.backend == "masked_lm":
+        return _MaskedLM(model, tok).fill(text, top_k, targets)
+    if loaded.spec.backend == "causal_lm":
+        return _CausalLM(model, tok).fill(text, top_k, targets)
+    raise InputError(f"{loaded.spec.name} cannot fill masks.")
+
+
+# ------------------------------------------------------------------ masked-LM backend
+
+_word_masks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _whole_word_ids(tok) -> torch.Tensor:
+    """(V,) bool: tokens that stand as words (not '##' pieces, specials or [unused])."""
+    if tok not in _word_masks:
+        names = tok.convert_ids_to_tokens(list(range(len(tok))))
+        special = set(tok.all_special_ids)
+        _word_masks[tok] = torch.tensor(
+            [i not in special and not n.startswith("##") and not re.fullmatch(r"\[unused\d+\]", n)
+             for i, n in enumerate(names)])
+    return _word_masks[tok]
+
+
+class _MaskedLM:
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+        self.device = next(model.parameters()).device
+        self.max_len = min(model.config.max_position_embeddings, tok.model_max_length or 10**9)
+
+    @torch.inference_mode()
+    def logits(self, rows: list) -> torch.Tensor:
+        """(B, T, V) logits of right-padded rows of token ids."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        return self.model(input_ids=ids.to(self.device),
+                          attention_mask=mask.to(self.device)).logits.float()
+
+    def encode(self, segments: list, notices: list) -> list:
+        ids = self.tok(self.tok.mask_token.join(segments))["input_ids"]
+        if len(ids) <= self.max_len:
+            return ids
+        # too long: keep a window of the text around the masks, with a notice
+        positions = [i for i, t in enumerate(ids) if t == self.tok.mask_token_id]
+        body, room = ids[1:-1], self.max_len - 2
+        first, last = positions[0] - 1, positions[-1] - 1
+        if last - first + 1 > room:
+            raise InputError(f"The masks are {last - first + 1} tokens apart; they must fit in "
+                             f"the model's context of {self.max_len} tokens.")
+        start = max(0, min(first - (room - (last - first + 1)) // 2, len(body) - room))
+        notices.append(f"The text is {len(ids)} tokens, over the model's {self.max_len}: only "
+                       f"the {room} tokens around the mask(s) were used.")
+        return ids[:1] + body[start:start + room] + ids[-1:]
+
+    def fill(self, text: str, top_k: int, targets: list) -> FillResult:
+        segments = split_masks(text, self.tok.mask_token)
+        notices = []
+        ids = self.encode(segments, notices)
+        positions = [i for i, t in enumerate(ids) if t == self.tok.mask_token_id]
+        probs = self.logits([ids])[0, positions].softmax(-1)                  # (M, V)
+        per_mask = []
+        for m, pos in enumerate(positions):
+            if targets:
+                scored = self.target_scores(ids, pos, probs[m], targets)
+            else:
+                p = probs[m] * _whole_word_ids(self.tok).to(probs.device)
+                values, idx = p.topk(top_k)
+                scored = [(self.tok.decode([int(i)]).strip(), float(v)) for v, i in zip(values, idx)]
+            others = [self.tok.mask_token] * len(positions)
+            per_mask.append([{"token_str": w, "score": s,
+                              "sequence": join(segments, others[:m] + [w] + others[m + 1:])}
+                             for w, s in sorted(scored, key=lambda x: -x[1])[:top_k]])
+        if len(positions) == 1:
+            joint = [{"tokens": [r["token_str"]], "score": r["score"], "sequence": r["sequence"]}
+                     for r in per_mask[0]]
+        else:
+            joint = self.joint(ids, positions, segments, top_k, targets)
+        return FillResult(per_mask, joint, "masked_lm", notices)
+
+    def target_scores(self, ids: list, pos: int, probs: torch.Tensor, targets: list) -> list:
+        """P(word) at the mask for each target; multi-token words by the chain rule."""
+        scored, rows, plan = [], [], []
+        for word in targets:
+            pieces = self.tok(word, add_special_tokens=False)["input_ids"]
+            if not pieces:
+                continue
+            if len(pieces) == 1:
+                scored.append((word, float(probs[pieces[0]])))
+                continue
+            # the one mask becomes len(pieces) masks, filled left to right
+            base = ids[:pos] + [self.tok.mask_token_id] * len(pieces) + ids[pos + 1:]
+            if len(base) > self.max_len:
+                continue
+            for j in range(len(pieces)):
+                rows.append(base[:pos] + pieces[:j] + base[pos + j:])
+                plan.append((word, pos + j, pieces[j]))
+        if rows:
+            logp = self.logits(rows).log_softmax(-1)
+            totals: dict = {}
+            for r, (word, at, piece) in enumerate(plan):
+                totals[word] = totals.get(word, 0.0) + float(logp[r, at, piece])
+            scored += [(w, math.exp(t)) for w, t in totals.items()]
+        if not scored:
+            raise InputError("None of the target words can be written with this model's tokens.")
+        return scored
+
+    def joint(self, ids, positions, segments, top_k, targets) -> list:
+        """Beam over the masks, most-confident mask first; ranked by joint probability."""
+        width = max(top_k, 5)
+        allowed = _whole_word_ids(self.tok)
+        if targets:
+            singles = [self.tok(w, add_special_tokens=False)["input_ids"] for w in targets]
+            allowed = torch.zeros_like(allowed)
+            allowed[[p[0] for p in singles if len(p) == 1] or [self.tok.unk_token_id]] = True
+        beams = [(0.0, list(ids), {})]          # (log P, ids, {mask index: token id})
+        for _ in positions:
+            logp = self.logits([b[1] for b in beams]).log_softmax(-1)
+            logp = logp.masked_fill(~allowed.to(logp.device), -math.inf)
+            grown = {}
+            for b, (score, row, filled) in enumerate(beams):
+                open_ = [m for m in range(len(positions)) if m not in filled]
+                best = max(open_, key=lambda m: float(logp[b, positions[m]].max()))
+                values, idx = logp[b, positions[best]].topk(width)
+                for v, t in zip(values.tolist(), idx.tolist()):
+                    if v == -math.inf:
+                        continue
+                    new = {**filled, best: t}
+                    key = tuple(sorted(new.items()))
+                    if key not in grown or grown[key][0] < score + v:
+                        new_row = list(row)
+                        new_row[positions[best]] = t
+                        grown[key] = (score + v, new_row, new)
+            beams = sorted(grown.values(), key=lambda x: -x[0])[:width]
+        out = []
+        for score, _, filled in beams[:top_k]:
+            words = [self.tok.decode([filled[m]]).strip() for m in range(len(positions))]
+            out.append({"tokens": words, "score": math.exp(score),
+                        "sequence": join(segments, words)})
+        return out
+
+
+# ------------------------------------------------------------------ causal-LM backend
+
+class _CausalLM:
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+        self.max_len = getattr(model.config, "max_position_embeddings", None) or \
+            getattr(model.config, "n_positions", 1024)
+
+    def candidates(self, prefix_text: str, right: str, top_k: int, targets: list) -> list:
+        """[(word, log P(word + right | prefix))] for one mask.
+
+        Only the first RIGHT_CONTEXT tokens of `right` are scored: they carry nearly all
+        the evidence about the missing word, and compute grows with every token.
+        """
+        right = self.tok.decode(lm_scoring.encode(self.tok, right)[:RIGHT_CONTEXT])
+        core = prefix_text.rstrip()
+        space = " " if (prefix_text != core and core) else ""
+        prefix = lm_scoring.run_prefix(self.model, self.tok, core)
+        if targets:
+            words = list(targets)
+        else:
+            n = max(CAUSAL_CANDIDATES, 2 * top_k)
+            words = self.next_words(prefix, bool(space), n)
+        scored = {}
+        pending = words
+        for round_ in range(WORD_EXTENSIONS + 1):
+            conts = [lm_scoring.encode(self.tok, space + w + right) for w in pending]
+            keep = [(w, c) for w, c in zip(pending, conts) if c]
+            totals, following = lm_scoring.score_continuations(
+                self.model, prefix, [c for _, c in keep], want_next=True)
+            grown = []
+            for (w, _), total, nxt in zip(keep, totals, following):
+                scored[w] = max(total, scored.get(w, -math.inf))
+                if not targets and round_ < WORD_EXTENSIONS:
+                    grown += self.extensions(w, nxt, space, right)
+            pending = [w for w in dict.fromkeys(grown) if w not in scored]
+            if not pending:
+                break
+        return sorted(scored.items(), key=lambda x: -x[1])
+
+    def next_words(self, prefix, spaced: bool, n: int) -> list:
+        """The n likeliest next tokens that begin a word (after a space, if one precedes)."""
+        strings = lm_scoring.token_strings(self.tok)
+        words = []
+        for tid in prefix.next_logp.topk(min(20 * n, prefix.next_logp.numel())).indices.tolist():
+            s = strings[tid]
+            body = s[1:] if spaced and s.startswith(" ") else (s if not spaced else "")
+            if body[:1].isalnum() and body.strip() == body:
+                words.append(body)
+                if len(words) == n:
+                    break
+        return list(dict.fromkeys(words))
+
+    def extensions(self, word: str, next_logp: torch.Tensor, space: str, right: str) -> list:
+        """`word` grown by its likeliest next token, when that token continues the word and is
+        likelier than what the text says comes next."""
+        strings = lm_scoring.token_strings(self.tok)
+        tid = int(next_logp.argmax())
+        piece = strings[tid]
+        if not (piece[:1].isalpha() and piece.isalnum()):
+            return []
+        actual = lm_scoring.encode(self.tok, space + word + right)
+        done = len(lm_scoring.encode(self.tok, space + word))
+        if done < len(actual) and float(next_logp[actual[done]]) >= float(next_logp[tid]):
+            return []
+        return [word + piece]
+
+    def fill(self, text: str, top_k: int, targets: list) -> FillResult:
+        segments = split_masks(text, None)
+        notices = []
+        total_tokens = len(lm_scoring.encode(self.tok, text))
+        if total_tokens + 16 > self.max_len:
+            raise InputError(f"The text is {total_tokens} tokens; this model reads at most "
+                             f"{self.max_len - 16} here.")
+        width = max(top_k, 8) if len(segments) > 2 else max(top_k, CAUSAL_CANDIDATES)
+        beams = [(0.0, segments[0], [])]      # (log P, text so far, words)
+        for m in range(len(segments) - 1):
+            right = segments[m + 1]
+            grown = []
+            for score, so_far, words in beams:
+                core = so_far.rstrip()
+                space = " " if (so_far != core and core) else ""
+                for w, lp in self.candidates(so_far, right, top_k, targets)[:width]:
+                    grown.append((score + lp, core + space + w + right, words + [w]))
+            beams = sorted(grown, key=lambda x: -x[0])[:width]
+        # renormalise over the candidate sentences
+        best = beams[0][0]
+        weights = [math.exp(s - best) for s, _, _ in beams]
+        norm = sum(weights)
+        joint = [{"tokens": words, "score": w / norm, "sequence": sentence}
+                 for w, (_, sentence, words) in zip(weights, beams)]
+        per_mask = []
+        for m in range(len(segments) - 1):
+            marginal: dict = {}
+            for j in joint:
+                marginal[j["tokens"][m]] = marginal.get(j["tokens"][m], 0.0) + j["score"]
+            ranked = sorted(marginal.items(), key=lambda x: -x[1])[:top_k]
+            per_mask.append([{"token_str": w, "score": s,
+                              "sequence": next(j["sequence"] for j in joint if j["tokens"][m] == w)}
+                             for w, s in ranked])
+        if len(segments) > 2:
+            notices.append("Several masks: per-mask scores are marginals over the joint fills.")
+        return FillResult(per_mask, joint[:top_k], "causal_lm", notices)
