@@ -2,10 +2,10 @@
 
 import gradio as gr
 
-from . import models
+from . import fill_mask, models
 from .context import AppContext
 
-TABS = [models]   # each module: TITLE and build(ctx)
+TABS = [fill_mask, models]   # each module: TITLE and build(ctx)
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:

@@ -6,8 +6,9 @@ The public API (see DESIGN.md):
     kit.model("causal_lm")                               # the loaded model of one role
 """
 
+from . import tables
 from .errors import InputError, MmcoreError, ModelUnavailable
 from .kits import KIT_NAMES, ROLES, Kit, ModelSpec, load_kit
 
 __all__ = ["load_kit", "Kit", "ModelSpec", "KIT_NAMES", "ROLES", "MmcoreError", "InputError",
-           "ModelUnavailable"]
+           "ModelUnavailable", "tables"]

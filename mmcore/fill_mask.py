@@ -86,15 +86,20 @@ def fill(loaded, text, top_k: int = 5, targets=None) -> FillResult:
 _word_masks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _whole_word_ids(tok) -> torch.Tensor:
-    """(V,) bool: tokens that stand as words (not '##' pieces, specials or [unused])."""
+def _whole_word_ids(tok, size: int | None = None) -> torch.Tensor:
+    """(size,) bool: tokens that stand as words (not '##' pieces, specials or [unused]).
+    Ids the tokenizer never produces (a model vocabulary padded past it) are excluded."""
     if tok not in _word_masks:
         names = tok.convert_ids_to_tokens(list(range(len(tok))))
         special = set(tok.all_special_ids)
         _word_masks[tok] = torch.tensor(
             [i not in special and not n.startswith("##") and not re.fullmatch(r"\[unused\d+\]", n)
              for i, n in enumerate(names)])
-    return _word_masks[tok]
+    allowed = _word_masks[tok]
+    if size is not None and size != len(allowed):
+        allowed = torch.cat([allowed, torch.zeros(max(0, size - len(allowed)), dtype=torch.bool)])
+        allowed = allowed[:size]
+    return allowed
 
 
 class _MaskedLM:
@@ -102,18 +107,28 @@ class _MaskedLM:
         self.model, self.tok = model, tok
         self.device = next(model.parameters()).device
         self.max_len = min(model.config.max_position_embeddings, tok.model_max_length or 10**9)
+        # The vocabulary head costs more than the whole encoder on short inputs (bert-base:
+        # 768 x 30522 per position): apply it to the mask positions only, where we know how.
+        self.base = getattr(model, model.base_model_prefix, None)
+        self.head = next((getattr(model, n) for n in ("cls", "lm_head") if hasattr(model, n)),
+                         None)
 
     @torch.inference_mode()
-    def logits(self, rows: list) -> torch.Tensor:
-        """(B, T, V) logits of right-padded rows of token ids."""
+    def logits(self, rows: list, positions: list) -> torch.Tensor:
+        """(B, P, V) logits at `positions[b]` (P per row) of right-padded rows of token ids."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tok.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r)
             mask[i, :len(r)] = 1
-        return self.model(input_ids=ids.to(self.device),
-                          attention_mask=mask.to(self.device)).logits.float()
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        at = torch.tensor(positions, device=self.device)                        # (B, P)
+        batch = torch.arange(len(rows), device=self.device).unsqueeze(1)
+        if self.base is not None and self.head is not None:
+            hidden = self.base(input_ids=ids, attention_mask=mask)[0]            # (B, T, H)
+            return self.head(hidden[batch, at]).float()
+        return self.model(input_ids=ids, attention_mask=mask).logits[batch, at].float()
 
     def encode(self, segments: list, notices: list) -> list:
         ids = self.tok(self.tok.mask_token.join(segments))["input_ids"]
@@ -136,13 +151,13 @@ class _MaskedLM:
         notices = []
         ids = self.encode(segments, notices)
         positions = [i for i, t in enumerate(ids) if t == self.tok.mask_token_id]
-        probs = self.logits([ids])[0, positions].softmax(-1)                  # (M, V)
+        probs = self.logits([ids], [positions])[0].softmax(-1)                # (M, V)
         per_mask = []
         for m, pos in enumerate(positions):
             if targets:
                 scored = self.target_scores(ids, pos, probs[m], targets)
             else:
-                p = probs[m] * _whole_word_ids(self.tok).to(probs.device)
+                p = probs[m] * _whole_word_ids(self.tok, probs.shape[-1]).to(probs.device)
                 values, idx = p.topk(top_k)
                 scored = [(self.tok.decode([int(i)]).strip(), float(v)) for v, i in zip(values, idx)]
             others = [self.tok.mask_token] * len(positions)
@@ -174,10 +189,10 @@ class _MaskedLM:
                 rows.append(base[:pos] + pieces[:j] + base[pos + j:])
                 plan.append((word, pos + j, pieces[j]))
         if rows:
-            logp = self.logits(rows).log_softmax(-1)
+            logp = self.logits(rows, [[at] for _, at, _ in plan])[:, 0].log_softmax(-1)
             totals: dict = {}
-            for r, (word, at, piece) in enumerate(plan):
-                totals[word] = totals.get(word, 0.0) + float(logp[r, at, piece])
+            for r, (word, _, piece) in enumerate(plan):
+                totals[word] = totals.get(word, 0.0) + float(logp[r, piece])
             scored += [(w, math.exp(t)) for w, t in totals.items()]
         if not scored:
             raise InputError("None of the target words can be written with this model's tokens.")
@@ -186,20 +201,20 @@ class _MaskedLM:
     def joint(self, ids, positions, segments, top_k, targets) -> list:
         """Beam over the masks, most-confident mask first; ranked by joint probability."""
         width = max(top_k, 5)
-        allowed = _whole_word_ids(self.tok)
+        allowed = _whole_word_ids(self.tok, self.model.config.vocab_size)
         if targets:
             singles = [self.tok(w, add_special_tokens=False)["input_ids"] for w in targets]
             allowed = torch.zeros_like(allowed)
             allowed[[p[0] for p in singles if len(p) == 1] or [self.tok.unk_token_id]] = True
         beams = [(0.0, list(ids), {})]          # (log P, ids, {mask index: token id})
         for _ in positions:
-            logp = self.logits([b[1] for b in beams]).log_softmax(-1)
+            logp = self.logits([b[1] for b in beams], [positions] * len(beams)).log_softmax(-1)
             logp = logp.masked_fill(~allowed.to(logp.device), -math.inf)
             grown = {}
             for b, (score, row, filled) in enumerate(beams):
                 open_ = [m for m in range(len(positions)) if m not in filled]
-                best = max(open_, key=lambda m: float(logp[b, positions[m]].max()))
-                values, idx = logp[b, positions[best]].topk(width)
+                best = max(open_, key=lambda m: float(logp[b, m].max()))
+                values, idx = logp[b, best].topk(width)
                 for v, t in zip(values.tolist(), idx.tolist()):
                     if v == -math.inf:
                         continue

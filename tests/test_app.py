@@ -117,3 +117,37 @@ def test_user_error_reaches_the_client_escaped(tiny_kit):
         assert httpx.get(url, timeout=10).status_code == 200
     finally:
         demo.close()
+
+
+def test_fill_mask_tab_through_the_client(served, tmp_path):
+    demo, ctx, url = served
+    client = Client(url, verbose=False)
+    chart, best, joint, per_mask, notes = client.predict(
+        "The capital of France is [MASK].", 5, "", api_name="/fill_mask")
+    want = ctx.kit.fill_mask("The capital of France is [MASK].", top_k=5)[0]
+    assert chart["label"] == want[0]["token_str"]
+    assert len(joint["data"]) == 5 and len(per_mask["data"]) == 5
+    assert [p["token"] for p in best if p["class_or_confidence"] == "filled"] == [want[0]["token_str"]]
+    with pytest.raises(Exception, match="No mask found"):
+        client.predict("no mask here", 5, "", api_name="/fill_mask")
+    probs = client.predict("the cat sat .", "then it slept .", api_name="/next_sentence")
+    assert {c["label"] for c in probs["confidences"]} == {"A then B", "B then A"}
+
+
+def test_fill_mask_batch_reports_bad_rows_and_neutralises_formulas(served, tmp_path):
+    from gradio_client import handle_file
+
+    demo, ctx, url = served
+    src = tmp_path / "in.csv"
+    src.write_bytes("\ufeffsentence\n=1+1 [MASK]\nno mask\n\"two\nlines [MASK]\"\n".encode("utf-8"))
+    client = Client(url, verbose=False)
+    path, summary = client.predict(handle_file(str(src)), 3, api_name="/fill_mask_batch")
+    assert "2 filled, 1 skipped" in summary
+    import csv
+
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    assert rows[0]["sentence"].startswith("'=")          # formula neutralised
+    assert "No mask found" in rows[1]["error"]
+    assert rows[2]["sentence"] == "two\nlines [MASK]" and not rows[2]["error"]

@@ -1,0 +1,155 @@
+"""Fill-mask and next-sentence prediction tab: BERT's two pre-training tasks as probes."""
+
+import gradio as gr
+
+from mmcore import InputError, tables
+from mmcore.fill_mask import split_masks
+
+from .context import AppContext, guarded
+
+TITLE = "Fill mask & NSP"
+EXAMPLES = [
+    ["The capital of France is [MASK].", 5, ""],
+    ["I drink a cup of [MASK] every morning to wake up.", 5, ""],
+    ["The opposite of hot is [MASK].", 5, ""],
+    ["The [MASK] of France is [MASK].", 5, ""],
+    ["The doctor told [MASK] to take the medicine.", 5, "him, her, them"],
+    ["My favourite animal is the [MASK].", 5, "kangaroo, cat, elephant"],
+]
+NSP_EXAMPLES = [
+    ["I forgot my umbrella at home this morning.", "By the time I reached the office, I was soaked."],
+    ["The bakery on the corner opens at six.", "Whales migrate thousands of kilometres every year."],
+]
+MAX_BATCH_ROWS = 200
+
+
+def backend_note(ctx: AppContext) -> str:
+    spec = ctx.kit.spec("masked_lm")
+    if spec.backend == "causal_lm":
+        return (f"**Note:** this kit has no masked language model, so **{spec.name}**, a causal "
+                "(left-to-right) LM, approximates BERT's task: it proposes words from the text "
+                "before the mask, and each candidate sentence is scored by its likelihood; "
+                "probabilities are renormalised over the candidates. Next-sentence "
+                "probability comes from how much the first sentence raises the likelihood of "
+                "the second (pointwise mutual information), calibrated on labelled pairs.")
+    return (f"Masked LM: **{spec.name}**. Scores are the model's own probabilities; several "
+            "masks are also filled jointly (most confident first, a small beam).")
+
+
+def highlighted(text: str, result) -> list:
+    """The best joint fill as (text, label) pieces, the filled words labelled."""
+    segments = split_masks(text)
+    pieces = [(segments[0], None)]
+    for word, seg in zip(result.joint[0]["tokens"], segments[1:]):
+        pieces += [(word, "filled"), (seg, None)]
+    return pieces
+
+
+def build(ctx: AppContext) -> None:
+    @guarded
+    def fill_mask(text: str, top_k: float, targets: str):
+        """Fill every [MASK] in the text: a chart for the first mask, the best sentence
+        highlighted, joint fills and per-mask tables."""
+        result = ctx.kit.fill_mask_details(text, int(top_k), targets or None)
+        first = {r["token_str"]: r["score"] for r in result.per_mask[0]}
+        joint = [[" | ".join(j["tokens"]), round(j["score"], 5), j["sequence"]]
+                 for j in result.joint]
+        per_mask = [[m + 1, r["token_str"], round(r["score"], 5)]
+                    for m, rows in enumerate(result.per_mask) for r in rows]
+        notes = "\n".join(f"- {n}" for n in result.notices)
+        return first, highlighted(text, result), joint, per_mask, notes
+
+    @guarded
+    def next_sentence(first: str, second: str):
+        """P(B follows A) and, for contrast, P(A follows B)."""
+        forward = ctx.kit.next_sentence(first, second)
+        backward = ctx.kit.next_sentence(second, first)
+        return {"A then B": forward, "B then A": backward}
+
+    @guarded
+    def fill_mask_batch(file, top_k: float):
+        """A CSV of sentences (column `sentence`) in; a CSV of fills out."""
+        if file is None:
+            raise InputError("Upload a CSV file with a column named sentence.")
+        rows, notices = tables.read_csv(file, ["sentence"], MAX_BATCH_ROWS)
+        out = []
+        for row in rows:
+            try:
+                result = ctx.kit.fill_mask_details(row["sentence"], int(top_k))
+                out.append({"sentence": row["sentence"], "best": result.joint[0]["sequence"],
+                            "fills": " | ".join(result.joint[0]["tokens"]),
+                            "score": f"{result.joint[0]['score']:.5f}", "error": ""})
+            except InputError as exc:
+                out.append({"sentence": row["sentence"], "error": str(exc)})
+        path = tables.write_csv(out, ["sentence", "best", "fills", "score", "error"],
+                                "fill_mask_results.csv")
+        bad = sum(1 for r in out if r["error"])
+        summary = f"{len(out) - bad} filled, {bad} skipped (see the error column)."
+        return path, "\n".join([summary] + [f"- {n}" for n in notices])
+
+    @guarded
+    def next_sentence_batch(file):
+        """A CSV of pairs (columns `first`, `second`) in; a CSV of probabilities out."""
+        if file is None:
+            raise InputError("Upload a CSV file with columns first and second.")
+        rows, notices = tables.read_csv(file, ["first", "second"], MAX_BATCH_ROWS)
+        out = []
+        for row in rows:
+            try:
+                p = ctx.kit.next_sentence(row["first"], row["second"])
+                out.append({**row, "p_follows": f"{p:.5f}", "error": ""})
+            except InputError as exc:
+                out.append({**row, "error": str(exc)})
+        path = tables.write_csv(out, ["first", "second", "p_follows", "error"], "nsp_results.csv")
+        return path, "\n".join(f"- {n}" for n in notices)
+
+    gr.Markdown(backend_note(ctx))
+    with gr.Row():
+        with gr.Column(scale=3):
+            text = gr.Textbox(label="Sentence with [MASK] (up to 5 masks)", lines=2,
+                              max_length=5000, value=EXAMPLES[0][0])
+            with gr.Row():
+                top_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
+                targets = gr.Textbox(label="Only these words (optional, comma separated)",
+                                     max_length=2000)
+            fill_btn = gr.Button("Fill", variant="primary")
+        with gr.Column(scale=2):
+            chart = gr.Label(label="First mask: probabilities", num_top_classes=20)
+    best = gr.HighlightedText(label="Best fill", color_map={"filled": "green"})
+    notes = gr.Markdown()
+    with gr.Row():
+        joint = gr.Dataframe(headers=["fills", "joint probability", "sentence"],
+                             label="Joint fills (whole sentence)", interactive=False, wrap=True)
+        per_mask = gr.Dataframe(headers=["mask", "word", "probability"],
+                                label="Each mask on its own", interactive=False)
+    gr.Examples(EXAMPLES, [text, top_k, targets])
+    outputs = [chart, best, joint, per_mask, notes]
+    fill_btn.click(fill_mask, [text, top_k, targets], outputs, api_name="fill_mask",
+                   **ctx.model_event())
+    text.submit(fill_mask, [text, top_k, targets], outputs, api_visibility="private",
+                **ctx.model_event())
+
+    gr.Markdown("### Next sentence prediction")
+    with gr.Row():
+        sent_a = gr.Textbox(label="Sentence A", max_length=5000, value=NSP_EXAMPLES[0][0])
+        sent_b = gr.Textbox(label="Sentence B", max_length=5000, value=NSP_EXAMPLES[0][1])
+    nsp_btn = gr.Button("How likely does B follow A?")
+    nsp_out = gr.Label(label="P(follows)")
+    gr.Examples(NSP_EXAMPLES, [sent_a, sent_b])
+    nsp_btn.click(next_sentence, [sent_a, sent_b], nsp_out, api_name="next_sentence",
+                  **ctx.model_event())
+
+    with gr.Accordion("Batch: CSV in, CSV out", open=False):
+        gr.Markdown("Sentences: a CSV with a `sentence` column. Pairs: columns `first`, "
+                    f"`second`. Up to {MAX_BATCH_ROWS} rows; bad rows are reported, not fatal.")
+        with gr.Row():
+            batch_file = gr.File(label="CSV file", file_types=[".csv", ".tsv", ".txt"])
+            batch_out = gr.File(label="Results")
+        batch_notes = gr.Markdown()
+        with gr.Row():
+            gr.Button("Fill every sentence").click(
+                fill_mask_batch, [batch_file, top_k], [batch_out, batch_notes],
+                api_name="fill_mask_batch", **ctx.model_event())
+            gr.Button("Score every pair").click(
+                next_sentence_batch, [batch_file], [batch_out, batch_notes],
+                api_name="next_sentence_batch", **ctx.model_event())
