@@ -151,3 +151,18 @@ def test_fill_mask_batch_reports_bad_rows_and_neutralises_formulas(served, tmp_p
     assert rows[0]["sentence"].startswith("'=")          # formula neutralised
     assert "No mask found" in rows[1]["error"]
     assert rows[2]["sentence"] == "two\nlines [MASK]" and not rows[2]["error"]
+
+
+def test_attention_tab_through_the_client(served):
+    demo, ctx, url = served
+    client = Client(url, verbose=False)
+    labels = list(__import__("mmcore").attention.choices(ctx.kit))
+    for label in labels:
+        heat, grid, table, notes, layer, head = client.predict(
+            "the cat sat on the mat", label, 2, 1, api_name="/attention")
+        assert heat and grid and "2 layers × 2 heads" in notes
+        assert len(table["data"]) >= 6
+    with pytest.raises(Exception, match="empty"):
+        client.predict("   ", labels[0], 1, 0, api_name="/attention")
+    steps, weights, pe = client.predict("the cat sat", api_name="/worked_example")
+    assert "(1, 2, 3, 4)" in steps and len(weights["data"]) == 3

@@ -1,0 +1,93 @@
+"""Inside the Transformer: attention maps of the app's own models, positional encoding and
+one attention step of the from-scratch layer worked through."""
+
+import gradio as gr
+import pandas as pd
+
+from mmcore import InputError, attention, plots, transformer
+
+from .context import AppContext, guarded
+
+TITLE = "Inside the Transformer"
+EXAMPLES = ["The animal didn't cross the street because it was too tired.",
+            "The capital of France is Paris.",
+            "A photo of a cat sitting on a red sofa."]
+
+
+def build(ctx: AppContext) -> None:
+    labels = list(attention.choices(ctx.kit))
+
+    @guarded
+    def show_attention(text: str, model: str, layer: float, head: float):
+        """Attention of one model on the text: a heatmap of layer/head (head 0 = mean of the
+        heads), every head of that layer, and where each token attends most."""
+        if model not in labels:
+            raise InputError(f"Choose one of: {', '.join(labels)}.")
+        maps = attention.attention_maps(ctx.kit, attention.choices(ctx.kit)[model], text)
+        n_layers, n_heads = maps.weights.shape[:2]
+        layer_i = min(max(int(layer), 1), n_layers) - 1
+        head_i = min(max(int(head), 0), n_heads)
+        mean = head_i == 0
+        w = maps.weights[layer_i].mean(0) if mean else maps.weights[layer_i, head_i - 1]
+        which = "mean of all heads" if mean else f"head {head_i}"
+        heat = plots.attention_heatmap(w, maps.tokens, f"layer {layer_i + 1}, {which}")
+        grid = plots.heads_grid(maps.weights[layer_i], f"layer {layer_i + 1}: every head")
+        table = [[t, to, round(v, 3)] for t, to, v in
+                 maps.most_attended(layer_i, None if mean else head_i - 1)]
+        notes = "\n".join([f"**{maps.model_name}**: {n_layers} layers × {n_heads} heads, "
+                           f"{len(maps.tokens)} tokens."] + [f"- {n}" for n in maps.notices])
+        return (heat, grid, table, notes, gr.update(maximum=n_layers, value=layer_i + 1),
+                gr.update(maximum=n_heads, value=head_i))
+
+    @guarded
+    def worked_example(text: str):
+        """One attention step of the from-scratch MultiHeadAttention on the first tokens."""
+        words = (text or "").split()[:6]
+        ex = attention.worked_example(words)
+        n = len(ex["tokens"])
+        md = (f"Tokens: {', '.join(ex['tokens'])}\n\n"
+              f"1. Embeddings plus positional encoding: X has shape {ex['x']} (batch, T, d_model).\n"
+              f"2. Q = X W^Q, K = X W^K, V = X W^V, split into 2 heads: Q {ex['q']}, "
+              f"K {ex['k']}, V {ex['v']} (batch, heads, T, d_k = {ex['d_k']}).\n"
+              f"3. Weights = softmax(Q K^T / √{ex['d_k']}): shape (batch, heads, {n}, {n}); "
+              "each row sums to 1 (head 1 below).\n"
+              f"4. Heads = Weights V: {ex['heads_out']}; concatenated and projected by W^O: "
+              f"{ex['out']}.")
+        names = [f"{i + 1} {t}" for i, t in enumerate(ex["tokens"])]   # unique column names
+        weights = pd.DataFrame([[names[i]] + [round(float(v), 3) for v in row]
+                                for i, row in enumerate(ex["weights"])],
+                               columns=["query ↓ / key →"] + names)
+        pe = plots.positional_encoding(transformer.sinusoidal_table(64, 128),
+                                       "sinusoidal positional encoding, 64 positions × 128 dims")
+        return md, weights, pe
+
+    gr.Markdown("Attention weights of the models this app runs (eager attention), and the "
+                "Transformer of *Attention Is All You Need* written from scratch in "
+                "`mmcore.transformer` (tested equal to PyTorch's own layers).")
+    with gr.Row():
+        text = gr.Textbox(label="Sentence", value=EXAMPLES[0], max_length=2000, scale=3)
+        model = gr.Dropdown(labels, value=labels[0], label="Model", scale=2)
+    with gr.Row():
+        layer = gr.Slider(1, 64, value=1, step=1, label="Layer")
+        head = gr.Slider(0, 64, value=0, step=1, label="Head (0 = mean of all heads)")
+    show = gr.Button("Show attention", variant="primary")
+    notes = gr.Markdown()
+    with gr.Row():
+        heat = gr.Image(label="Attention heatmap", type="pil", format="png")
+        grid = gr.Image(label="Every head of the layer", type="pil", format="png")
+    attends = gr.Dataframe(headers=["token", "attends most to", "weight"], interactive=False,
+                           label="Where each token attends most")
+    gr.Examples([[e] for e in EXAMPLES], [text])
+    outputs = [heat, grid, attends, notes, layer, head]
+    show.click(show_attention, [text, model, layer, head], outputs, api_name="attention",
+               **ctx.model_event())
+    for control in (layer, head):
+        control.release(show_attention, [text, model, layer, head], outputs,
+                        api_visibility="private", **ctx.model_event())
+
+    with gr.Accordion("Positional encoding and one attention step, worked through", open=False):
+        run = gr.Button("Work through the first words of the sentence")
+        steps = gr.Markdown()
+        weights = gr.Dataframe(label="Softmax weights of head 1", interactive=False)
+        pe = gr.Image(label="Positional encoding", type="pil", format="png")
+        run.click(worked_example, [text], [steps, weights, pe], api_name="worked_example")
