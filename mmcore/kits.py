@@ -219,6 +219,29 @@ class Kit:
 
         return next_sentence(self.model("next_sentence"), first, second)
 
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed=None, stop=None,
+                 num_candidates: int = 1, **options):
+        """The continuation only (a str; a list of str when num_candidates > 1).
+        options: repetition_penalty, chat (None: the chat template when the model has one)."""
+        from .generation import SamplingParams, generate
+
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed,
+                                stop=stop or (), **options)
+        parts = self.model("causal_lm").parts
+        return generate(parts["model"], parts["processor"], prompt, params, num_candidates)
+
+    def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed=None, stop=None, stop_event=None,
+               **options):
+        """An iterator of text pieces; set `stop_event` (or close it) to stop within a token."""
+        from .generation import SamplingParams, stream
+
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed,
+                                stop=stop or (), **options)
+        parts = self.model("causal_lm").parts
+        return stream(parts["model"], parts["processor"], prompt, params, stop_event)
+
     def describe(self) -> list:
         """One dict per role for headers and the API: name, licence, source and status."""
         rows = []

@@ -1,0 +1,255 @@
+"""Text generation with a causal LM: a lean decode loop, streaming, per-token probabilities.
+
+The loop is ours rather than `model.generate`: one prefill with `logits_to_keep=1`, then one
+forward per token on a KV cache, with no per-step processor objects. Greedy output is token
+for token what `model.generate` gives (tested). Stopping is per request: a `threading.Event`
+checked before every token, or simply closing the generator (Gradio's Stop does that); no
+thread is ever started, so none can be left running.
+
+Sampling follows transformers' order: repetition penalty, temperature, top-k, top-p.
+"""
+
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import InputError
+from .text import clean_text
+
+MAX_NEW_TOKENS = 1024
+MAX_CANDIDATES = 8
+TOP_ALTERNATIVES = 5
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64          # 1..MAX_NEW_TOKENS
+    temperature: float = 0.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1 = off; in (0, 1]
+    repetition_penalty: float = 1.0   # 1 = off; > 0
+    seed: int | None = None           # None: a fresh seed, reported back
+    stop: tuple = ()                  # stop sequences (text); the output ends before them
+    chat: bool | None = None          # None: use the chat template when the model has one
+
+    def check(self) -> "SamplingParams":
+        """TGI-style validation, on the server, with the numbers in the message."""
+        def number(name, cast):
+            value = getattr(self, name)
+            try:
+                value = cast(value)
+            except (TypeError, ValueError):
+                raise InputError(f"{name} must be a number, not {value!r}.") from None
+            if value != value:  # NaN
+                raise InputError(f"{name} must be a number, not NaN.")
+            setattr(self, name, value)
+            return value
+
+        if not 1 <= number("max_new_tokens", int) <= MAX_NEW_TOKENS:
+            raise InputError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, "
+                             f"not {self.max_new_tokens}.")
+        if not 0 <= number("temperature", float) <= 100:
+            raise InputError(f"temperature must be >= 0 (0 = greedy), not {self.temperature}.")
+        if number("top_k", int) < 0:
+            raise InputError(f"top_k must be >= 0 (0 = off), not {self.top_k}.")
+        if not 0 < number("top_p", float) <= 1:
+            raise InputError(f"top_p must be in (0, 1], not {self.top_p}.")
+        if not 0 < number("repetition_penalty", float) <= 10:
+            raise InputError(f"repetition_penalty must be in (0, 10], not "
+                             f"{self.repetition_penalty}.")
+        if self.seed is None or self.seed == "":
+            self.seed = random.SystemRandom().randrange(2**31)
+        self.seed = int(number("seed", int)) % 2**63
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop = tuple(clean_text(s, "Stop sequence", 200) for s in stops if s)
+        if len(self.stop) > 8:
+            raise InputError("At most 8 stop sequences.")
+        return self
+
+
+@dataclass
+class TokenInfo:
+    token_id: int
+    text: str                 # this token's text in the output
+    prob: float               # the model's probability of this token (before sampling filters)
+    alternatives: list        # [(text, prob)] the TOP_ALTERNATIVES likeliest tokens here
+    forced: bool = False      # given by the caller (regenerate-from-here), not chosen
+
+
+@dataclass
+class Generation:
+    """What one run produced; filled in as it streams."""
+    params: SamplingParams
+    prompt_tokens: int = 0
+    tokens: list = field(default_factory=list)       # TokenInfo
+    text: str = ""
+    finish: str = ""                                 # "length", "eos", "stop" or "cancelled"
+    ttft: float = 0.0                                # seconds to the first token
+    seconds: float = 0.0
+    notices: list = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode = self.seconds - self.ttft
+        return (len(self.tokens) - 1) / decode if len(self.tokens) > 1 and decode > 0 else 0.0
+
+
+def use_chat(tok, chat) -> bool:
+    return bool(getattr(tok, "chat_template", None)) if chat is None else bool(chat)
+
+
+def prompt_ids(tok, prompt: str, chat: bool) -> list:
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise InputError("This model has no chat template; turn chat mode off.")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(prompt)["input_ids"]
+
+
+def eos_ids(model, tok) -> set:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tok):
+        value = getattr(source, "eos_token_id", None)
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return {i for i in ids if i is not None}
+
+
+def context_length(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024)
+
+
+def _process(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """(V,) logits -> (V,) logits after repetition penalty, temperature, top-k, top-p."""
+    if p.repetition_penalty != 1.0 and seen.numel():
+        picked = logits[seen]
+        logits = logits.scatter(0, seen, torch.where(picked < 0, picked * p.repetition_penalty,
+                                                     picked / p.repetition_penalty))
+    if p.temperature == 0:
+        return logits
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        ordered, order = logits.sort(descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative > p.top_p
+        drop[1:] = drop[:-1].clone()    # keep the token that crosses top_p
+        drop[0] = False
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def _alternatives(tok, probs: torch.Tensor) -> list:
+    values, idx = probs.topk(TOP_ALTERNATIVES)
+    return [(tok.decode([int(i)]), float(v)) for v, i in zip(values, idx)]
+
+
+@torch.inference_mode()
+def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
+                    forced: list | None = None, run: Generation | None = None):
+    """Yield a TokenInfo per token as it is produced; `run` (if given) is filled in.
+
+    `forced`: token ids placed after the prompt first (e.g. the tokens before a point the
+    user picked, then the alternative chosen there); they are reported with their
+    probabilities, then generation goes on from them.
+    """
+    from transformers import DynamicCache
+
+    prompt = clean_text(prompt, "Prompt")
+    params = params.check()
+    run = run if run is not None else Generation(params)
+    run.params = params
+    ids = prompt_ids(tok, prompt, use_chat(tok, params.chat))
+    forced = [int(t) for t in (forced or [])]
+    limit = context_length(model)
+    run.prompt_tokens = len(ids)
+    if len(ids) + len(forced) + params.max_new_tokens > limit:
+        raise InputError(f"inputs ({len(ids) + len(forced)} tokens) + max_new_tokens "
+                         f"({params.max_new_tokens}) must be <= {limit}, the model's context.")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(params.seed)
+    stops, eos = params.stop, eos_ids(model, tok)
+    start = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    seq = torch.tensor([ids + forced], device=device)
+    keep = len(forced) + 1
+    logits = model(input_ids=seq, cache=cache, use_cache=True, logits_to_keep=keep).logits[0]
+    generated: list = []
+    text_so_far = ""
+    for step in range(len(forced) + params.max_new_tokens):
+        if stop_event is not None and stop_event.is_set():
+            run.finish = "cancelled"
+            break
+        row = logits[min(step, logits.shape[0] - 1)].float()
+        probs = row.softmax(-1)
+        if step < len(forced):
+            token, is_forced = forced[step], True
+        else:
+            seen = torch.tensor(ids + generated, device=device)
+            final = _process(row, seen, params)
+            if params.temperature == 0:
+                token = int(final.argmax())
+            else:
+                token = int(torch.multinomial(final.softmax(-1), 1, generator=generator))
+            is_forced = False
+        generated.append(token)
+        text = tok.decode(generated, skip_special_tokens=True)
+        piece = text[len(text_so_far):] if text.startswith(text_so_far) else text
+        info = TokenInfo(token, piece, float(probs[token]), _alternatives(tok, probs), is_forced)
+        if not run.tokens:
+            run.ttft = time.perf_counter() - start
+        if token in eos and not is_forced:
+            run.finish = "eos"
+            break
+        hit = min((text.find(s, max(0, len(text_so_far) - len(s))) for s in stops
+                   if s in text[max(0, len(text_so_far) - len(s)):]), default=-1)
+        if hit >= 0 and not is_forced:
+            info.text = text[len(text_so_far):hit]
+            text_so_far = text[:hit]
+            run.tokens.append(info)
+            run.text = text_so_far
+            run.finish = "stop"
+            yield info
+            break
+        text_so_far = text
+        run.tokens.append(info)
+        run.text = text_so_far
+        yield info
+        if step + 1 >= len(forced) and len(generated) - len(forced) >= params.max_new_tokens:
+            run.finish = "length"
+            break
+        if step + 1 >= len(forced):
+            logits = model(input_ids=torch.tensor([[token]], device=device), cache=cache,
+                           use_cache=True).logits[0]
+    run.finish = run.finish or "length"
+    run.seconds = time.perf_counter() - start
+
+
+def generate(model, tok, prompt, params: SamplingParams, num_candidates: int = 1):
+    """The continuation (str), or a list of `num_candidates` of them (seeds seed, seed+1...)."""
+    n = int(num_candidates)
+    if not 1 <= n <= MAX_CANDIDATES:
+        raise InputError(f"num_candidates must be between 1 and {MAX_CANDIDATES}, not {n}.")
+    params = params.check()
+    outs = []
+    for i in range(n):
+        run = Generation(params)
+        p = SamplingParams(**{**asdict(params), "seed": params.seed + i})
+        for _ in generate_tokens(model, tok, prompt, p, run=run):
+            pass
+        outs.append(run.text)
+    return outs[0] if n == 1 else outs
+
+
+def stream(model, tok, prompt, params: SamplingParams, stop_event: threading.Event | None = None):
+    """Text pieces as they are generated."""
+    for info in generate_tokens(model, tok, prompt, params, stop_event):
+        if info.text:
+            yield info.text

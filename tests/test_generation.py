@@ -1,0 +1,147 @@
+"""Generation: token-identical to model.generate when greedy, reproducible when seeded,
+stoppable within a token, and strict about its parameters."""
+
+import threading
+
+import pytest
+import torch
+
+import mmcore
+from mmcore import generation as G
+
+
+def ours_tokens(kit, prompt, **kw):
+    parts = kit.model("causal_lm").parts
+    run = G.Generation(G.SamplingParams())
+    for _ in G.generate_tokens(parts["model"], parts["processor"], prompt,
+                               G.SamplingParams(**kw), run=run):
+        pass
+    return [t.token_id for t in run.tokens], run
+
+
+def hf_tokens(kit, prompt, chat, **kw):
+    parts = kit.model("causal_lm").parts
+    model, tok = parts["model"], parts["processor"]
+    ids = torch.tensor([G.prompt_ids(tok, prompt, chat)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id, **kw)
+    new = out[0, ids.shape[1]:].tolist()
+    eos = G.eos_ids(model, tok)
+    return new[:-1] if new and new[-1] in eos else new
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_equals_model_generate_tiny(tiny_kit, penalty):
+    for prompt in ["the cat sat on the", "a photo of a rocket"]:
+        ours, _ = ours_tokens(tiny_kit, prompt, max_new_tokens=40, repetition_penalty=penalty)
+        assert ours == hf_tokens(tiny_kit, prompt, False, max_new_tokens=40,
+                                 repetition_penalty=penalty)
+
+
+@pytest.mark.parametrize("chat, prompt", [(True, "Write one sentence about the sea."),
+                                          (False, "The sea is")])
+def test_greedy_equals_model_generate_offline(offline_kit, chat, prompt):
+    ours, run = ours_tokens(offline_kit, prompt, max_new_tokens=32, chat=chat)
+    assert ours == hf_tokens(offline_kit, prompt, chat, max_new_tokens=32)
+    assert run.text.strip()
+
+
+def test_seeded_sampling_is_reproducible(tiny_kit):
+    kw = dict(max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.95)
+    a = tiny_kit.generate("the cat", seed=7, **kw)
+    assert a == tiny_kit.generate("the cat", seed=7, **kw)
+    others = {tiny_kit.generate("the cat", seed=s, **kw) for s in range(8, 12)}
+    assert len(others | {a}) > 1
+    many = tiny_kit.generate("the cat", seed=7, num_candidates=3, **kw)
+    assert many[0] == a and len(many) == 3
+
+
+def test_top_k_one_is_greedy(tiny_kit):
+    assert tiny_kit.generate("the cat", max_new_tokens=20, temperature=1.5, top_k=1, seed=3) == \
+        tiny_kit.generate("the cat", max_new_tokens=20)
+
+
+def test_per_token_probabilities_and_alternatives(tiny_kit):
+    _, run = ours_tokens(tiny_kit, "the cat sat", max_new_tokens=10)
+    for info in run.tokens:
+        assert 0 < info.prob <= 1 and len(info.alternatives) == G.TOP_ALTERNATIVES
+        # greedy: the chosen token is the likeliest alternative
+        assert abs(info.alternatives[0][1] - info.prob) < 1e-6
+    assert "".join(t.text for t in run.tokens) == run.text
+
+
+def test_forced_alternative_regenerates_from_that_point(tiny_kit):
+    ids, run = ours_tokens(tiny_kit, "the cat sat", max_new_tokens=10)
+    tok = tiny_kit.model("causal_lm").parts["processor"]
+    alt = tok.convert_tokens_to_ids(tok.tokenize(run.tokens[3].alternatives[1][0]))[0]
+    forced = ids[:3] + [alt]
+    parts = tiny_kit.model("causal_lm").parts
+    again = G.Generation(G.SamplingParams())
+    list(G.generate_tokens(parts["model"], parts["processor"], "the cat sat",
+                           G.SamplingParams(max_new_tokens=6), forced=forced, run=again))
+    got = [t.token_id for t in again.tokens]
+    assert got[:4] == forced and all(t.forced for t in again.tokens[:4])
+    assert len(got) <= 4 + 6
+    # the forced token's probability is the one the model gave it there
+    assert abs(again.tokens[3].prob - run.tokens[3].alternatives[1][1]) < 1e-5
+
+
+def test_stop_sequences_cut_the_output(offline_kit):
+    out = offline_kit.generate("Count from 1 to 20, one number per line.", max_new_tokens=80,
+                               stop=["7"])
+    assert "7" not in out and "6" in out
+
+
+def test_stop_event_ends_within_one_token_and_leaves_no_thread(tiny_kit):
+    before = threading.active_count()
+    stop = threading.Event()
+    pieces = []
+    for piece in tiny_kit.stream("the cat", max_new_tokens=200, stop_event=stop):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            stop.set()
+    assert len(pieces) == 3
+    # closing the generator (what Gradio's Stop does) ends it too
+    gen = tiny_kit.stream("the cat", max_new_tokens=200)
+    next(gen)
+    gen.close()
+    assert threading.active_count() == before
+
+
+def test_one_users_stop_does_not_touch_another(tiny_kit):
+    mine, theirs = threading.Event(), threading.Event()
+    a = tiny_kit.stream("the cat", max_new_tokens=30, stop_event=mine, temperature=0)
+    b = tiny_kit.stream("the cat", max_new_tokens=30, stop_event=theirs, temperature=0)
+    next(a)
+    mine.set()
+    assert list(a) == []
+    assert len(list(b)) > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be between 1 and 1024"),
+    (dict(max_new_tokens=5000), "max_new_tokens must be between 1 and 1024"),
+    (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(top_p=0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(temperature=float("nan")), "NaN"),
+    (dict(num_candidates=50), "num_candidates"),
+])
+def test_bad_parameters_are_rejected(tiny_kit, kwargs, message):
+    with pytest.raises(mmcore.InputError, match=message):
+        tiny_kit.generate("the cat", **kwargs)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "empty"), ("  ", "empty"), ("x" * 1_000_000, "limit"), ("a \ud800 b", "surrogate"),
+])
+def test_bad_prompts_are_rejected(tiny_kit, prompt, message):
+    with pytest.raises(mmcore.InputError, match=message):
+        tiny_kit.generate(prompt)
+
+
+def test_prompt_plus_new_tokens_must_fit_the_context(tiny_kit):
+    with pytest.raises(mmcore.InputError, match=r"inputs \(\d+ tokens\) \+ max_new_tokens "
+                                                 r"\(1000\) must be <= 1024"):
+        tiny_kit.generate("the cat sat on the mat " * 40, max_new_tokens=1000)
