@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import lm_scoring
 from .errors import InputError
 from .text import clean_text
 
@@ -75,7 +76,7 @@ class TokenInfo:
     token_id: int
     text: str                 # this token's text in the output
     prob: float               # the model's probability of this token (before sampling filters)
-    alternatives: list        # [(text, prob)] the TOP_ALTERNATIVES likeliest tokens here
+    alternatives: list        # [(text, prob, token_id)] the TOP_ALTERNATIVES likeliest here
     forced: bool = False      # given by the caller (regenerate-from-here), not chosen
 
 
@@ -146,9 +147,27 @@ def _process(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams) -> tor
     return logits
 
 
-def _alternatives(tok, probs: torch.Tensor) -> list:
+def _alternatives(strings: list, probs: torch.Tensor) -> list:
     values, idx = probs.topk(TOP_ALTERNATIVES)
-    return [(tok.decode([int(i)]), float(v)) for v, i in zip(values, idx)]
+    return [(strings[i] if i < len(strings) else "", v, i)
+            for v, i in zip(values.tolist(), idx.tolist())]
+
+
+class _Detokenizer:
+    """Incremental decoding in O(1) per token (as TGI does): decode a short window and emit
+    what it adds, holding back while a multi-byte character is incomplete."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.prefix, self.read = tok, [], 0, 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
 
 
 @torch.inference_mode()
@@ -176,13 +195,15 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(params.seed)
     stops, eos = params.stop, eos_ids(model, tok)
+    strings = lm_scoring.token_strings(tok)
+    detok = _Detokenizer(tok)
     start = time.perf_counter()
     cache = DynamicCache(config=model.config)
     seq = torch.tensor([ids + forced], device=device)
     keep = len(forced) + 1
     logits = model(input_ids=seq, cache=cache, use_cache=True, logits_to_keep=keep).logits[0]
     generated: list = []
-    text_so_far = ""
+    text = ""
     for step in range(len(forced) + params.max_new_tokens):
         if stop_event is not None and stop_event.is_set():
             run.finish = "cancelled"
@@ -192,7 +213,8 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
         if step < len(forced):
             token, is_forced = forced[step], True
         else:
-            seen = torch.tensor(ids + generated, device=device)
+            seen = torch.tensor(ids + generated, device=device) \
+                if params.repetition_penalty != 1.0 else None
             final = _process(row, seen, params)
             if params.temperature == 0:
                 token = int(final.argmax())
@@ -200,27 +222,27 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
                 token = int(torch.multinomial(final.softmax(-1), 1, generator=generator))
             is_forced = False
         generated.append(token)
-        text = tok.decode(generated, skip_special_tokens=True)
-        piece = text[len(text_so_far):] if text.startswith(text_so_far) else text
-        info = TokenInfo(token, piece, float(probs[token]), _alternatives(tok, probs), is_forced)
         if not run.tokens:
             run.ttft = time.perf_counter() - start
         if token in eos and not is_forced:
             run.finish = "eos"
             break
-        hit = min((text.find(s, max(0, len(text_so_far) - len(s))) for s in stops
-                   if s in text[max(0, len(text_so_far) - len(s)):]), default=-1)
+        piece = detok.push(token)
+        info = TokenInfo(token, piece, float(probs[token]), _alternatives(strings, probs),
+                         is_forced)
+        # a stop sequence may straddle tokens: look in the tail that could hold a new one
+        tail = max(0, len(text) - max((len(s) for s in stops), default=0))
+        text += piece
+        hit = min((i for i in (text.find(s, tail) for s in stops) if i >= 0), default=-1)
         if hit >= 0 and not is_forced:
-            info.text = text[len(text_so_far):hit]
-            text_so_far = text[:hit]
+            info.text = piece[:max(0, hit - (len(text) - len(piece)))]
             run.tokens.append(info)
-            run.text = text_so_far
+            run.text = text[:hit]
             run.finish = "stop"
             yield info
             break
-        text_so_far = text
         run.tokens.append(info)
-        run.text = text_so_far
+        run.text = text
         yield info
         if step + 1 >= len(forced) and len(generated) - len(forced) >= params.max_new_tokens:
             run.finish = "length"

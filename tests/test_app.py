@@ -166,3 +166,27 @@ def test_attention_tab_through_the_client(served):
         client.predict("   ", labels[0], 1, 0, api_name="/attention")
     steps, weights, pe = client.predict("the cat sat", api_name="/worked_example")
     assert "(1, 2, 3, 4)" in steps and len(weights["data"]) == 3
+
+
+def test_generate_streams_through_the_client(served):
+    demo, ctx, url = served
+    client = Client(url, verbose=False)
+    job = client.submit("the cat sat", 24, 0, 0, 1, 1, "", "", "auto", api_name="/generate")
+    updates = list(job)
+    text, live, view, code = job.result()            # (the gr.State output is not sent)
+    assert len(updates) >= 2                          # it streamed
+    assert text == ctx.kit.generate("the cat sat", max_new_tokens=24)
+    assert "tokens/s" in live and "time to first token" in live
+    from mmcore import generation as G
+
+    parts = ctx.kit.model("causal_lm").parts
+    want = [t.text or " " for t in G.generate_tokens(parts["model"], parts["processor"],
+                                                      "the cat sat", G.SamplingParams(24))]
+    assert [p["token"] for p in view] == want
+    assert "kit.generate(" in code and "seed=" in code
+    with pytest.raises(Exception, match="less than minimum value 1"):    # Gradio's own check
+        client.predict("the cat", 0, 0, 0, 1, 1, "", "", "auto", api_name="/generate")
+    with pytest.raises(Exception, match="empty"):
+        client.predict("   ", 5, 0, 0, 1, 1, "", "", "auto", api_name="/generate")
+    with pytest.raises(Exception, match="no chat template"):
+        client.predict("the cat", 5, 0, 0, 1, 1, "", "", "chat template", api_name="/generate")
