@@ -54,3 +54,20 @@ def atomic_folder(final: Path, key: str = ""):
         os.replace(tmp, final)
     finally:
         remove(tmp)
+
+
+def cached_tensor(name: str, key: str, compute):
+    """A tensor computed once and kept as safetensors under the cache (atomic; a broken or
+    stale file is recomputed)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = models_dir() / name
+    if is_complete(folder, key):
+        try:
+            return load_file(str(folder / "tensor.safetensors"))["value"]
+        except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt
+            pass
+    value = compute()
+    with atomic_folder(folder, key) as tmp:
+        save_file({"value": value.contiguous()}, str(tmp / "tensor.safetensors"))
+    return value

@@ -87,6 +87,7 @@ def user_spec(role: str, source: str) -> ModelSpec:
 _registry: dict = {}                 # (loader, source, role-class, device) -> Loaded
 _registry_locks: dict = {}           # same key -> Lock, so different models load in parallel
 _registry_guard = threading.Lock()
+_encoder_guard = threading.Lock()
 _loading: set = set()                # keys being loaded right now, for status displays
 
 
@@ -241,6 +242,46 @@ class Kit:
                                 stop=stop or (), **options)
         parts = self.model("causal_lm").parts
         return stream(parts["model"], parts["processor"], prompt, params, stop_event)
+
+    def encoder(self):
+        """The dual encoder (CLIP, or ConSE on the offline kit), built once per model."""
+        loaded = self.model("dual_encoder")
+        with _encoder_guard:
+            if "encoder" not in loaded.parts:
+                from . import dual_encoder as de
+
+                if loaded.spec.backend == "conse":
+                    from . import cache
+
+                    key = f"{offline.minilm_folder()}|{de.CLASS_TEMPLATE}|v1"
+                    classes = cache.cached_tensor("conse-class-embeddings", key,
+                                                  lambda: de.class_embeddings(loaded.parts))
+                    enc = de.conse_encoder(loaded.parts, classes)
+                else:
+                    enc = de.ClipEncoder(loaded.parts["model"], loaded.parts["processor"],
+                                         loaded.spec.source)
+                loaded.parts["encoder"] = enc
+        return loaded.parts["encoder"]
+
+    def encode_images(self, images):
+        """(N, D) L2-normalised image embeddings; images are PIL images or paths."""
+        return self.encoder().encode_images(list(images))
+
+    def encode_texts(self, texts):
+        """(N, D) L2-normalised text embeddings."""
+        return self.encoder().encode_texts(list(texts))
+
+    def zero_shot(self, image, labels, template: str = "a photo of {}.", **options) -> list:
+        """[(label, probability)] best first. options: ensemble, score, threshold."""
+        from .zero_shot import zero_shot
+
+        return zero_shot(self.encoder(), image, labels, template, **options).ranked
+
+    def zero_shot_details(self, images, labels, template: str = "a photo of {}.", **options):
+        """A ZeroShotResult per image (scores, cosines, notices)."""
+        from .zero_shot import zero_shot_batch
+
+        return zero_shot_batch(self.encoder(), list(images), labels, template, **options)
 
     def describe(self) -> list:
         """One dict per role for headers and the API: name, licence, source and status."""

@@ -1,0 +1,233 @@
+"""Image-text dual encoders behind one interface.
+
+    encoder.encode_images(images) -> (N, D), encoder.encode_texts(texts) -> (N, D)
+
+both L2-normalised, plus `logit_scale` (similarities are multiplied by it before a softmax)
+and `identity` (names the exact model: caches and saved indexes key on it). Three kinds:
+
+1. `ClipEncoder`: a Hugging Face CLIPModel (or any model with get_image_features /
+   get_text_features) with its processor.
+2. `TowerDualEncoder`: the classic from-scratch CLIP design: a pretrained image backbone and
+   a pretrained text encoder, each followed by a linear projection into a shared space,
+   L2 normalisation and a learnable temperature. Configured by `TowerConfig`; saved as
+   safetensors plus JSON.
+3. `conse_encoder(...)`: ConSE (Norouzi et al., 2014) as a tower: the image "backbone" is an
+   ImageNet classifier whose top-T class probabilities are kept, and the image projection is
+   initialised to the text embeddings of the class prompts, so at step 0 an image's embedding
+   is the probability-weighted mean of its top classes' text embeddings; the text projection
+   starts as the identity. Fine-tuning starts from exactly ConSE.
+"""
+
+import hashlib
+import json
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .images import load_image
+
+BATCH = 32
+
+
+class DualEncoder:
+    """The interface. Subclasses implement `_images(pils)` and `_texts(strs)` (unnormalised)."""
+
+    identity: str = ""
+    logit_scale: float = 100.0
+    max_text_tokens: int = 77
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._text_cache: dict = {}                       # (template, label) -> (D,) tensor
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode_images(self, images) -> torch.Tensor:
+        """(N, D) L2-normalised; images are PIL images or paths (checked by the safe loader)."""
+        out = []
+        for start in range(0, len(images), BATCH):
+            pils = [load_image(im) for im in images[start:start + BATCH]]
+            out.append(F.normalize(self._images(pils).float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), BATCH * 4):
+            out.append(F.normalize(self._texts(list(texts[start:start + BATCH * 4])).float(),
+                                   dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+    def text_embeddings_cached(self, texts: list) -> torch.Tensor:
+        """encode_texts with a per-encoder cache: known texts are not encoded again."""
+        with self._lock:
+            missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            fresh = self.encode_texts(missing)
+            with self._lock:
+                if len(self._text_cache) > 50_000:        # bounded: drop the oldest half
+                    for key in list(self._text_cache)[:25_000]:
+                        del self._text_cache[key]
+                self._text_cache.update(zip(missing, fresh))
+        with self._lock:
+            return torch.stack([self._text_cache[t] for t in texts])
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+
+# ------------------------------------------------------------------ 1. Hugging Face CLIP
+
+class ClipEncoder(DualEncoder):
+    def __init__(self, model, processor, name: str):
+        super().__init__()
+        self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        self.identity = f"hf-clip:{name}"
+        self.logit_scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
+        cfg = getattr(model.config, "text_config", model.config)
+        self.max_text_tokens = getattr(cfg, "max_position_embeddings", 77)
+        self.dim = getattr(model.config, "projection_dim", None)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _images(self, pils):
+        pixels = self.processor(images=pils, return_tensors="pt")["pixel_values"].to(self.device)
+        return self.model.get_image_features(pixel_values=pixels).pooler_output
+
+    def _texts(self, texts):
+        enc = self.tokenizer(texts, padding=True, truncation=True,
+                             max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
+        return self.model.get_text_features(**enc).pooler_output
+
+
+# ------------------------------------------------------------------ 2. tower dual encoder
+
+@dataclass
+class TowerConfig:
+    image_backbone: str = "tf_efficientnet_lite0"   # a timm model name
+    text_model: str = ""                            # HF folder or hub id of the text encoder
+    image_dim: int = 1000                           # what the image backbone hands over
+    text_dim: int = 384                             # what the text encoder hands over
+    embed_dim: int = 384                            # the shared space
+    init_logit_scale: float = 100.0                 # exp of the learnable log temperature
+    conse_top_t: int = 0                            # > 0: ConSE image features (top-T probs)
+    conse_temperature: float = 1.0                  # softmax temperature of those probs
+
+
+class TowerDualEncoder(nn.Module, DualEncoder):
+    """backbone -> features -> linear projection -> L2 norm, for each side."""
+
+    def __init__(self, cfg: TowerConfig, image_model: nn.Module, transform, text_model: nn.Module,
+                 tokenizer, name: str = "tower"):
+        nn.Module.__init__(self)
+        DualEncoder.__init__(self)
+        self.cfg, self.transform, self.tokenizer = cfg, transform, tokenizer
+        self.image_model, self.text_model = image_model, text_model
+        self.image_projection = nn.Linear(cfg.image_dim, cfg.embed_dim, bias=False)
+        self.text_projection = nn.Linear(cfg.text_dim, cfg.embed_dim, bias=False)
+        self.log_logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)).log())
+        self.name = name
+        self.max_text_tokens = min(getattr(text_model.config, "max_position_embeddings", 512), 256)
+        self.dim = cfg.embed_dim
+
+    @property
+    def identity(self) -> str:
+        digest = hashlib.sha256()
+        for tensor in (self.image_projection.weight, self.text_projection.weight):
+            digest.update(tensor.detach().cpu().float().numpy().tobytes())
+        return f"tower:{self.name}:{digest.hexdigest()[:16]}"
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.log_logit_scale.detach().exp().clamp(max=100.0))
+
+    @property
+    def device(self):
+        return self.image_projection.weight.device
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = self.image_model(pixels)                                  # (B, image_dim)
+        if self.cfg.conse_top_t > 0:
+            probs = (feats / self.cfg.conse_temperature).softmax(-1)
+            top = probs.topk(self.cfg.conse_top_t, dim=-1)
+            kept = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
+            feats = kept / kept.sum(-1, keepdim=True)                     # convex weights
+        return feats
+
+    def text_features(self, enc: dict) -> torch.Tensor:
+        hidden = self.text_model(**enc).last_hidden_state                 # (B, T, text_dim)
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)          # masked mean
+
+    def _images(self, pils):
+        pixels = torch.stack([self.transform(im) for im in pils]).to(self.device)
+        return self.image_projection(self.image_features(pixels))
+
+    def _texts(self, texts):
+        enc = self.tokenizer(texts, padding=True, truncation=True,
+                             max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
+        return self.text_projection(F.normalize(self.text_features(dict(enc)), dim=-1))
+
+    # the trainable head, saved as safetensors + JSON (the backbones come from their packages)
+    def save_head(self, folder) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"image_projection": self.image_projection.weight.detach().cpu().contiguous(),
+                   "text_projection": self.text_projection.weight.detach().cpu().contiguous(),
+                   "log_logit_scale": self.log_logit_scale.detach().cpu().reshape(1)},
+                  str(folder / "head.safetensors"))
+        (folder / "tower_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+
+    def load_head(self, folder) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(folder) / "head.safetensors"))
+        with torch.no_grad():
+            self.image_projection.weight.copy_(state["image_projection"])
+            self.text_projection.weight.copy_(state["text_projection"])
+            self.log_logit_scale.copy_(state["log_logit_scale"][0])
+        self._text_cache.clear()
+
+
+# ------------------------------------------------------------------ 3. ConSE
+
+CONSE_TOP_T = 10
+CLASS_TEMPLATE = "a photo of a {}."
+
+
+def conse_encoder(parts: dict, class_embeddings: torch.Tensor) -> TowerDualEncoder:
+    """The offline kit's dual encoder: ConSE expressed as a tower at step 0."""
+    cfg = TowerConfig(text_model="all-MiniLM-L6-v2", image_dim=class_embeddings.shape[0],
+                      text_dim=class_embeddings.shape[1], embed_dim=class_embeddings.shape[1],
+                      conse_top_t=CONSE_TOP_T)
+    enc = TowerDualEncoder(cfg, parts["classifier"], parts["transform"], parts["text_model"],
+                           parts["tokenizer"], name="conse-efficientnet-lite0-minilm")
+    with torch.no_grad():
+        enc.image_projection.weight.copy_(class_embeddings.T)            # (D, classes)
+        enc.text_projection.weight.copy_(torch.eye(cfg.text_dim))
+    return enc.eval().to(parts["classifier"].conv_stem.weight.device)
+
+
+def class_embeddings(parts: dict) -> torch.Tensor:
+    """(1000, 384) MiniLM embeddings of the ImageNet class prompts, L2-normalised."""
+    texts = [CLASS_TEMPLATE.format(n) for n in parts["class_names"]]
+    tok, model = parts["tokenizer"], parts["text_model"]
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), 128):
+            enc = tok(texts[start:start + 128], padding=True, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)

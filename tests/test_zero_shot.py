@@ -1,0 +1,131 @@
+"""Dual encoders and zero-shot classification: equal to the transformers pipeline on CLIP,
+cached label embeddings, clear limits, and real quality on real photos (offline kit)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from transformers import pipeline
+
+import mmcore
+from mmcore import zero_shot as Z
+
+DATA = Path(__file__).resolve().parent / "data"
+LABELS = ["cat", "dog", "rocket", "cup of coffee", "astronaut"]
+
+
+def photo(name: str) -> Image.Image:
+    arr = getattr(data, name)()
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    return Image.fromarray(arr)
+
+
+def test_probabilities_equal_the_pipeline(tiny_kit, chelsea):
+    parts = tiny_kit.model("dual_encoder").parts
+    pipe = pipeline("zero-shot-image-classification", model=parts["model"],
+                    tokenizer=parts["processor"].tokenizer,
+                    image_processor=parts["processor"].image_processor)
+    for image in (chelsea, photo("rocket")):
+        want = {r["label"]: r["score"] for r in
+                pipe(image, candidate_labels=LABELS, hypothesis_template="a photo of {}.")}
+        got = dict(tiny_kit.zero_shot(image, LABELS, template="a photo of {}."))
+        assert got.keys() == want.keys()
+        for label in LABELS:
+            assert abs(got[label] - want[label]) < 1e-4
+
+
+def test_label_embeddings_are_cached(tiny_kit, chelsea, monkeypatch):
+    enc = tiny_kit.encoder()
+    enc._text_cache.clear()
+    calls = []
+    real = enc._texts
+    monkeypatch.setattr(enc, "_texts", lambda texts: calls.append(len(texts)) or real(texts))
+    first = tiny_kit.zero_shot(chelsea, LABELS)
+    second = tiny_kit.zero_shot(photo("coffee"), LABELS)
+    assert calls == [len(LABELS)]                      # the second image encoded no text
+    assert first != second
+
+
+def test_ensemble_is_the_mean_of_template_embeddings(tiny_kit, chelsea):
+    enc = tiny_kit.encoder()
+    result = Z.zero_shot(enc, chelsea, LABELS, ensemble=True, score="cosine")
+    image = enc.encode_images([chelsea])[0]
+    for label in LABELS:
+        texts = enc.encode_texts([t.format(label) for t in Z.ENSEMBLE])
+        mean = torch.nn.functional.normalize(texts.mean(0), dim=0)
+        assert abs(result.cosines[label] - float(image @ mean)) < 1e-5
+    assert len(Z.ENSEMBLE) >= 24
+
+
+def test_scores_and_threshold(tiny_kit, chelsea):
+    enc = tiny_kit.encoder()
+    cos = Z.zero_shot(enc, chelsea, LABELS, score="cosine")
+    image, text = enc.encode_images([chelsea])[0], enc.encode_texts(
+        [f"a photo of {x}." for x in LABELS])
+    for label, value in cos.ranked:
+        assert abs(value - float(image @ text[LABELS.index(label)])) < 1e-5
+    sig = Z.zero_shot(enc, chelsea, LABELS, score="sigmoid")
+    assert all(0 < v < 1 for _, v in sig.ranked)
+    none = Z.zero_shot(enc, chelsea, LABELS, threshold=1.01)
+    assert none.ranked[0][0] == Z.NONE_LABEL and none.notices
+
+
+def test_batched_image_encoding_equals_one_by_one(tiny_kit, chelsea):
+    images = [chelsea, photo("rocket"), photo("coffee")]
+    together = tiny_kit.encode_images(images)
+    alone = torch.cat([tiny_kit.encode_images([im]) for im in images])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(together.norm(dim=-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("labels, message", [
+    ("", "at least one label"), (" , ,\n", "at least one label"),
+    ([f"l{i}" for i in range(1001)], "limit is 1000"),
+])
+def test_bad_labels(tiny_kit, chelsea, labels, message):
+    with pytest.raises(mmcore.InputError, match=message):
+        tiny_kit.zero_shot(chelsea, labels)
+
+
+def test_duplicates_merged_and_long_labels_cut(tiny_kit, chelsea):
+    result = tiny_kit.zero_shot_details([chelsea], "cat, dog, cat, " + "very " * 200 + "long")[0]
+    assert any("duplicate" in n for n in result.notices)
+    assert any("cut" in n for n in result.notices)
+    assert len(result.ranked) == 3
+
+
+def test_bad_template_and_bad_image(tiny_kit, chelsea, tmp_path):
+    with pytest.raises(mmcore.InputError, match="needs a {}"):
+        tiny_kit.zero_shot(chelsea, LABELS, template="a photo")
+    (tmp_path / "x.png").write_bytes(b"junk")
+    with pytest.raises(mmcore.InputError, match="not an image"):
+        tiny_kit.zero_shot(tmp_path / "x.png", LABELS)
+
+
+def test_offline_kit_on_real_photos(offline_kit):
+    cases = json.loads((DATA / "zero_shot_photos.json").read_text())
+    assert len(cases) >= 6 and all(len(labels) >= 5 for labels in cases.values())
+    for name, labels in cases.items():
+        for ensemble in (False, True):
+            top = offline_kit.zero_shot(photo(name), labels, ensemble=ensemble)[0][0]
+            assert top == labels[0], (name, ensemble, top)
+
+
+def test_conse_step_zero_is_the_convex_combination(offline_kit, chelsea):
+    """The tower's image embedding equals ConSE computed by hand."""
+    from mmcore import dual_encoder as de
+
+    enc = offline_kit.encoder()
+    parts = offline_kit.model("dual_encoder").parts
+    with torch.no_grad():
+        probs = parts["classifier"](parts["transform"](chelsea).unsqueeze(0)).softmax(-1)[0]
+    top = probs.topk(de.CONSE_TOP_T)
+    classes = de.class_embeddings(parts)
+    by_hand = torch.nn.functional.normalize(
+        (top.values.unsqueeze(1) * classes[top.indices]).sum(0) / top.values.sum(), dim=0)
+    torch.testing.assert_close(enc.encode_images([chelsea])[0], by_hand, rtol=0, atol=1e-5)
