@@ -231,3 +231,31 @@ def class_embeddings(parts: dict) -> torch.Tensor:
             mask = enc["attention_mask"].unsqueeze(-1).float()
             out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
     return torch.cat(out)
+
+
+def build_tower(cfg: TowerConfig, device=None, pretrained_image: bool = False,
+                name: str = "tower") -> TowerDualEncoder:
+    """A tower dual encoder from its config: a timm image backbone (pooled features; weights
+    only where timm has them locally) and a Hugging Face text encoder (mean pooled, loaded
+    safetensors-only through the same checks as every user-given model)."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    from .hub import load_role_model
+
+    image_model = timm.create_model(cfg.image_backbone, pretrained=pretrained_image,
+                                    num_classes=0)
+    transform = create_transform(**resolve_data_config({}, model=image_model))
+    text_model, tokenizer = load_role_model(cfg.text_model)
+    cfg.image_dim = image_model.num_features
+    cfg.text_dim = text_model.config.hidden_size
+    enc = TowerDualEncoder(cfg, image_model.eval(), transform, text_model.eval(), tokenizer, name)
+    return enc.eval().to(device or "cpu")
+
+
+def load_tower(folder, device=None) -> TowerDualEncoder:
+    """A tower saved with `save_head` (config JSON + head safetensors)."""
+    cfg = TowerConfig(**json.loads((Path(folder) / "tower_config.json").read_text()))
+    enc = build_tower(cfg, device, name=Path(folder).name)
+    enc.load_head(folder)
+    return enc

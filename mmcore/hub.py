@@ -143,3 +143,21 @@ def load_role(role: str, source: str, device):
             f"Cannot load '{source}' for the {role} role: {type(exc).__name__}: {exc}") from exc
     model.eval().to(device)
     return model, processor
+
+
+def load_role_model(source: str):
+    """(AutoModel, tokenizer) of a text encoder from a hub id or folder, with the same
+    safetensors-only and no-remote-code rules as `load_role`."""
+    import transformers as tf
+
+    kwargs = _hub_kwargs(source)
+    if is_local(source) and not any(Path(source).expanduser().glob("*.safetensors")):
+        raise ModelUnavailable(f"'{source}' holds no .safetensors weights.")
+    try:
+        model = tf.AutoModel.from_pretrained(source, use_safetensors=True,
+                                             trust_remote_code=False, **kwargs)
+        tokenizer = tf.AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelUnavailable(f"Cannot load a text encoder from '{source}': "
+                               f"{type(exc).__name__}: {exc}") from exc
+    return model.eval(), tokenizer

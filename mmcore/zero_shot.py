@@ -80,18 +80,25 @@ def label_embeddings(encoder, labels: list, templates: tuple) -> torch.Tensor:
 
 
 def zero_shot(encoder, image, labels, template: str = "a photo of {}.", ensemble: bool = False,
-              score: str = "softmax", threshold: float | None = None) -> ZeroShotResult:
-    return zero_shot_batch(encoder, [image], labels, template, ensemble, score, threshold)[0]
+              score: str = "softmax", threshold: float | None = None,
+              templates=None) -> ZeroShotResult:
+    return zero_shot_batch(encoder, [image], labels, template, ensemble, score, threshold,
+                           templates)[0]
 
 
 def zero_shot_batch(encoder, images: list, labels, template: str = "a photo of {}.",
                     ensemble: bool = False, score: str = "softmax",
-                    threshold: float | None = None) -> list:
-    """One ZeroShotResult per image; the label embeddings are computed once."""
+                    threshold: float | None = None, templates=None) -> list:
+    """One ZeroShotResult per image; the label embeddings are computed once.
+    `templates`: an ensemble of your own (overrides `template` and `ensemble`)."""
     if score not in SCORES:
         raise InputError(f"score must be one of {', '.join(SCORES)}, not {score!r}.")
     labels, notices = parse_labels(labels, encoder)
-    if ensemble:
+    if templates:
+        templates = tuple(clean_text(t, "Template", max_chars=300) for t in templates)
+        if not all("{}" in t for t in templates):
+            raise InputError("Every template needs a {} where the label goes.")
+    elif ensemble:
         templates = ENSEMBLE
     else:
         template = clean_text(template, "Template", max_chars=300)

@@ -190,3 +190,30 @@ def test_generate_streams_through_the_client(served):
         client.predict("   ", 5, 0, 0, 1, 1, "", "", "auto", api_name="/generate")
     with pytest.raises(Exception, match="no chat template"):
         client.predict("the cat", 5, 0, 0, 1, 1, "", "", "chat template", api_name="/generate")
+
+
+def test_zero_shot_tab_through_the_client(served, tmp_path):
+    from gradio_client import handle_file
+    from PIL import Image
+    from skimage import data
+
+    demo, ctx, url = served
+    path = tmp_path / "cat.png"
+    Image.fromarray(data.chelsea()).save(path)
+    client = Client(url, verbose=False)
+    chart, table, notes = client.predict(handle_file(str(path)), "cat, dog, cat", "a photo of {}.",
+                                         False, "softmax", 0, api_name="/zero_shot")
+    want = ctx.kit.zero_shot(str(path), ["cat", "dog"])
+    assert chart["label"] == want[0][0]
+    assert [row[0] for row in table["data"]] == [w[0] for w in want]
+    assert "duplicate" in notes
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(Exception, match="not an image"):
+        client.predict(handle_file(str(bad)), "cat", "a photo of {}.", False, "softmax", 0,
+                       api_name="/zero_shot")
+    rows, csv_path, note = client.predict([handle_file(str(path)), handle_file(str(bad))],
+                                          "cat, dog", "a photo of {}.", False, "softmax",
+                                          api_name="/zero_shot_batch")
+    assert "1 classified, 1 skipped" in note
+    assert len(rows["data"]) == 2

@@ -129,3 +129,25 @@ def test_conse_step_zero_is_the_convex_combination(offline_kit, chelsea):
     by_hand = torch.nn.functional.normalize(
         (top.values.unsqueeze(1) * classes[top.indices]).sum(0) / top.values.sum(), dim=0)
     torch.testing.assert_close(enc.encode_images([chelsea])[0], by_hand, rtol=0, atol=1e-5)
+
+
+def test_tower_from_config_saves_and_loads_as_safetensors(tmp_path, chelsea):
+    from mmcore import dual_encoder as de, tiny
+
+    cfg = de.TowerConfig(image_backbone="resnet10t", text_model=str(tiny.folder("bert")),
+                         embed_dim=16)
+    torch.manual_seed(0)             # resnet10t has no local weights: same random init twice
+    enc = de.build_tower(cfg)
+    with torch.no_grad():
+        enc.image_projection.weight.normal_()
+        enc.log_logit_scale.fill_(3.0)
+    enc.save_head(tmp_path / "head")
+    assert {p.name for p in (tmp_path / "head").iterdir()} == {"head.safetensors",
+                                                               "tower_config.json"}
+    torch.manual_seed(0)
+    again = de.load_tower(tmp_path / "head")
+    assert again.identity.split(":")[-1] == enc.identity.split(":")[-1]
+    torch.testing.assert_close(again.encode_images([chelsea]), enc.encode_images([chelsea]))
+    torch.testing.assert_close(again.encode_texts(["a cat"]), enc.encode_texts(["a cat"]))
+    assert again.encode_images([chelsea]).shape == (1, 16)
+    assert abs(again.logit_scale - float(torch.tensor(3.0).exp())) < 1e-4
