@@ -8,7 +8,8 @@ The public API (see DESIGN.md):
 
 from . import tables
 from .errors import InputError, MmcoreError, ModelUnavailable
+from .index import Index
 from .kits import KIT_NAMES, ROLES, Kit, ModelSpec, load_kit
 
 __all__ = ["load_kit", "Kit", "ModelSpec", "KIT_NAMES", "ROLES", "MmcoreError", "InputError",
-           "ModelUnavailable", "tables"]
+           "ModelUnavailable", "Index", "tables"]
