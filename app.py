@@ -23,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="load models on first use only, not in the background at start")
     p.add_argument("--queue-size", type=int, default=64, help="waiting requests before 'queue full'")
+    p.add_argument("--gallery-dir", default=None,
+                   help="a server folder of images the retrieval tab may index (off by default)")
     return p.parse_args(argv)
 
 
@@ -54,7 +56,7 @@ def create(args: argparse.Namespace, kit=None):
     from demos.context import AppContext
 
     kit = kit or check_kit(args)
-    ctx = AppContext(kit=kit, queue_size=args.queue_size)
+    ctx = AppContext(kit=kit, queue_size=args.queue_size, gallery_dir=args.gallery_dir)
     return build_app(ctx), ctx
 
 

@@ -2,10 +2,10 @@
 
 import gradio as gr
 
-from . import attention, fill_mask, generate, models, zero_shot
+from . import attention, fill_mask, generate, models, retrieval, zero_shot
 from .context import AppContext
 
-TABS = [generate, fill_mask, zero_shot, attention, models]   # each module: TITLE and build(ctx)
+TABS = [generate, fill_mask, zero_shot, retrieval, attention, models]   # each module: TITLE and build(ctx)
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:
@@ -33,5 +33,6 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 def launch_kwargs(ctx: AppContext, host: str, port: int, share: bool) -> dict:
     """Hardened launch settings (see HARDENING.md)."""
     return dict(server_name=host, server_port=port, share=share, max_file_size=ctx.max_file_size,
-                ssr_mode=False, enable_monitoring=False, show_error=False, allowed_paths=[],
+                ssr_mode=False, enable_monitoring=False, show_error=False,
+                allowed_paths=[ctx.gallery_dir] if ctx.gallery_dir else [],
                 footer_links=["api"], mcp_server=False, pwa=False)

@@ -26,6 +26,7 @@ class AppContext:
     queue_size: int = 64             # waiting requests beyond this get "queue is full"
     model_concurrency: int = 1       # model events run at once (torch already uses every core)
     max_file_size: str = "50mb"      # per uploaded file
+    gallery_dir: str | None = None   # a server folder the retrieval tab may index (operator flag)
     _warmer: threading.Thread | None = field(default=None, repr=False)
     _on_load: list = field(default_factory=list, repr=False)
 

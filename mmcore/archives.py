@@ -50,10 +50,10 @@ def safe_extract(archive, suffixes=None) -> tuple:
             name = info.filename
             path = PurePosixPath(name)
             mode = info.external_attr >> 16
-            if _skipped(name):
-                continue
             if path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
                 skipped.append((name, "unsafe path"))
+                continue
+            if _skipped(name):
                 continue
             if stat.S_ISLNK(mode):
                 skipped.append((name, "symbolic link"))

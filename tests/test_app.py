@@ -217,3 +217,34 @@ def test_zero_shot_tab_through_the_client(served, tmp_path):
                                           api_name="/zero_shot_batch")
     assert "1 classified, 1 skipped" in note
     assert len(rows["data"]) == 2
+
+
+def test_retrieval_tab_through_the_client(served, tmp_path):
+    import zipfile
+
+    from gradio_client import handle_file
+    from PIL import Image
+    from skimage import data
+
+    demo, ctx, url = served
+    client = Client(url, verbose=False)                 # one client = one session = one gallery
+    with pytest.raises(Exception, match="gallery is empty"):
+        client.predict("a cat", None, "", 4, api_name="/search")
+    status = client.predict(api_name="/load_demo_gallery")
+    assert "10 images in the gallery" in status
+    hits = client.predict("a cat", None, "", 4, api_name="/search")
+    assert len(hits) == 4
+    # a zip with a good image, a zip-slip entry and junk
+    Image.fromarray(data.coffee()).save(tmp_path / "c.png")
+    with zipfile.ZipFile(tmp_path / "up.zip", "w") as zf:
+        zf.write(tmp_path / "c.png", "more/c.png")
+        zf.writestr("../escape.png", b"x")
+        zf.writestr("bad.png", b"junk")
+    status = client.predict([handle_file(str(tmp_path / "up.zip"))], api_name="/add_images")
+    assert "10 images in the gallery (0 added, 1 already there)" in status   # same coffee photo
+    assert "unsafe path" in status and "bad.png" in status
+    recall = client.predict(api_name="/recall")
+    assert set(recall) >= {"i2t_r1", "t2i_r5"}
+    # another session starts with its own empty gallery
+    with pytest.raises(Exception, match="gallery is empty"):
+        Client(url, verbose=False).predict("a cat", None, "", 4, api_name="/search")
