@@ -291,7 +291,7 @@ def build_faiss(vectors: np.ndarray, nprobe: int = 64):
     nlist = max(1, min(int(4 * n ** 0.5), n // 39))
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    sample = vectors[np.random.default_rng(0).permutation(n)[:100_000]]
+    sample = vectors[np.random.default_rng(0).permutation(n)[:min(n, max(100_000, 40 * nlist))]]
     index.train(sample)
     index.add(vectors)
     index.nprobe = min(nprobe, nlist)

@@ -46,6 +46,19 @@ def test_every_tab_renders_in_chromium(browser, tiny_kit):
         for tab in TABS:
             page.get_by_role("tab", name=tab.TITLE).click()
             page.get_by_role("tabpanel").filter(has=page.locator(":visible")).first.wait_for()
+        # retrieval: load the demo gallery, search, then click a result to search by it
+        page.get_by_role("tab", name="Retrieval").click()
+        page.get_by_role("button", name="Load the demo photos").click()
+        page.get_by_text("10 images in the gallery").wait_for(timeout=60_000)
+        page.get_by_label("Text query").fill("a cat")
+        page.get_by_role("button", name="Search", exact=True).click()
+        thumbs = page.locator("button.thumbnail-item")
+        thumbs.first.wait_for(timeout=30_000)
+        assert thumbs.count() == 8
+        assert not page.get_by_text("1.000 ·").count()       # no text query scores 1.0
+        thumbs.nth(3).click()
+        # searching by that image puts the image itself first, with cosine 1.000
+        page.get_by_text("1.000 ·").first.wait_for(timeout=30_000)
         # the Models tab lists every role once the background warm-up finishes
         page.get_by_role("tab", name="Models").click()
         page.get_by_text("tiny random CLIP").first.wait_for(timeout=30_000)
