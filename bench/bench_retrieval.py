@@ -22,29 +22,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def embedding_rate(n_images: int = 48) -> None:
     from PIL import Image
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    import mmcore
-    from mmcore import Index, dual_encoder as de
-    from bench_zero_shot import photo_files
+    from mmcore import Index
+    from bench_zero_shot import photo_files, vit_b32
 
-    tok = mmcore.load_kit("tiny").model("dual_encoder").parts["processor"].tokenizer
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig()).eval()
-    image_processor = CLIPImageProcessor()
-
-    class Processor:
-        tokenizer = tok
-
-        def __call__(self, images=None, **kw):
-            return image_processor(images=images, **kw)
-
-    encoder = de.ClipEncoder(model, Processor(), "bench-vit-b32")
+    model, image_processor, encoder = vit_b32()
     files = photo_files(n_images)
 
     def loop():

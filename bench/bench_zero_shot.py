@@ -44,13 +44,13 @@ def photo_files(n: int) -> list:
     return paths
 
 
-def main() -> None:
-    from PIL import Image
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, pipeline
+def vit_b32():
+    """(model, image processor, ClipEncoder) of a ViT-B/32-shaped CLIPModel, random weights
+    (the real compute), with the tiny kit's tokenizer (ids fit CLIP's vocabulary)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     import mmcore
-    from mmcore import dual_encoder as de, zero_shot as zs
-    from timm.data import ImageNetInfo
+    from mmcore import dual_encoder as de
 
     tok = mmcore.load_kit("tiny").model("dual_encoder").parts["processor"].tokenizer
     torch.manual_seed(0)
@@ -63,7 +63,19 @@ def main() -> None:
         def __call__(self, images=None, **kw):
             return image_processor(images=images, **kw)
 
-    encoder = de.ClipEncoder(model, Processor(), "bench-vit-b32")
+    return model, image_processor, de.ClipEncoder(model, Processor(), "bench-vit-b32")
+
+
+def main() -> None:
+    from PIL import Image
+    from transformers import pipeline
+
+    import mmcore
+    from mmcore import zero_shot as zs
+    from timm.data import ImageNetInfo
+
+    model, image_processor, encoder = vit_b32()
+    tok = encoder.tokenizer
     pipe = pipeline("zero-shot-image-classification", model=model, tokenizer=tok,
                     image_processor=image_processor)
     labels = [d.split(",")[0] for d in ImageNetInfo().label_descriptions()[:100]]

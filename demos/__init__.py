@@ -22,7 +22,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         for tab in TABS:
             with gr.Tab(tab.TITLE):
                 tab.build(ctx)
-        for fn, outputs in ctx._on_load:
+        for fn, outputs in ctx.page_load:
             demo.load(fn, outputs=outputs, queue=False, show_progress="hidden",
                       api_visibility="private")
     # a bounded queue; REST routes may not bypass it

@@ -28,11 +28,11 @@ class AppContext:
     max_file_size: str = "50mb"      # per uploaded file
     gallery_dir: str | None = None   # a server folder the retrieval tab may index (operator flag)
     _warmer: threading.Thread | None = field(default=None, repr=False)
-    _on_load: list = field(default_factory=list, repr=False)
+    page_load: list = field(default_factory=list, repr=False)   # (fn, outputs) per page open
 
     def on_page_load(self, fn, outputs) -> None:
         """Run `fn` into `outputs` whenever a page opens (registered by `build_app`)."""
-        self._on_load.append((fn, outputs))
+        self.page_load.append((fn, outputs))
 
     def model_event(self) -> dict:
         """Keyword arguments that put an event in the shared model concurrency group."""
