@@ -138,12 +138,15 @@ def _process(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams) -> tor
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
-        ordered, order = logits.sort(descending=True)
+        # sort only the survivors of top-k (the rest are -inf): same result, far less work
+        keep = min(p.top_k, logits.numel()) if p.top_k > 0 else logits.numel()
+        ordered, order = logits.topk(keep) if keep < logits.numel() else \
+            logits.sort(descending=True)
         cumulative = ordered.softmax(-1).cumsum(-1)
         drop = cumulative > p.top_p
         drop[1:] = drop[:-1].clone()    # keep the token that crosses top_p
         drop[0] = False
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        logits = logits.index_fill(0, order[drop], float("-inf"))
     return logits
 
 

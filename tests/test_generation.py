@@ -144,3 +144,21 @@ def test_prompt_plus_new_tokens_must_fit_the_context(tiny_kit):
     with pytest.raises(mmcore.InputError, match=r"inputs \(\d+ tokens\) \+ max_new_tokens "
                                                  r"\(1000\) must be <= 1024"):
         tiny_kit.generate("the cat sat on the mat " * 40, max_new_tokens=1000)
+
+
+def test_sampling_filters_match_transformers_warpers():
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p in ((0, 0.9), (50, 0.9), (50, 1.0), (5, 0.5)):
+        logits = torch.randn(1000, generator=g) * 3
+        ours = G._process(logits, None, G.SamplingParams(temperature=0.7, top_k=top_k,
+                                                         top_p=top_p).check())
+        theirs = TemperatureLogitsWarper(0.7)(None, logits[None].clone())
+        if top_k:
+            theirs = TopKLogitsWarper(top_k)(None, theirs)
+        if top_p < 1:
+            theirs = TopPLogitsWarper(top_p)(None, theirs)
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs[0])), (top_k, top_p)
+        finite = ~torch.isinf(ours)
+        torch.testing.assert_close(ours[finite], theirs[0][finite])
