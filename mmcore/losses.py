@@ -1,0 +1,32 @@
+"""Contrastive losses, each one pure function (as in HF's `clip_loss` and open_clip's ClipLoss).
+
+    clip_loss(image, text, logit_scale) = (CE(logits, diag) + CE(logits^T, diag)) / 2,
+    logits = logit_scale * image @ text^T over the in-batch pairs (row i matches column i).
+"""
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+MAX_LOGIT_SCALE = 100.0   # CLIP clamps exp(log scale) at 100 so the temperature cannot collapse
+
+
+def clamp_logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """exp(log_scale), clamped to [1, MAX_LOGIT_SCALE] (gradient flows inside the range)."""
+    return log_scale.clamp(0.0, math.log(MAX_LOGIT_SCALE)).exp()
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over in-batch negatives. image, text: (N, D), L2-normalised."""
+    logits = logit_scale * image @ text.T                                   # (N, N)
+    target = torch.arange(len(image), device=image.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def in_batch_accuracy(image: torch.Tensor, text: torch.Tensor) -> float:
+    """Share of images whose own caption is their best match in the batch (and vice versa)."""
+    sim = image @ text.T
+    target = torch.arange(len(image), device=image.device)
+    return float(((sim.argmax(1) == target).float().mean() +
+                  (sim.argmax(0) == target).float().mean()) / 2)
