@@ -10,6 +10,7 @@ from . import tables
 from .errors import InputError, MmcoreError, ModelUnavailable
 from .index import Index
 from .kits import KIT_NAMES, ROLES, Kit, ModelSpec, load_kit
+from .train import finetune
 
 __all__ = ["load_kit", "Kit", "ModelSpec", "KIT_NAMES", "ROLES", "MmcoreError", "InputError",
-           "ModelUnavailable", "Index", "tables"]
+           "ModelUnavailable", "Index", "finetune", "tables"]

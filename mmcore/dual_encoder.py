@@ -177,8 +177,21 @@ class TowerDualEncoder(nn.Module, DualEncoder):
                              max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
         return self.text_projection(F.normalize(self.text_features(dict(enc)), dim=-1))
 
-    # the trainable head, saved as safetensors + JSON (the backbones come from their packages)
-    def save_head(self, folder) -> None:
+    def fork(self, copy_text: bool = False, copy_image: bool = False,
+             name: str | None = None) -> "TowerDualEncoder":
+        """A new encoder with its own head; towers shared (frozen use) or copied (to train)."""
+        import copy
+
+        twin = TowerDualEncoder(self.cfg, copy.deepcopy(self.image_model) if copy_image
+                                else self.image_model, self.transform,
+                                copy.deepcopy(self.text_model) if copy_text else self.text_model,
+                                self.tokenizer, name or self.name)
+        twin.load_state_dict({k: v for k, v in self.state_dict().items()
+                              if not k.startswith(("image_model.", "text_model."))}, strict=False)
+        return twin.eval().to(self.device)
+
+    # a checkpoint: the head (and any tower that was trained) as safetensors, config as JSON
+    def save_head(self, folder, towers=()) -> None:
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -187,16 +200,26 @@ class TowerDualEncoder(nn.Module, DualEncoder):
                    "text_projection": self.text_projection.weight.detach().cpu().contiguous(),
                    "log_logit_scale": self.log_logit_scale.detach().cpu().reshape(1)},
                   str(folder / "head.safetensors"))
-        (folder / "tower_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        for tower in towers:                                   # "text_model", "image_model"
+            state = {k: v.detach().cpu().contiguous()
+                     for k, v in getattr(self, tower).state_dict().items()}
+            save_file(state, str(folder / f"{tower}.safetensors"))
+        (folder / "tower_config.json").write_text(json.dumps(
+            {**asdict(self.cfg), "base": self.name}, indent=2))
 
     def load_head(self, folder) -> None:
         from safetensors.torch import load_file
 
-        state = load_file(str(Path(folder) / "head.safetensors"))
+        folder = Path(folder)
+        state = load_file(str(folder / "head.safetensors"))
         with torch.no_grad():
             self.image_projection.weight.copy_(state["image_projection"])
             self.text_projection.weight.copy_(state["text_projection"])
             self.log_logit_scale.copy_(state["log_logit_scale"][0])
+        for tower in ("text_model", "image_model"):
+            if (folder / f"{tower}.safetensors").exists():
+                getattr(self, tower).load_state_dict(
+                    load_file(str(folder / f"{tower}.safetensors")), strict=True)
         self._text_cache.clear()
 
 
@@ -255,7 +278,8 @@ def build_tower(cfg: TowerConfig, device=None, pretrained_image: bool = False,
 
 def load_tower(folder, device=None) -> TowerDualEncoder:
     """A tower saved with `save_head` (config JSON + head safetensors)."""
-    cfg = TowerConfig(**json.loads((Path(folder) / "tower_config.json").read_text()))
+    raw = json.loads((Path(folder) / "tower_config.json").read_text())
+    cfg = TowerConfig(**{k: v for k, v in raw.items() if k in TowerConfig.__dataclass_fields__})
     enc = build_tower(cfg, device, name=Path(folder).name)
     enc.load_head(folder)
     return enc

@@ -76,6 +76,10 @@ def user_spec(role: str, source: str) -> ModelSpec:
     source = str(source).strip()
     if not source:
         raise InputError(f"Empty model name for the {role} role.")
+    if role == "dual_encoder" and (Path(source).expanduser() / "tower_config.json").is_file():
+        # a checkpoint fine-tuned from the offline kit's ConSE tower
+        return ModelSpec("tower", str(Path(source).expanduser()),
+                         f"fine-tuned: {Path(source).name}", "Apache-2.0 (base models)", "conse")
     backend = {"masked_lm": "masked_lm", "next_sentence": "nsp_head", "causal_lm": "causal_lm",
                "dual_encoder": "clip"}[role]
     return ModelSpec("hf", source, Path(source).name if hub.is_local(source) else source,
@@ -112,6 +116,10 @@ def _load(spec: ModelSpec, role: str, device) -> dict:
             cache.remove(folder)
             model, tokenizer = hub.load_role("causal_lm", str(offline.smollm2_folder()), device)
         return {"model": model, "processor": tokenizer}
+    if spec.loader == "tower":
+        base = get_loaded(_offline_specs()["dual_encoder"], "dual_encoder", device)
+        parts = {k: v for k, v in base.parts.items() if k != "encoder"}
+        return {**parts, "checkpoint": spec.source}
     if spec.loader == "conse":
         import transformers as tf
 
@@ -257,6 +265,12 @@ class Kit:
                     classes = cache.cached_tensor("conse-class-embeddings", key,
                                                   lambda: de.class_embeddings(loaded.parts))
                     enc = de.conse_encoder(loaded.parts, classes)
+                    if "checkpoint" in loaded.parts:
+                        folder = Path(loaded.parts["checkpoint"])
+                        enc = enc.fork(copy_text=(folder / "text_model.safetensors").exists(),
+                                       copy_image=(folder / "image_model.safetensors").exists(),
+                                       name=f"finetuned-{folder.name}")
+                        enc.load_head(folder)
                 else:
                     enc = de.ClipEncoder(loaded.parts["model"], loaded.parts["processor"],
                                          loaded.spec.source)

@@ -1,0 +1,319 @@
+"""Contrastive fine-tuning of a dual encoder on image-caption pairs (CLIP's recipe).
+
+One code path for `mmcore.finetune(...)`, the app's Training tab and
+`python -m mmcore.train DATA --out DIR` (also under torchrun / accelerate launch).
+
+- Loss: `losses.clip_loss`, symmetric InfoNCE over in-batch negatives, learnable clamped
+  temperature.
+- Parts to train: "projections" (heads and temperature), "text" (+ text tower),
+  "image" (+ both towers). With both towers frozen their features are computed once and
+  cached, so an epoch costs only the heads.
+- Gradient accumulation keeps every in-batch negative: features of all micro-batches are
+  computed first without gradients, then each micro-batch is recomputed with gradients
+  against the cached rest (open_clip's accum-freq), so the gradient equals the full batch's.
+- Distributed: features are all-gathered (with gradients) so negatives span the global batch.
+- AdamW with weight decay on 2-D weights only; linear warm-up then cosine decay; seeded and
+  deterministic on the CPU. bf16 autocast on CUDA.
+- Checkpoints: the trainable head as safetensors + JSON, written atomically each epoch;
+  training resumes from the last one.
+"""
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from . import cache, losses
+from .device import autocast
+from .errors import InputError
+from .images import load_image
+from .train_data import load_pairs, split
+
+PARTS = ("projections", "text", "image")
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 5                 # passes over the training pairs
+    batch_size: int = 32            # pairs per optimiser step (the in-batch negatives)
+    accum_steps: int = 1            # micro-batches per step (same negatives, less memory)
+    lr: float = 1e-3                # peak learning rate
+    weight_decay: float = 0.05      # on 2-D weights only
+    warmup: float = 0.1             # share of steps spent warming up linearly
+    train: str = "projections"      # "projections", "text" or "image" (see module doc)
+    val_fraction: float = 0.2       # held out for recall@k
+    seed: int = 0
+
+    def check(self) -> "TrainOptions":
+        if self.train not in PARTS:
+            raise InputError(f"train must be one of {', '.join(PARTS)}, not {self.train!r}.")
+        for name, low, high in (("epochs", 1, 1000), ("batch_size", 2, 4096),
+                                ("accum_steps", 1, 64)):
+            if not low <= int(getattr(self, name)) <= high:
+                raise InputError(f"{name} must be between {low} and {high}.")
+        if int(self.batch_size) % int(self.accum_steps):
+            raise InputError("batch_size must be a multiple of accum_steps.")
+        if not 0 < float(self.lr) <= 1:
+            raise InputError("lr must be in (0, 1].")
+        return self
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: Path
+    before: dict
+    after: dict
+    history: list = field(default_factory=list)     # one dict per step: loss, accuracy, ...
+    stopped: bool = False
+
+
+class _Trainable:
+    """The pieces of a TowerDualEncoder the trainer needs, by part."""
+
+    def __init__(self, encoder):
+        self.enc = encoder
+
+    def image_towers(self, pils):
+        pixels = torch.stack([self.enc.transform(im) for im in pils]).to(self.enc.device)
+        return self.enc.image_features(pixels)
+
+    def text_towers(self, texts):
+        enc = self.enc.tokenizer(texts, padding=True, truncation=True,
+                                 max_length=self.enc.max_text_tokens, return_tensors="pt")
+        return F.normalize(self.enc.text_features(dict(enc.to(self.enc.device))), dim=-1)
+
+    def project(self, img_feats, txt_feats):
+        return (F.normalize(self.enc.image_projection(img_feats), dim=-1),
+                F.normalize(self.enc.text_projection(txt_feats), dim=-1))
+
+    def parameters(self, part: str) -> list:
+        params = [self.enc.image_projection.weight, self.enc.text_projection.weight,
+                  self.enc.log_logit_scale]
+        if part in ("text", "image"):
+            params += list(self.enc.text_model.parameters())
+        if part == "image":
+            params += list(self.enc.image_model.parameters())
+        return params
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, in rank order, keeping gradients for this rank's rows."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x))
+
+
+def step_loss(model: _Trainable, img_feats, txt_feats, accum_steps: int):
+    """Loss of one optimiser step, backpropagated; equal gradients with or without
+    accumulation (features of the other micro-batches are cached, open_clip style)."""
+    scale = losses.clamp_logit_scale(model.enc.log_logit_scale)
+    if accum_steps == 1:
+        img, txt = model.project(img_feats, txt_feats)
+        loss = losses.clip_loss(gather(img), gather(txt), scale)
+        loss.backward()
+        return float(loss.detach()), losses.in_batch_accuracy(img.detach(), txt.detach())
+    chunks = list(zip(img_feats.chunk(accum_steps), txt_feats.chunk(accum_steps)))
+    with torch.no_grad():
+        cached = [model.project(i, t) for i, t in chunks]
+    total = 0.0
+    for k, (i, t) in enumerate(chunks):
+        scale = losses.clamp_logit_scale(model.enc.log_logit_scale)
+        scale = scale if k == 0 else scale.detach()      # the temperature's gradient, once
+        img_k, txt_k = model.project(i, t)
+        imgs = torch.cat([img_k if j == k else c[0] for j, c in enumerate(cached)])
+        txts = torch.cat([txt_k if j == k else c[1] for j, c in enumerate(cached)])
+        loss = losses.clip_loss(gather(imgs), gather(txts), scale)
+        # each micro-batch's backward carries the gradient through its own rows only
+        loss.backward()
+        total = float(loss.detach())
+    imgs = torch.cat([c[0] for c in cached])
+    txts = torch.cat([c[1] for c in cached])
+    return total, losses.in_batch_accuracy(imgs, txts)
+
+
+def recall_at(model: _Trainable, img_feats, txt_feats, ks=(1, 5)) -> dict:
+    """Validation recall@k in both directions, from tower features."""
+    with torch.no_grad():
+        img, txt = model.project(img_feats, txt_feats)
+    sim = img @ txt.T
+    target = torch.arange(len(img))
+    out = {}
+    for k in ks:
+        kk = min(k, len(img))
+        out[f"i2t_r{k}"] = float((sim.topk(kk, 1).indices == target[:, None]).any(1).float().mean())
+        out[f"t2i_r{k}"] = float((sim.T.topk(kk, 1).indices == target[:, None]).any(1).float().mean())
+    return out
+
+
+def _features(model: _Trainable, pairs: list, batch: int = 32) -> tuple:
+    imgs, txts = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start:start + batch]
+            imgs.append(model.image_towers([load_image(p.image) for p in chunk]))
+            txts.append(model.text_towers([p.caption for p in chunk]))
+    return torch.cat(imgs), torch.cat(txts)
+
+
+def _optimizer(params: list, opts: TrainOptions, total_steps: int):
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=opts.lr)
+    warm = max(1, int(opts.warmup * total_steps))
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _save(encoder, out: Path, opts: TrainOptions, state: dict, towers=()) -> None:
+    with cache.atomic_folder(out, "mmcore-finetune-1") as tmp:
+        encoder.save_head(tmp, towers)
+        (tmp / "training.json").write_text(json.dumps({"options": asdict(opts), **state}))
+
+
+def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> FinetuneResult:
+    """Fine-tune the kit's dual encoder on a folder or .zip of images and captions.
+
+    progress(dict) is called after every step with loss, accuracy, step, steps, seconds.
+    Resumes from `out_dir` when it holds a checkpoint of the same options and data.
+    """
+    from .dual_encoder import TowerDualEncoder
+
+    opts = TrainOptions(**options).check()
+    base = kit.encoder() if hasattr(kit, "encoder") else kit
+    if not isinstance(base, TowerDualEncoder):
+        raise InputError("Fine-tuning here trains tower dual encoders (the offline kit's).")
+    out = Path(out_dir)
+    # train a fork: the shared base keeps serving other users unchanged
+    encoder = base.fork(copy_text=opts.train in ("text", "image"), copy_image=opts.train == "image",
+                        name=f"{base.name}+{out.name}")
+    towers = {"projections": (), "text": ("text_model",),
+              "image": ("text_model", "image_model")}[opts.train]
+    report = load_pairs(data)
+    train, val = split(report.pairs, opts.val_fraction, opts.seed)
+    if len(train) < 2:
+        raise InputError("Need at least two training pairs.\n" + report.summary())
+    torch.manual_seed(opts.seed)
+    model = _Trainable(encoder)
+    val_feats = _features(model, val) if val else None
+    before = recall_at(model, *val_feats) if val else {}
+    # the frozen-tower cache: with only the heads trained, towers run once
+    train_feats = _features(model, train) if opts.train == "projections" else None
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    steps_per_epoch = max(1, len(train) // (opts.batch_size * world))
+    total = steps_per_epoch * opts.epochs
+    params = model.parameters(opts.train)
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer, schedule = _optimizer(params, opts, total)
+    history, start_step = [], 0
+    state_file = out / "training.json"
+    if cache.is_complete(out, "mmcore-finetune-1") and state_file.exists():
+        saved = json.loads(state_file.read_text())
+        if saved.get("options") == asdict(opts) and saved.get("pairs") == len(report.pairs):
+            encoder.load_head(out)
+            start_step, history = saved["step"], saved["history"]
+            with warnings.catch_warnings():      # fast-forwarding the schedule, not training
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(start_step):
+                    schedule.step()
+    encoder.train(opts.train != "projections")
+    generator = torch.Generator().manual_seed(opts.seed)
+    orders = [torch.randperm(len(train), generator=generator) for _ in range(opts.epochs)]
+    stopped, done = False, start_step
+    started = time.perf_counter()
+    for step in range(start_step, total):
+        if stop_event is not None and stop_event.is_set():
+            stopped = True
+            break
+        epoch, k = divmod(step, steps_per_epoch)
+        idx = orders[epoch][k * opts.batch_size * world:(k + 1) * opts.batch_size * world]
+        idx = idx[rank::world] if world > 1 else idx
+        if train_feats is not None:
+            img_f, txt_f = train_feats[0][idx], train_feats[1][idx]
+        else:
+            chunk = [train[int(i)] for i in idx]
+            with torch.set_grad_enabled(opts.train == "image"):
+                img_f = model.image_towers([load_image(p.image) for p in chunk])
+            txt_f = model.text_towers([p.caption for p in chunk])
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(encoder.device):
+            loss, acc = step_loss(model, img_f, txt_f, opts.accum_steps)
+        if world > 1:
+            for p in params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        optimizer.step()
+        schedule.step()
+        row = {"step": step + 1, "steps": total, "epoch": epoch + 1, "loss": loss,
+               "accuracy": acc, "lr": schedule.get_last_lr()[0],
+               "seconds": time.perf_counter() - started}
+        if (step + 1) % steps_per_epoch == 0 and val:
+            row.update(recall_at(model, *val_feats))
+            if rank == 0:
+                _save(encoder, out, opts, {"step": step + 1, "history": history + [row],
+                                           "pairs": len(report.pairs)}, towers)
+        history.append(row)
+        done = step + 1
+        if progress is not None:
+            progress(row)
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    encoder._text_cache.clear()
+    after = recall_at(model, *val_feats) if val else {}
+    if rank == 0 and (stopped or not val):
+        _save(encoder, out, opts, {"step": done, "history": history,
+                                   "pairs": len(report.pairs)}, towers)
+    return FinetuneResult(out, before, after, history, stopped)
+
+
+def main(argv=None) -> int:
+    """python -m mmcore.train DATA --out DIR [--epochs N ...]; under torchrun, one process
+    per device with features all-gathered across them."""
+    import argparse
+
+    from . import load_kit
+
+    p = argparse.ArgumentParser(prog="python -m mmcore.train")
+    p.add_argument("data", help="folder or .zip of images with captions.csv/.jsonl/.txt")
+    p.add_argument("--out", required=True)
+    p.add_argument("--kit", default=os.environ.get("MMCORE_KIT", "offline"))
+    for name, value in asdict(TrainOptions()).items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = vars(p.parse_args(argv))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    data, out, kit_name = args.pop("data"), args.pop("out"), args.pop("kit")
+    try:
+        result = finetune(load_kit(kit_name), data, out,
+                          progress=lambda r: print(f"step {r['step']}/{r['steps']} "
+                                                   f"loss {r['loss']:.4f}", flush=True),
+                          **args)
+    except InputError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"before {result.before}\nafter  {result.after}\ncheckpoint {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
