@@ -2,10 +2,10 @@
 
 import gradio as gr
 
-from . import attention, fill_mask, generate, models, retrieval, zero_shot
+from . import attention, fill_mask, generate, models, retrieval, train, zero_shot
 from .context import AppContext
 
-TABS = [generate, fill_mask, zero_shot, retrieval, attention, models]   # each module: TITLE and build(ctx)
+TABS = [generate, fill_mask, zero_shot, retrieval, train, attention, models]   # each module: TITLE and build(ctx)
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:

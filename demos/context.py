@@ -29,6 +29,8 @@ class AppContext:
     gallery_dir: str | None = None   # a server folder the retrieval tab may index (operator flag)
     _warmer: threading.Thread | None = field(default=None, repr=False)
     page_load: list = field(default_factory=list, repr=False)   # (fn, outputs) per page open
+    # fine-tuned dual encoders made on this server: {name: checkpoint folder}
+    checkpoints: dict = field(default_factory=dict)
 
     def on_page_load(self, fn, outputs) -> None:
         """Run `fn` into `outputs` whenever a page opens (registered by `build_app`)."""
@@ -43,6 +45,21 @@ class AppContext:
         if self._warmer is None:
             self._warmer = threading.Thread(target=self.kit.warm, name="mmcore-warm", daemon=True)
             self._warmer.start()
+
+    def encoder_choices(self) -> list:
+        return ["base model"] + list(self.checkpoints)
+
+    def kit_for(self, choice: str | None):
+        """The kit whose dual encoder is `choice` (the base, or a fine-tuned checkpoint)."""
+        if not choice or choice == "base model":
+            return self.kit
+        if choice not in self.checkpoints:
+            from mmcore import InputError
+
+            raise InputError(f"No fine-tuned model named {choice!r} on this server.")
+        import mmcore
+
+        return mmcore.load_kit(self.kit.name, dual_encoder=self.checkpoints[choice])
 
     @property
     def warming(self) -> bool:

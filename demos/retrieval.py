@@ -48,9 +48,12 @@ def results(index: Index, hits: list) -> list:
 
 
 def build(ctx: AppContext) -> None:
-    def grow(index, paths, captions=None):
+    def grow(index, paths, captions=None, model=None):
         """Embed in chunks, yielding progress; Stop takes effect between chunks."""
-        index = index if index is not None else Index(ctx.kit.encoder())
+        encoder = ctx.kit_for(model).encoder()
+        if index is not None and index.identity != encoder.identity:
+            index = None                          # another model: start a fresh gallery
+        index = index if index is not None else Index(encoder)
         if len(index) + len(paths) > MAX_IMAGES:
             raise InputError(f"A gallery holds at most {MAX_IMAGES} images here "
                              f"({len(index)} already, {len(paths)} new).")
@@ -67,13 +70,13 @@ def build(ctx: AppContext) -> None:
         yield index, "\n".join(lines)
 
     @guarded
-    def load_demo(index):
+    def load_demo(index, model="base model"):
         """Index the bundled demo photos (with their captions)."""
         paths, captions = demo_gallery()
-        yield from grow(index, [str(p) for p in paths], captions)
+        yield from grow(index, [str(p) for p in paths], captions, model)
 
     @guarded
-    def upload(index, files):
+    def upload(index, files, model="base model"):
         """Index uploaded images and/or .zip archives of images (extracted safely)."""
         if not files:
             raise InputError("Choose images or a .zip file to upload.")
@@ -86,15 +89,16 @@ def build(ctx: AppContext) -> None:
                 notes += [f"- skipped {n} in the zip: {why}" for n, why in skipped[:50]]
             else:
                 paths.append(str(path))
-        for index, status in grow(index, paths):
+        for index, status in grow(index, paths, None, model):
             yield index, "\n".join([status] + notes)
 
     @guarded
-    def server_folder(index):
+    def server_folder(index, model="base model"):
         """Index the folder the operator named with --gallery-dir."""
         if not ctx.gallery_dir:
             raise InputError("The server was not started with --gallery-dir.")
-        yield from grow(index, [str(p) for p in index_mod.image_files(ctx.gallery_dir)])
+        yield from grow(index, [str(p) for p in index_mod.image_files(ctx.gallery_dir)],
+                        None, model)
 
     @guarded
     def search(index, query: str, image, negative: str, k: float):
@@ -133,12 +137,12 @@ def build(ctx: AppContext) -> None:
         return shutil.make_archive(str(folder / "mmcore-index"), "zip", folder / "index")
 
     @guarded
-    def load(index, file):
+    def load(index, file, model="base model"):
         """Load a saved index zip; refused if it was built with another model."""
         if file is None:
             raise InputError("Choose a saved index .zip.")
         folder, _, _ = archives.safe_extract(upload_path(file))
-        loaded = Index.load(folder, ctx.kit)
+        loaded = Index.load(folder, ctx.kit_for(model))
         missing = sum(not Path(p).exists() for p in loaded.ids)
         note = f" ({missing} image files are not on this server: results show their ids)" \
             if missing else ""
@@ -162,6 +166,11 @@ def build(ctx: AppContext) -> None:
         upload_btn = gr.Button("Add uploads")
         folder_btn = gr.Button("Index the server folder", visible=bool(ctx.gallery_dir))
         stop_btn = gr.Button("Stop", variant="stop")
+    model = gr.Dropdown(ctx.encoder_choices(), value="base model",
+                        label="Dual encoder for new galleries (fine-tuned ones appear after "
+                              "training)")
+    model.focus(lambda: gr.update(choices=ctx.encoder_choices()), None, model,
+                api_visibility="private", queue=False)
     status = gr.Markdown()
     with gr.Row():
         query = gr.Textbox(label="Text query", max_length=2000, scale=3)
@@ -183,11 +192,11 @@ def build(ctx: AppContext) -> None:
         recall_out = gr.JSON(label="Recall")
 
     embed_events = [
-        demo_btn.click(load_demo, [state], [state, status], api_name="load_demo_gallery",
+        demo_btn.click(load_demo, [state, model], [state, status], api_name="load_demo_gallery",
                        **ctx.model_event()),
-        upload_btn.click(upload, [state, files], [state, status], api_name="add_images",
+        upload_btn.click(upload, [state, files, model], [state, status], api_name="add_images",
                          preprocess=False, **ctx.model_event()),
-        folder_btn.click(server_folder, [state], [state, status], api_visibility="private",
+        folder_btn.click(server_folder, [state, model], [state, status], api_visibility="private",
                          **ctx.model_event()),
     ]
     stop_btn.click(None, None, None, cancels=embed_events, api_visibility="private")
@@ -198,7 +207,7 @@ def build(ctx: AppContext) -> None:
     gallery.select(search_by_result, [state, k], gallery, api_visibility="private",
                    **ctx.model_event())
     save_btn.click(save, [state], download, api_name="save_index")
-    load_btn.click(load, [state, load_file], [state, status], api_name="load_index",
+    load_btn.click(load, [state, load_file, model], [state, status], api_name="load_index",
                    preprocess=False)
     export_btn.click(export, [state, fmt], download, api_name="export_embeddings")
     recall_btn.click(recall, [state], recall_out, api_name="recall", **ctx.model_event())

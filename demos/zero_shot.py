@@ -51,12 +51,12 @@ def upload_path(value):
 def build(ctx: AppContext) -> None:
     @guarded
     def zero_shot(image, labels: str, template: str, ensemble: bool, score: str,
-                  threshold: float):
-        """Classify one image among free-text labels."""
+                  threshold: float, model: str = "base model"):
+        """Classify one image among free-text labels (model: the base or a fine-tuned one)."""
         image = upload_path(image)
         if image is None:
             raise InputError("Upload an image (or pick an example).")
-        result = ctx.kit.zero_shot_details([image], labels, template or "a photo of {}.",
+        result = ctx.kit_for(model).zero_shot_details([image], labels, template or "a photo of {}.",
                                            ensemble=bool(ensemble), score=score,
                                            threshold=float(threshold) if threshold else None)[0]
         chart = {label: value for label, value in result.ranked} if score != "cosine" else \
@@ -107,13 +107,17 @@ def build(ctx: AppContext) -> None:
                 score = gr.Radio(list(zs.SCORES), value="softmax", label="Scores")
                 threshold = gr.Slider(0, 1, value=0, step=0.01,
                                       label="'None of these' below cosine (0 = off)")
+            model = gr.Dropdown(ctx.encoder_choices(), value="base model",
+                                label="Dual encoder (fine-tuned ones appear after training)")
             go = gr.Button("Classify", variant="primary")
         with gr.Column():
             chart = gr.Label(label="Labels", num_top_classes=10)
             table = gr.Dataframe(headers=["label", "score", "cosine"], interactive=False)
             notes = gr.Markdown()
     gr.Examples(example_files(), [image, labels])
-    go.click(zero_shot, [image, labels, template, ensemble, score, threshold],
+    model.focus(lambda: gr.update(choices=ctx.encoder_choices()), None, model,
+                api_visibility="private", queue=False)
+    go.click(zero_shot, [image, labels, template, ensemble, score, threshold, model],
              [chart, table, notes], api_name="zero_shot", preprocess=False,
              **ctx.model_event())
     with gr.Accordion("Batch: many images, one set of labels", open=False):

@@ -76,8 +76,12 @@ class FinetuneResult:
 class _Trainable:
     """The pieces of a TowerDualEncoder the trainer needs, by part."""
 
-    def __init__(self, encoder):
-        self.enc = encoder
+    def __init__(self, encoder, towers=()):
+        self.enc, self.module, self.towers = encoder, encoder, towers
+
+    @property
+    def log_scale(self):
+        return self.enc.log_logit_scale
 
     def image_towers(self, pils):
         pixels = torch.stack([self.enc.transform(im) for im in pils]).to(self.enc.device)
@@ -101,6 +105,91 @@ class _Trainable:
             params += list(self.enc.image_model.parameters())
         return params
 
+    def set_mode(self, part: str) -> None:
+        """Train mode only where weights change (BatchNorm statistics of a frozen, possibly
+        shared tower must not move)."""
+        self.enc.eval()
+        if part in ("text", "image"):
+            self.enc.text_model.train()
+        if part == "image":
+            self.enc.image_model.train()
+
+    def save(self, folder) -> None:
+        self.enc.save_head(folder, self.towers)
+
+    def load(self, folder) -> None:
+        self.enc.load_head(folder)
+
+
+class _ClipTrainable(_Trainable):
+    """The same pieces of a Hugging Face CLIPModel; checkpoints are CLIPModel folders that
+    `CLIPModel.from_pretrained` (and so any tab, as a dual encoder) loads."""
+
+    def __init__(self, encoder):
+        self.enc, self.module, self.clip = encoder, encoder.model, encoder.model
+
+    @property
+    def log_scale(self):
+        return self.clip.logit_scale
+
+    def image_towers(self, pils):
+        pixels = self.enc.processor(images=pils, return_tensors="pt")["pixel_values"]
+        return self.clip.vision_model(pixel_values=pixels.to(self.enc.device)).pooler_output
+
+    def text_towers(self, texts):
+        enc = self.enc.tokenizer(texts, padding=True, truncation=True,
+                                 max_length=self.enc.max_text_tokens, return_tensors="pt")
+        return self.clip.text_model(**enc.to(self.enc.device)).pooler_output
+
+    def project(self, img_feats, txt_feats):
+        return (F.normalize(self.clip.visual_projection(img_feats), dim=-1),
+                F.normalize(self.clip.text_projection(txt_feats), dim=-1))
+
+    def parameters(self, part: str) -> list:
+        params = [self.clip.visual_projection.weight, self.clip.text_projection.weight,
+                  self.clip.logit_scale]
+        if part in ("text", "image"):
+            params += list(self.clip.text_model.parameters())
+        if part == "image":
+            params += list(self.clip.vision_model.parameters())
+        return params
+
+    def set_mode(self, part: str) -> None:
+        self.clip.eval()
+        if part in ("text", "image"):
+            self.clip.text_model.train()
+        if part == "image":
+            self.clip.vision_model.train()
+
+    def save(self, folder) -> None:
+        self.clip.save_pretrained(folder)
+        self.enc.processor.save_pretrained(folder)
+
+    def load(self, folder) -> None:
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        self.clip.load_state_dict(state, strict=False)
+        self.enc._text_cache.clear()
+
+
+def trainable_fork(base, opts: "TrainOptions", name: str) -> _Trainable:
+    """A trainable copy of the kit's dual encoder; the shared one keeps serving unchanged."""
+    import copy
+
+    from .dual_encoder import ClipEncoder, TowerDualEncoder
+
+    if isinstance(base, TowerDualEncoder):
+        towers = {"projections": (), "text": ("text_model",),
+                  "image": ("text_model", "image_model")}[opts.train]
+        return _Trainable(base.fork(copy_text=opts.train in ("text", "image"),
+                                    copy_image=opts.train == "image", name=name), towers)
+    if isinstance(base, ClipEncoder):
+        return _ClipTrainable(ClipEncoder(copy.deepcopy(base.model), base.processor, name))
+    raise InputError(f"Cannot fine-tune a {type(base).__name__}.")
+
 
 def gather(x: torch.Tensor) -> torch.Tensor:
     """All ranks' rows, in rank order, keeping gradients for this rank's rows."""
@@ -114,7 +203,7 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 def step_loss(model: _Trainable, img_feats, txt_feats, accum_steps: int):
     """Loss of one optimiser step, backpropagated; equal gradients with or without
     accumulation (features of the other micro-batches are cached, open_clip style)."""
-    scale = losses.clamp_logit_scale(model.enc.log_logit_scale)
+    scale = losses.clamp_logit_scale(model.log_scale)
     if accum_steps == 1:
         img, txt = model.project(img_feats, txt_feats)
         loss = losses.clip_loss(gather(img), gather(txt), scale)
@@ -125,7 +214,7 @@ def step_loss(model: _Trainable, img_feats, txt_feats, accum_steps: int):
         cached = [model.project(i, t) for i, t in chunks]
     total = 0.0
     for k, (i, t) in enumerate(chunks):
-        scale = losses.clamp_logit_scale(model.enc.log_logit_scale)
+        scale = losses.clamp_logit_scale(model.log_scale)
         scale = scale if k == 0 else scale.detach()      # the temperature's gradient, once
         img_k, txt_k = model.project(i, t)
         imgs = torch.cat([img_k if j == k else c[0] for j, c in enumerate(cached)])
@@ -153,14 +242,16 @@ def recall_at(model: _Trainable, img_feats, txt_feats, ks=(1, 5)) -> dict:
     return out
 
 
-def _features(model: _Trainable, pairs: list, batch: int = 32) -> tuple:
+def _features(model: _Trainable, pairs: list, batch: int = 32, texts: bool = True) -> tuple:
+    """Tower features of every pair, without gradients: (images, texts or None)."""
     imgs, txts = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), batch):
             chunk = pairs[start:start + batch]
             imgs.append(model.image_towers([load_image(p.image) for p in chunk]))
-            txts.append(model.text_towers([p.caption for p in chunk]))
-    return torch.cat(imgs), torch.cat(txts)
+            if texts:
+                txts.append(model.text_towers([p.caption for p in chunk]))
+    return torch.cat(imgs), (torch.cat(txts) if texts else None)
 
 
 def _optimizer(params: list, opts: TrainOptions, total_steps: int):
@@ -179,9 +270,9 @@ def _optimizer(params: list, opts: TrainOptions, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _save(encoder, out: Path, opts: TrainOptions, state: dict, towers=()) -> None:
+def _save(model: _Trainable, out: Path, opts: TrainOptions, state: dict) -> None:
     with cache.atomic_folder(out, "mmcore-finetune-1") as tmp:
-        encoder.save_head(tmp, towers)
+        model.save(tmp)
         (tmp / "training.json").write_text(json.dumps({"options": asdict(opts), **state}))
 
 
@@ -191,28 +282,21 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> F
     progress(dict) is called after every step with loss, accuracy, step, steps, seconds.
     Resumes from `out_dir` when it holds a checkpoint of the same options and data.
     """
-    from .dual_encoder import TowerDualEncoder
-
     opts = TrainOptions(**options).check()
     base = kit.encoder() if hasattr(kit, "encoder") else kit
-    if not isinstance(base, TowerDualEncoder):
-        raise InputError("Fine-tuning here trains tower dual encoders (the offline kit's).")
     out = Path(out_dir)
-    # train a fork: the shared base keeps serving other users unchanged
-    encoder = base.fork(copy_text=opts.train in ("text", "image"), copy_image=opts.train == "image",
-                        name=f"{base.name}+{out.name}")
-    towers = {"projections": (), "text": ("text_model",),
-              "image": ("text_model", "image_model")}[opts.train]
+    model = trainable_fork(base, opts, f"{getattr(base, 'name', 'clip')}+{out.name}")
+    encoder = model.module
     report = load_pairs(data)
     train, val = split(report.pairs, opts.val_fraction, opts.seed)
     if len(train) < 2:
         raise InputError("Need at least two training pairs.\n" + report.summary())
     torch.manual_seed(opts.seed)
-    model = _Trainable(encoder)
     val_feats = _features(model, val) if val else None
     before = recall_at(model, *val_feats) if val else {}
-    # the frozen-tower cache: with only the heads trained, towers run once
+    # the frozen-tower cache: a tower that is not trained runs once, not every epoch
     train_feats = _features(model, train) if opts.train == "projections" else None
+    image_cache = _features(model, train, texts=False)[0] if opts.train == "text" else None
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     steps_per_epoch = max(1, len(train) // (opts.batch_size * world))
@@ -228,13 +312,13 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> F
     if cache.is_complete(out, "mmcore-finetune-1") and state_file.exists():
         saved = json.loads(state_file.read_text())
         if saved.get("options") == asdict(opts) and saved.get("pairs") == len(report.pairs):
-            encoder.load_head(out)
+            model.load(out)
             start_step, history = saved["step"], saved["history"]
             with warnings.catch_warnings():      # fast-forwarding the schedule, not training
                 warnings.simplefilter("ignore", UserWarning)
                 for _ in range(start_step):
                     schedule.step()
-    encoder.train(opts.train != "projections")
+    model.set_mode(opts.train)
     generator = torch.Generator().manual_seed(opts.seed)
     orders = [torch.randperm(len(train), generator=generator) for _ in range(opts.epochs)]
     stopped, done = False, start_step
@@ -250,11 +334,13 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> F
             img_f, txt_f = train_feats[0][idx], train_feats[1][idx]
         else:
             chunk = [train[int(i)] for i in idx]
-            with torch.set_grad_enabled(opts.train == "image"):
+            if image_cache is not None:
+                img_f = image_cache[idx]
+            else:
                 img_f = model.image_towers([load_image(p.image) for p in chunk])
             txt_f = model.text_towers([p.caption for p in chunk])
         optimizer.zero_grad(set_to_none=True)
-        with autocast(encoder.device):
+        with autocast(model.enc.device):
             loss, acc = step_loss(model, img_f, txt_f, opts.accum_steps)
         if world > 1:
             for p in params:
@@ -269,8 +355,8 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> F
         if (step + 1) % steps_per_epoch == 0 and val:
             row.update(recall_at(model, *val_feats))
             if rank == 0:
-                _save(encoder, out, opts, {"step": step + 1, "history": history + [row],
-                                           "pairs": len(report.pairs)}, towers)
+                _save(model, out, opts, {"step": step + 1, "history": history + [row],
+                                         "pairs": len(report.pairs)})
         history.append(row)
         done = step + 1
         if progress is not None:
@@ -278,11 +364,11 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> F
     encoder.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
-    encoder._text_cache.clear()
+    model.enc._text_cache.clear()
     after = recall_at(model, *val_feats) if val else {}
     if rank == 0 and (stopped or not val):
-        _save(encoder, out, opts, {"step": done, "history": history,
-                                   "pairs": len(report.pairs)}, towers)
+        _save(model, out, opts, {"step": done, "history": history,
+                                 "pairs": len(report.pairs)})
     return FinetuneResult(out, before, after, history, stopped)
 
 

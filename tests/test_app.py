@@ -202,7 +202,8 @@ def test_zero_shot_tab_through_the_client(served, tmp_path):
     Image.fromarray(data.chelsea()).save(path)
     client = Client(url, verbose=False)
     chart, table, notes = client.predict(handle_file(str(path)), "cat, dog, cat", "a photo of {}.",
-                                         False, "softmax", 0, api_name="/zero_shot")
+                                         False, "softmax", 0, "base model",
+                                         api_name="/zero_shot")
     want = ctx.kit.zero_shot(str(path), ["cat", "dog"])
     assert chart["label"] == want[0][0]
     assert [row[0] for row in table["data"]] == [w[0] for w in want]
@@ -211,7 +212,7 @@ def test_zero_shot_tab_through_the_client(served, tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(Exception, match="not an image"):
         client.predict(handle_file(str(bad)), "cat", "a photo of {}.", False, "softmax", 0,
-                       api_name="/zero_shot")
+                       "base model", api_name="/zero_shot")
     rows, csv_path, note = client.predict([handle_file(str(path)), handle_file(str(bad))],
                                           "cat, dog", "a photo of {}.", False, "softmax",
                                           api_name="/zero_shot_batch")
@@ -230,7 +231,7 @@ def test_retrieval_tab_through_the_client(served, tmp_path):
     client = Client(url, verbose=False)                 # one client = one session = one gallery
     with pytest.raises(Exception, match="gallery is empty"):
         client.predict("a cat", None, "", 4, api_name="/search")
-    status = client.predict(api_name="/load_demo_gallery")
+    status = client.predict("base model", api_name="/load_demo_gallery")
     assert "10 images in the gallery" in status
     hits = client.predict("a cat", None, "", 4, api_name="/search")
     assert len(hits) == 4
@@ -240,7 +241,8 @@ def test_retrieval_tab_through_the_client(served, tmp_path):
         zf.write(tmp_path / "c.png", "more/c.png")
         zf.writestr("../escape.png", b"x")
         zf.writestr("bad.png", b"junk")
-    status = client.predict([handle_file(str(tmp_path / "up.zip"))], api_name="/add_images")
+    status = client.predict([handle_file(str(tmp_path / "up.zip"))], "base model",
+                            api_name="/add_images")
     assert "10 images in the gallery (0 added, 1 already there)" in status   # same coffee photo
     assert "unsafe path" in status and "bad.png" in status
     recall = client.predict(api_name="/recall")
@@ -248,3 +250,20 @@ def test_retrieval_tab_through_the_client(served, tmp_path):
     # another session starts with its own empty gallery
     with pytest.raises(Exception, match="gallery is empty"):
         Client(url, verbose=False).predict("a cat", None, "", 4, api_name="/search")
+
+
+def test_training_tab_through_the_client(served):
+    demo, ctx, url = served
+    client = Client(url, verbose=False)
+    report = client.predict(None, True, api_name="/validate_training_data")
+    assert "72 usable image-caption pairs" in report
+    status, plot, compare, download = client.predict(
+        None, True, 2, 16, 1e-3, 0.05, 0.1, "projections", 1, 0, api_name="/train")
+    assert "finished" in status and download
+    assert {row[0] for row in compare["data"]} >= {"i2t_r1", "t2i_r1"}
+    assert len(ctx.checkpoints) == 1
+    name = next(iter(ctx.checkpoints))
+    tuned = ctx.kit_for(name)
+    assert tuned.encoder().identity != ctx.kit.encoder().identity
+    with pytest.raises(Exception, match="batch_size must be between"):
+        client.predict(None, True, 2, 1, 1e-3, 0.05, 0.1, "projections", 1, 0, api_name="/train")

@@ -115,3 +115,25 @@ def test_cli_trains_and_reports(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "after" in out.stdout and (tmp_path / "ck" / "head.safetensors").exists()
+
+
+def test_clip_checkpoints_are_clipmodel_folders(tiny_kit, shapes, tmp_path):
+    from transformers import CLIPModel
+
+    before = [p.clone() for p in tiny_kit.encoder().model.text_projection.parameters()]
+    result = mmcore.finetune(tiny_kit, shapes, tmp_path / "clip", epochs=2, batch_size=16,
+                             train="text", lr=1e-3)
+    assert len(result.history) == 2 * (len(shapes_pairs(shapes)) // 16)
+    assert all(torch.equal(a, b) for a, b in
+               zip(before, tiny_kit.encoder().model.text_projection.parameters()))
+    exported = CLIPModel.from_pretrained(tmp_path / "clip")
+    tuned = mmcore.load_kit("tiny", dual_encoder=str(tmp_path / "clip"))
+    assert type(tuned.encoder().model) is type(exported)
+    emb = tuned.encode_texts(["a large red circle on the left"])
+    assert emb.shape[-1] == exported.config.projection_dim
+
+
+def shapes_pairs(folder):
+    from mmcore.train_data import load_pairs, split
+
+    return split(load_pairs(folder).pairs, 0.2, 0)[0]
