@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from . import hub, offline
 from .device import pick_device
 from .errors import InputError, ModelUnavailable
@@ -143,7 +145,10 @@ def get_loaded(spec: ModelSpec, role: str, device) -> Loaded:
             start = time.perf_counter()
             _loading.add(key)
             try:
-                parts = _load(spec, role, device)
+                # never create weights as inference tensors, even when the first use comes
+                # from inside torch.inference_mode(): fine-tuning forks them later
+                with torch.inference_mode(False):
+                    parts = _load(spec, role, device)
             finally:
                 _loading.discard(key)
             _registry[key] = Loaded(spec, role, parts, time.perf_counter() - start)
@@ -254,7 +259,7 @@ class Kit:
     def encoder(self):
         """The dual encoder (CLIP, or ConSE on the offline kit), built once per model."""
         loaded = self.model("dual_encoder")
-        with _encoder_guard:
+        with _encoder_guard, torch.inference_mode(False):
             if "encoder" not in loaded.parts:
                 from . import dual_encoder as de
 

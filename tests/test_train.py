@@ -137,3 +137,16 @@ def shapes_pairs(folder):
     from mmcore.train_data import load_pairs, split
 
     return split(load_pairs(folder).pairs, 0.2, 0)[0]
+
+
+def test_models_first_used_under_inference_mode_can_still_be_fine_tuned(shapes, tmp_path,
+                                                                         monkeypatch):
+    from mmcore import kits
+
+    monkeypatch.setattr(kits, "_registry", {})
+    monkeypatch.setattr(kits, "_kits", {})
+    with torch.inference_mode():
+        kit = mmcore.load_kit("offline")
+        kit.encode_texts(["warm up inside inference mode"])
+    result = mmcore.finetune(kit, shapes, tmp_path / "x", epochs=1, batch_size=16, train="image")
+    assert result.history
