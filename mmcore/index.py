@@ -206,16 +206,10 @@ class Index:
         rows = [i for i, c in enumerate(self.captions) if c]
         if len(rows) < 2:
             raise InputError("Recall needs at least two captioned images.")
-        images = self.vectors[rows]
+        from .losses import recall_at_k
+
         texts = self.encoder.encode_texts([self.captions[i] for i in rows])
-        sim = images @ texts.T                                           # (N, N)
-        target = torch.arange(len(rows))
-        out = {}
-        for k in ks:
-            kk = min(k, len(rows))
-            out[f"i2t_r{k}"] = float((sim.topk(kk, 1).indices == target[:, None]).any(1).float().mean())
-            out[f"t2i_r{k}"] = float((sim.T.topk(kk, 1).indices == target[:, None]).any(1).float().mean())
-        return out
+        return recall_at_k(self.vectors[rows], texts, ks)
 
     # ---------------------------------------------------------------- persistence
     def save(self, folder) -> Path:

@@ -30,3 +30,15 @@ def in_batch_accuracy(image: torch.Tensor, text: torch.Tensor) -> float:
     target = torch.arange(len(image), device=image.device)
     return float(((sim.argmax(1) == target).float().mean() +
                   (sim.argmax(0) == target).float().mean()) / 2)
+
+
+def recall_at_k(image: torch.Tensor, text: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """Image-to-text and text-to-image recall@k of paired rows (image i goes with text i)."""
+    sim = image @ text.T                                                     # (N, N)
+    target = torch.arange(len(image), device=image.device)[:, None]
+    out = {}
+    for k in ks:
+        kk = min(k, len(image))
+        out[f"i2t_r{k}"] = float((sim.topk(kk, 1).indices == target).any(1).float().mean())
+        out[f"t2i_r{k}"] = float((sim.T.topk(kk, 1).indices == target).any(1).float().mean())
+    return out

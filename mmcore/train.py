@@ -232,14 +232,7 @@ def recall_at(model: _Trainable, img_feats, txt_feats, ks=(1, 5)) -> dict:
     """Validation recall@k in both directions, from tower features."""
     with torch.no_grad():
         img, txt = model.project(img_feats, txt_feats)
-    sim = img @ txt.T
-    target = torch.arange(len(img))
-    out = {}
-    for k in ks:
-        kk = min(k, len(img))
-        out[f"i2t_r{k}"] = float((sim.topk(kk, 1).indices == target[:, None]).any(1).float().mean())
-        out[f"t2i_r{k}"] = float((sim.T.topk(kk, 1).indices == target[:, None]).any(1).float().mean())
-    return out
+    return losses.recall_at_k(img, txt, ks)
 
 
 def _features(model: _Trainable, pairs: list, batch: int = 32, texts: bool = True) -> tuple:

@@ -34,3 +34,12 @@ def test_logit_scale_is_clamped():
     x = torch.tensor(2.0, requires_grad=True)
     losses.clamp_logit_scale(x).backward()
     assert float(x.grad) > 0
+
+
+def test_recall_at_k_by_hand():
+    image = torch.eye(3)
+    text = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])   # rows 1 and 2 swapped
+    text = text + 0.1 * torch.eye(3)          # break ties: each text leans to its own image
+    r = losses.recall_at_k(image, text, ks=(1, 2))
+    assert abs(r["i2t_r1"] - 1 / 3) < 1e-6 and abs(r["t2i_r1"] - 1 / 3) < 1e-6
+    assert r["i2t_r2"] == 1.0 and r["t2i_r2"] == 1.0
