@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
@@ -42,24 +43,11 @@ def sentences(tok, n: int = 40, seed: int = 0) -> list:
     return out
 
 
-def rates(fns: dict, items, rounds: int) -> dict:
-    """Best items/s of each function; rounds interleave them so machine noise hits both."""
-    best = dict.fromkeys(fns, 0.0)
-    for fn in fns.values():
-        fn(items[0])
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for item in items:
-                fn(item)
-            best[name] = max(best[name], len(items) / (time.perf_counter() - start))
-    return best
-
-
 def bert_base_side_by_side(rounds: int) -> None:
     from transformers import BertConfig, BertForMaskedLM, pipeline
 
     import mmcore
+    from common import best_rates
     from mmcore import fill_mask
     from mmcore.kits import Loaded, ModelSpec
 
@@ -70,8 +58,8 @@ def bert_base_side_by_side(rounds: int) -> None:
                     "masked_lm", {"model": model, "processor": tok}, 0.0)
     pipe = pipeline("fill-mask", model=model, tokenizer=tok)
     items = sentences(tok)
-    got = rates({"ours": lambda s: fill_mask.fill(loaded, s, 5),
-                 "theirs": lambda s: pipe(s, top_k=5)}, items, rounds)
+    got = best_rates({"ours": lambda: [fill_mask.fill(loaded, s, 5) for s in items],
+                      "theirs": lambda: [pipe(s, top_k=5) for s in items]}, len(items), rounds)
     ours, theirs = got["ours"], got["theirs"]
     print(f"bert-base fill-mask, batch 1, {len(items)} sentences of 8-64 tokens, "
           f"{torch.get_num_threads()} threads")

@@ -27,31 +27,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def embedding_rate(n_images: int = 48) -> None:
-    from PIL import Image
-
     from mmcore import Index
-    from bench_zero_shot import photo_files, vit_b32
+    from common import best_rates, per_image_clip, photo_files, vit_b32
 
     model, image_processor, encoder = vit_b32()
     files = photo_files(n_images)
 
-    def loop():
-        with torch.inference_mode():
-            for path in files:
-                pixels = image_processor(images=Image.open(path).convert("RGB"),
-                                         return_tensors="pt")["pixel_values"]
-                model.get_image_features(pixel_values=pixels)
-
-    def ours():
-        Index(encoder).add(files)
-
-    best = {"loop": 0.0, "ours": 0.0}
-    loop(), ours()
-    for _ in range(2):
-        for name, fn in (("loop", loop), ("ours", ours)):
-            start = time.perf_counter()
-            fn()
-            best[name] = max(best[name], len(files) / (time.perf_counter() - start))
+    best = best_rates({"loop": lambda: per_image_clip(model, image_processor, files),
+                       "ours": lambda: Index(encoder).add(files)}, len(files))
     print(f"(a) embedding {len(files)} images, ViT-B/32: per-image loop {best['loop']:.1f}/s, "
           f"ours {best['ours']:.1f}/s, ratio {best['ours'] / best['loop']:.2f}x")
 

@@ -13,57 +13,20 @@ weights cost the real compute), then the offline kit's images/s.
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import best_rates, per_image_clip, photo_files, vit_b32  # noqa: E402
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
              "a bright photo of a {}.", "a photo of the small {}.", "a photo of the large {}.",
              "a good photo of a {}.", "a black and white photo of a {}.")
-
-
-def photo_files(n: int) -> list:
-    from PIL import Image
-    from skimage import data
-
-    folder = Path(tempfile.mkdtemp(prefix="mmcore-bench-"))
-    base = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    paths = []
-    for i in range(n):
-        arr = base[i % len(base)]
-        crop = arr[(i * 7) % 40:, (i * 11) % 40:]
-        path = folder / f"{i}.jpg"
-        Image.fromarray(np.ascontiguousarray(crop)).save(path, quality=90)
-        paths.append(str(path))
-    return paths
-
-
-def vit_b32():
-    """(model, image processor, ClipEncoder) of a ViT-B/32-shaped CLIPModel, random weights
-    (the real compute), with the tiny kit's tokenizer (ids fit CLIP's vocabulary)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    import mmcore
-    from mmcore import dual_encoder as de
-
-    tok = mmcore.load_kit("tiny").model("dual_encoder").parts["processor"].tokenizer
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig()).eval()                      # ViT-B/32 shapes
-    image_processor = CLIPImageProcessor()                      # 224 px, as ViT-B/32's
-
-    class Processor:                                            # what ClipEncoder expects
-        tokenizer = tok
-
-        def __call__(self, images=None, **kw):
-            return image_processor(images=images, **kw)
-
-    return model, image_processor, de.ClipEncoder(model, Processor(), "bench-vit-b32")
 
 
 def main() -> None:
@@ -99,23 +62,8 @@ def main() -> None:
     print(f"  per image: pipeline {t * 1000:8.0f} ms   ours {o * 1000:6.0f} ms   ratio {t / o:6.1f}x")
 
     # (2) images/s: batched encode_images vs a per-image processor + model loop
-    def per_image():
-        with torch.inference_mode():
-            for path in files:
-                pixels = image_processor(images=Image.open(path).convert("RGB"),
-                                         return_tensors="pt")["pixel_values"]
-                model.get_image_features(pixel_values=pixels)
-
-    def batched():
-        encoder.encode_images(files)
-
-    per_image(), batched()
-    best = {"loop": 0.0, "ours": 0.0}
-    for _ in range(2):
-        for name, fn in (("loop", per_image), ("ours", batched)):
-            start = time.perf_counter()
-            fn()
-            best[name] = max(best[name], len(files) / (time.perf_counter() - start))
+    best = best_rates({"loop": lambda: per_image_clip(model, image_processor, files),
+                       "ours": lambda: encoder.encode_images(files)}, len(files))
     print(f"  encode {len(files)} images: per-image loop {best['loop']:5.1f} images/s   "
           f"ours batched {best['ours']:5.1f} images/s   ratio {best['ours'] / best['loop']:.2f}x")
 

@@ -72,7 +72,7 @@ def build(ctx: AppContext) -> None:
                            "alternatives": info.alternatives})
             if i % 4 == 0 or info.forced:
                 yield run.text, stats(run), gr.skip(), gr.skip(), gr.skip()
-        state = {"prompt": prompt, "tokens": tokens, "params": params.__dict__.copy()}
+        state = {"prompt": prompt, "tokens": tokens}
         yield (run.text, stats(run), token_view(tokens),
                code_snippet(ctx.kit.name, prompt, run.params), state)
 

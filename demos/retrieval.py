@@ -8,9 +8,8 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 
-from mmcore import Index, InputError, archives, index as index_mod
+from mmcore import Index, InputError, archives, demo_data, index as index_mod
 
 from .context import AppContext, guarded
 from .zero_shot import upload_path
@@ -27,19 +26,8 @@ DEMO = {"astronaut": "an astronaut in a white suit in front of a flag",
 
 
 def demo_gallery() -> tuple:
-    from PIL import Image
-    from skimage import data
-
     folder = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir()) / "mmcore-demo"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in DEMO:
-        path = folder / f"{name}.png"
-        if not path.exists():
-            arr = getattr(data, name)()
-            Image.fromarray(arr.astype(np.uint8) * 255 if arr.dtype == bool else arr).save(path)
-        paths.append(path)
-    return paths, list(DEMO.values())
+    return demo_data.photo_files(folder, DEMO), list(DEMO.values())
 
 
 def results(index: Index, hits: list) -> list:

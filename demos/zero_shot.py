@@ -4,9 +4,8 @@ import os
 import tempfile
 
 import gradio as gr
-import numpy as np
 
-from mmcore import InputError, images as mm_images, tables, zero_shot as zs
+from mmcore import InputError, demo_data, images as mm_images, tables, zero_shot as zs
 
 from .context import AppContext, guarded
 
@@ -22,22 +21,10 @@ MAX_BATCH = 64
 
 def example_files() -> list:
     """The bundled scikit-image photos written once to a folder of the app's own."""
-    from PIL import Image
-    from skimage import data
-
     folder = os.path.join(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir(),
-                          "mmcore-examples")
-    os.makedirs(folder, exist_ok=True)
-    rows = []
-    for name, labels in PHOTOS.items():
-        path = os.path.join(folder, f"{name}.png")
-        if not os.path.exists(path):
-            arr = getattr(data, name)()
-            if arr.dtype == bool:
-                arr = arr.astype(np.uint8) * 255
-            Image.fromarray(arr).save(path)
-        rows.append([path, labels])
-    return rows
+                          "mmcore-demo")
+    paths = demo_data.photo_files(folder, PHOTOS)
+    return [[str(path), labels] for path, labels in zip(paths, PHOTOS.values())]
 
 
 def upload_path(value):

@@ -35,6 +35,23 @@ def draw(colour: str, shape: str, size: str, side: str) -> Image.Image:
     return im
 
 
+def photo_files(folder, names) -> list:
+    """The named scikit-image sample photos as PNG files in `folder`, written once
+    (boolean images such as the horse silhouette become black and white)."""
+    from skimage import data
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        path = folder / f"{name}.png"
+        if not path.exists():
+            arr = np.asarray(getattr(data, name)())
+            Image.fromarray(arr.astype(np.uint8) * 255 if arr.dtype == bool else arr).save(path)
+        paths.append(path)
+    return paths
+
+
 def make(folder, photos: bool = True) -> Path:
     """Write the demo set (images + captions.csv) into `folder`; returns it."""
     folder = Path(folder)
@@ -49,11 +66,7 @@ def make(folder, photos: bool = True) -> Path:
                         draw(colour, shape, size, side).save(folder / name)
                     rows.append(f"{name},a {size} {colour} {shape} on the {side}")
     if photos:
-        from skimage import data
-
-        for name, caption in PHOTOS.items():
-            if not (folder / f"{name}.png").exists():
-                Image.fromarray(np.asarray(getattr(data, name)())).save(folder / f"{name}.png")
-            rows.append(f"{name}.png,{caption}")
+        for path, caption in zip(photo_files(folder, PHOTOS), PHOTOS.values()):
+            rows.append(f"{path.name},{caption}")
     (folder / "captions.csv").write_text("\n".join(rows) + "\n")
     return folder

@@ -180,9 +180,6 @@ class Kit:
         self.errors.pop(role, None)
         return loaded
 
-    def is_loaded(self, role: str) -> bool:
-        return _load_key(self.spec(role), role, self.device) in _registry
-
     def status(self, role: str) -> str:
         """"ready", "loading", "error" or "not loaded"."""
         key = _load_key(self.spec(role), role, self.device)
