@@ -1,6 +1,10 @@
 """mmcore's Gradio app: `python app.py [--kit offline|hub|tiny] [--host] [--port] [--share]`.
 
 Nothing happens at import: flags are parsed, the kit checked and the app built in `main()`.
+
+On a Hugging Face Space (`SPACE_ID` set) the defaults follow the Space: the hub kit unless
+`MMCORE_KIT` says otherwise, and the address and port Spaces give in `GRADIO_SERVER_NAME` /
+`GRADIO_SERVER_PORT`. Flags given on the command line always win.
 """
 
 import argparse
@@ -12,13 +16,35 @@ import tempfile
 KITS = ("offline", "hub", "tiny")
 
 
+def on_space() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def default_kit() -> str:
+    return os.environ.get("MMCORE_KIT") or ("hub" if on_space() else "offline")
+
+
+def default_host() -> str:
+    return os.environ.get("GRADIO_SERVER_NAME") or os.environ.get("MMCORE_HOST") or "127.0.0.1"
+
+
+def default_port() -> int:
+    raw = os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or "7860"
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"mmcore: the port must be a number, not {raw!r}.") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="mmcore: use and look inside multimodal models.")
-    p.add_argument("--kit", choices=KITS, default=os.environ.get("MMCORE_KIT", "offline"),
-                   help="model kit (default: $MMCORE_KIT or offline)")
-    p.add_argument("--host", default=os.environ.get("MMCORE_HOST", "127.0.0.1"),
-                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
+    p.add_argument("--kit", choices=KITS, default=default_kit(),
+                   help="model kit (default: $MMCORE_KIT, else hub on a Space, else offline)")
+    p.add_argument("--host", default=default_host(),
+                   help="address to bind (default: $GRADIO_SERVER_NAME, else 127.0.0.1; "
+                        "0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=default_port(),
+                   help="port (default: $GRADIO_SERVER_PORT, else $PORT, else 7860)")
     p.add_argument("--share", action="store_true", help="make a public gradio.live link")
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="load models on first use only, not in the background at start")
@@ -28,10 +54,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def space_storage(root: str = "/data"):
+    """The Space's persistent storage folder when it has one (mounted and writable), else None."""
+    if on_space() and os.path.isdir(root) and os.access(root, os.W_OK):
+        return root
+    return None
+
+
 def configure_environment() -> None:
     """Process-level settings that must be in place before gradio is imported."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    storage = space_storage()
+    if storage:
+        # a restart keeps downloaded models, converted caches, fine-tuned models and indexes
+        os.environ.setdefault("HF_HOME", os.path.join(storage, ".huggingface"))
+        os.environ.setdefault("MMCORE_CACHE", os.path.join(storage, "mmcore"))
     # uploads go to a folder of the app's own, not a shared system temp folder
     os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mmcore-gradio-"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -17,6 +17,13 @@ from .device import default_dtype
 from .errors import ModelUnavailable
 
 OFFLINE_HINT = "Use `--kit offline` (or MMCORE_KIT=offline), which needs no network."
+SPACE_HINT = ("On a Space: check the Space's logs for network errors, and list the models under "
+              "`preload_from_hub` in the README's front matter so they are in the image.")
+
+
+def offline_hint() -> str:
+    """What to do when the hub cannot be reached: a Space has no offline kit to fall back on."""
+    return SPACE_HINT if os.environ.get("SPACE_ID") else OFFLINE_HINT
 
 # role -> (what it needs, an example) for messages
 ROLE_NEEDS = {
@@ -76,7 +83,7 @@ def _hub_kwargs(source: str) -> dict:
         return {"local_files_only": True}
     raise ModelUnavailable(
         f"Cannot reach the Hugging Face hub to fetch '{source}', and it is not in the local "
-        f"cache. {OFFLINE_HINT}"
+        f"cache. {offline_hint()}"
     )
 
 
