@@ -117,7 +117,59 @@ def model_class(role: str, config):
             f"This checkpoint is a '{config.model_type}' model ({archs}); the {role} role needs "
             f"{needs}, e.g. {example}."
         )
+    if role == "causal_lm" and not is_causal_checkpoint(config):
+        archs = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+        raise ModelUnavailable(
+            f"This checkpoint is a '{config.model_type}' model saved as {archs}, not a causal "
+            f"(left-to-right) language model; generating with it gives nonsense. The causal_lm "
+            f"role needs {needs}, e.g. {example}.")
     return cls
+
+
+def is_causal_checkpoint(config) -> bool:
+    """Was this checkpoint trained to predict the next token? transformers gives encoder
+    families (BERT, RoBERTa...) a causal-LM class too, which only makes sense for a checkpoint
+    saved as a decoder; any other BERT would generate garbage from a random-ish head."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    causal = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update([names] if isinstance(names, str) else names)
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a in causal for a in archs):
+        return False
+    encoder_family = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return not encoder_family or bool(getattr(config, "is_decoder", False))
+
+
+def check_load_report(role: str, source: str, info: dict) -> None:
+    """Refuse a model with weights the checkpoint did not have: transformers initialises
+    them at random (a BertForMaskedLM loaded for NSP scores every pair ~0.5)."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise ModelUnavailable(
+            f"'{source}' lacks weights the {role} role needs, so they would be random: {shown}. "
+            f"It was probably saved for another task; {ROLE_NEEDS[role][0]} is needed.")
+    if info.get("mismatched_keys"):
+        raise ModelUnavailable(f"'{source}' has weights of the wrong shape for its config: "
+                               f"{', '.join(str(k) for k in list(info['mismatched_keys'])[:6])}.")
+
+
+def check_tokenizer(role: str, source: str, processor, config) -> None:
+    """A folder without tokenizer files loads an empty tokenizer, and the first request then
+    fails deep inside the model: refuse it here, by name."""
+    tok = getattr(processor, "tokenizer", processor)
+    text_config = getattr(config, "text_config", None) or config
+    vocab = int(getattr(text_config, "vocab_size", 0) or 0)
+    if tok is None or len(tok) < max(2, vocab // 2):
+        raise ModelUnavailable(
+            f"'{source}' has no usable tokenizer ({0 if tok is None else len(tok)} tokens for a "
+            f"model of {vocab}): its tokenizer files (tokenizer.json, vocab.txt, vocab.json + "
+            f"merges.txt, ...) are missing.")
+    if role == "dual_encoder" and getattr(processor, "image_processor", None) is None:
+        raise ModelUnavailable(f"'{source}' has no image processor (preprocessor_config.json).")
 
 
 def load_role(role: str, source: str, device):
@@ -139,8 +191,9 @@ def load_role(role: str, source: str, device):
             f"(pickle-based .bin files can run code)."
         )
     try:
-        model = cls.from_pretrained(source, config=config, use_safetensors=True,
-                                    dtype=default_dtype(device), **kwargs)
+        model, info = cls.from_pretrained(source, config=config, use_safetensors=True,
+                                          dtype=default_dtype(device), output_loading_info=True,
+                                          **kwargs)
         if role == "dual_encoder":
             processor = tf.AutoProcessor.from_pretrained(source, **kwargs)
         else:
@@ -148,6 +201,8 @@ def load_role(role: str, source: str, device):
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many types (SafetensorError...)
         raise ModelUnavailable(
             f"Cannot load '{source}' for the {role} role: {type(exc).__name__}: {exc}") from exc
+    check_load_report(role, source, info)
+    check_tokenizer(role, source, processor, config)
     model.eval().to(device)
     return model, processor
 
