@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--queue-size", type=int, default=64, help="waiting requests before 'queue full'")
     p.add_argument("--gallery-dir", default=None,
                    help="a server folder of images the retrieval tab may index (off by default)")
+    p.add_argument("--no-openai-api", dest="openai_api", action="store_false",
+                   help="do not serve the OpenAI-compatible /v1 routes next to the app")
     return p.parse_args(argv)
 
 
@@ -113,7 +115,13 @@ def main(argv=None) -> int:
     demo, ctx = create(args, kit)
     if args.warm:
         ctx.start_warming()
-    demo.launch(**launch_kwargs(ctx, args.host, args.port, args.share))
+    server, _, _ = demo.launch(prevent_thread_lock=True,
+                               **launch_kwargs(ctx, args.host, args.port, args.share))
+    if args.openai_api:
+        from demos import openai_api
+
+        openai_api.mount(server, ctx)
+    demo.block_thread()
     return 0
 
 

@@ -91,6 +91,8 @@ def test_app_starts_like_a_space_and_serves_on_all_interfaces(tmp_path):
         info = Client(url, verbose=False).predict(api_name="/kit_info")
         print(f"first answer {time.monotonic() - start:.1f} s after start")
         assert info["kit"] == "tiny"
+        models = httpx.get(f"{url}v1/models", timeout=10).json()      # mounted beside it
+        assert models["data"][0]["id"] == "tiny random GPT-2"
     finally:
         proc.terminate()
         try:

@@ -1,0 +1,143 @@
+"""The OpenAI-compatible /v1 routes, served next to the app on the tiny kit and driven over
+plain HTTP: the same text as mmcore's own generate, streamed or not, OpenAI-style errors,
+a bounded queue, and a disconnect that frees its slot."""
+
+import json
+import time
+
+import httpx
+import pytest
+
+import app as app_module
+from demos import launch_kwargs, openai_api
+
+PROMPT = "the cat sat on the"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_kit):
+    demo, ctx = app_module.create(app_module.parse_args(["--kit", "tiny"]))
+    app, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
+                              **launch_kwargs(ctx, "127.0.0.1", None, False))
+    api = openai_api.mount(app, ctx)
+    yield ctx, api, url + "v1"
+    demo.close()
+
+
+def post(url, body, **kw):
+    return httpx.post(url, content=json.dumps(body), timeout=120,
+                      headers={"content-type": "application/json"}, **kw)
+
+
+def test_models_lists_the_causal_lm(server):
+    ctx, api, url = server
+    data = httpx.get(f"{url}/models", timeout=30).json()["data"]
+    assert [m["id"] for m in data] == [ctx.kit.spec("causal_lm").name]
+
+
+def test_completion_equals_mmcore_generate(server):
+    ctx, api, url = server
+    out = post(f"{url}/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+    assert out.status_code == 200, out.text
+    body = out.json()
+    want = ctx.kit.generate(PROMPT, max_new_tokens=12, chat=False)
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == want
+    assert body["choices"][0]["finish_reason"] in ("length", "stop")
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+def test_seeded_candidates_equal_num_candidates(server):
+    ctx, api, url = server
+    body = post(f"{url}/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0.9,
+                                       "seed": 5, "n": 2}).json()
+    want = ctx.kit.generate(PROMPT, max_new_tokens=8, temperature=0.9, seed=5,
+                            num_candidates=2, chat=False)
+    assert [c["text"] for c in body["choices"]] == want
+
+
+def test_streamed_text_equals_the_whole_answer(server):
+    ctx, api, url = server
+    request = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    whole = post(f"{url}/completions", request).json()["choices"][0]["text"]
+    with httpx.stream("POST", f"{url}/completions", json={**request, "stream": True},
+                      timeout=120) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_chat_uses_the_transcript_when_the_model_has_no_template(server):
+    ctx, api, url = server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a cat"}]
+    body = post(f"{url}/chat/completions", {"messages": messages, "max_tokens": 10,
+                                            "temperature": 0}).json()
+    transcript = "System: Be brief.\nUser: a cat\nAssistant:"
+    assert body["choices"][0]["message"] == {
+        "role": "assistant", "content": ctx.kit.generate(transcript, max_new_tokens=10,
+                                                         chat=False)}
+    with httpx.stream("POST", f"{url}/chat/completions",
+                      json={"messages": messages, "max_tokens": 10, "temperature": 0,
+                            "stream": True}, timeout=120) as response:
+        events = [json.loads(x[6:]) for x in response.iter_lines() if x and x != "data: [DONE]"]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert text == body["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_new_tokens must be between"),
+    ({"prompt": PROMPT, "temperature": float("nan")}, 400, "NaN"),
+    ({"prompt": PROMPT, "temperature": "hot"}, 400, "must be a number"),
+    ({"prompt": PROMPT, "logprobs": 3}, 400, "Not supported by this server: logprobs"),
+    ({"prompt": PROMPT, "frobnicate": 1}, 400, "Unknown field"),
+    ({"prompt": PROMPT, "model": "gpt-4o"}, 404, "is not served here"),
+    ({"prompt": ""}, 400, "empty"),
+    ({"prompt": 7}, 400, "'prompt' must be a string"),
+    ({"prompt": "a \ud800 b"}, 400, "surrogate"),
+    ({"messages": []}, 400, "Unknown field"),
+])
+def test_bad_requests_get_openai_style_errors(server, body, status, message):
+    ctx, api, url = server
+    out = post(f"{url}/completions", body)
+    assert out.status_code == status, out.text
+    error = out.json()["error"]
+    assert message in error["message"] and error["type"]
+    assert "Traceback" not in out.text
+
+
+def test_bad_json_and_huge_bodies_are_refused(server):
+    ctx, api, url = server
+    out = httpx.post(f"{url}/completions", content=b"{not json", timeout=30)
+    assert out.status_code == 400 and "not valid JSON" in out.json()["error"]["message"]
+    out = httpx.post(f"{url}/completions", content=b"x" * (openai_api.MAX_BODY + 1), timeout=30)
+    assert out.status_code == 413
+    bad_chat = post(f"{url}/chat/completions", {"messages": [{"role": "robot", "content": "x"}]})
+    assert bad_chat.status_code == 400 and "role" in bad_chat.json()["error"]["message"]
+
+
+def test_the_queue_is_bounded():
+    gate = openai_api.Admission(running=1, waiting=0)
+    with gate:
+        with pytest.raises(openai_api.ApiError) as full:
+            gate.__enter__()
+        assert full.value.status == 429
+    with gate:                       # released: the next one gets in
+        pass
+
+
+def test_a_disconnected_stream_stops_and_frees_its_slot(server):
+    ctx, api, url = server
+    with httpx.stream("POST", f"{url}/completions",
+                      json={"prompt": PROMPT, "max_tokens": 900, "temperature": 0.8,
+                            "stream": True}, timeout=120) as response:
+        for n, _ in enumerate(response.iter_lines()):
+            if n == 3:
+                break                 # the client goes away mid-answer
+    deadline = time.monotonic() + 30
+    while api.admission.inside and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert api.admission.inside == 0
