@@ -157,20 +157,73 @@ def _alternatives(strings: list, probs: torch.Tensor) -> list:
 
 
 class _Detokenizer:
-    """Incremental decoding in O(1) per token (as TGI does): decode a short window and emit
-    what it adds, holding back while a multi-byte character is incomplete."""
+    """Incremental decoding in O(1) per token, equal to `tok.decode` of the same ids.
 
-    def __init__(self, tok):
-        self.tok, self.ids, self.prefix, self.read = tok, [], 0, 0
+    Fast tokenizers use `tokenizers`' DecodeStream; others decode a short window and emit
+    what it adds (TGI's method), holding back while a multi-byte character is incomplete.
+    Both start from a window of the prompt's last tokens: a SentencePiece (Llama) token such
+    as "▁Paris" only keeps its leading space when something comes before it.
+    """
+
+    WINDOW = 5
+
+    def __init__(self, tok, prompt: list | tuple = (), use_stream: bool = True):
+        self.tok = tok
+        self.window = list(prompt)[-self.WINDOW:]
+        self.ids = list(self.window)
+        self.prefix, self.read = 0, len(self.ids)
+        self.emitted = ""
+        backend = getattr(tok, "backend_tokenizer", None) if use_stream else None
+        self.stream = None
+        if backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self.backend = backend
+            self.stream = DecodeStream(self.window, skip_special_tokens=True)
+
+    def _decode(self, ids: list) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
-        return ""
+        if self.stream is not None:
+            piece = self.stream.step(self.backend, token) or ""
+        else:
+            before = self._decode(self.ids[self.prefix:self.read])
+            after = self._decode(self.ids[self.prefix:])
+            piece = ""
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                self.prefix, self.read = self.read, len(self.ids)
+                piece = after[len(before):]
+        self.emitted += piece
+        return piece
+
+    def flush(self) -> str:
+        """What is still held back (e.g. an incomplete character at the end), once, at the end."""
+        whole, head = self._decode(self.ids), self._decode(self.window)
+        done = head + self.emitted
+        rest = whole[len(done):] if whole.startswith(done) else ""
+        self.emitted += rest
+        return rest
+
+
+def _find_stop(text: str, stops: tuple, start: int, min_end: int) -> int:
+    """Where the first stop sequence begins in text[start:] among those ending after
+    `min_end` (stops inside forced text do not count), or -1."""
+    best = -1
+    for s in stops:
+        i = text.find(s, start)
+        while i >= 0 and i + len(s) <= min_end:
+            i = text.find(s, i + 1)
+        if i >= 0 and (best < 0 or i < best):
+            best = i
+    return best
+
+
+def _held_back(text: str, stops: tuple) -> int:
+    """How many characters at the end of `text` could still grow into a stop sequence."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:k])), default=0)
 
 
 @torch.inference_mode()
@@ -181,6 +234,9 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
     `forced`: token ids placed after the prompt first (e.g. the tokens before a point the
     user picked, then the alternative chosen there); they are reported with their
     probabilities, then generation goes on from them.
+
+    `run.text` is the text safe to show so far: it holds back a tail that could still grow
+    into a stop sequence, and is the whole output once the generator is exhausted.
     """
     from transformers import DynamicCache
 
@@ -198,20 +254,21 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(params.seed)
     stops, eos = params.stop, eos_ids(model, tok)
+    longest = max((len(s) for s in stops), default=0)
     strings = lm_scoring.token_strings(tok)
-    detok = _Detokenizer(tok)
+    detok = _Detokenizer(tok, ids)
     start = time.perf_counter()
     cache = DynamicCache(config=model.config)
-    seq = torch.tensor([ids + forced], device=device)
-    keep = len(forced) + 1
-    logits = model(input_ids=seq, cache=cache, use_cache=True, logits_to_keep=keep).logits[0]
+    # one prefill over prompt + forced; row j of `rows` predicts the token after forced[:j]
+    rows = model(input_ids=torch.tensor([ids + forced], device=device), cache=cache,
+                 use_cache=True, logits_to_keep=len(forced) + 1).logits[0]
     generated: list = []
-    text = ""
+    text, forced_end = "", 0
     for step in range(len(forced) + params.max_new_tokens):
         if stop_event is not None and stop_event.is_set():
             run.finish = "cancelled"
             break
-        row = logits[min(step, logits.shape[0] - 1)].float()
+        row = rows[step].float() if step <= len(forced) else logits[0].float()
         probs = row.softmax(-1)
         if step < len(forced):
             token, is_forced = forced[step], True
@@ -233,26 +290,36 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
         piece = detok.push(token)
         info = TokenInfo(token, piece, float(probs[token]), _alternatives(strings, probs),
                          is_forced)
-        # a stop sequence may straddle tokens: look in the tail that could hold a new one
-        tail = max(0, len(text) - max((len(s) for s in stops), default=0))
         text += piece
-        hit = min((i for i in (text.find(s, tail) for s in stops) if i >= 0), default=-1)
-        if hit >= 0 and not is_forced:
-            info.text = piece[:max(0, hit - (len(text) - len(piece)))]
-            run.tokens.append(info)
-            run.text = text[:hit]
-            run.finish = "stop"
-            yield info
-            break
+        if is_forced:
+            forced_end = len(text)
+        else:
+            # a stop sequence may straddle tokens: look in the tail that could hold a new one
+            hit = _find_stop(text, stops, max(0, len(text) - len(piece) - longest + 1),
+                             forced_end)
+            if hit >= 0:
+                info.text = piece[:max(0, hit - (len(text) - len(piece)))]
+                run.tokens.append(info)
+                run.text = text[:hit]
+                run.finish = "stop"
+                yield info
+                break
         run.tokens.append(info)
-        run.text = text
+        run.text = text[:len(text) - _held_back(text, stops)]
         yield info
         if step + 1 >= len(forced) and len(generated) - len(forced) >= params.max_new_tokens:
             run.finish = "length"
             break
-        if step + 1 >= len(forced):
+        if step >= len(forced):
+            # the prefill already holds every forced token: feed only tokens chosen here
             logits = model(input_ids=torch.tensor([[token]], device=device), cache=cache,
                            use_cache=True).logits[0]
+    if run.finish != "stop":
+        tail = detok.flush()             # e.g. an incomplete character left at the end
+        if tail and run.tokens:
+            run.tokens[-1].text += tail
+            text += tail
+        run.text = text
     run.finish = run.finish or "length"
     run.seconds = time.perf_counter() - start
 
@@ -274,7 +341,13 @@ def generate(model, tok, prompt, params: SamplingParams, num_candidates: int = 1
 
 
 def stream(model, tok, prompt, params: SamplingParams, stop_event: threading.Event | None = None):
-    """Text pieces as they are generated."""
-    for info in generate_tokens(model, tok, prompt, params, stop_event):
-        if info.text:
-            yield info.text
+    """Text pieces as they are generated; never a piece of a stop sequence (text that could
+    still become one is held back until it cannot)."""
+    run = Generation(params)
+    shown = 0
+    for _ in generate_tokens(model, tok, prompt, params, stop_event, run=run):
+        if len(run.text) > shown:
+            yield run.text[shown:]
+            shown = len(run.text)
+    if len(run.text) > shown:
+        yield run.text[shown:]

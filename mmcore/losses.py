@@ -12,9 +12,18 @@ from torch.nn import functional as F
 MAX_LOGIT_SCALE = 100.0   # CLIP clamps exp(log scale) at 100 so the temperature cannot collapse
 
 
-def clamp_logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
-    """exp(log_scale), clamped to [1, MAX_LOGIT_SCALE] (gradient flows inside the range)."""
-    return log_scale.clamp(0.0, math.log(MAX_LOGIT_SCALE)).exp()
+def logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """exp(log_scale), unclamped: a clamp in the forward pass has zero gradient at its bound,
+    and float32(ln 100) lies just above math.log(100), so a temperature that starts at 100
+    (ConSE, pretrained CLIP) would never learn. Clamp the parameter after each step instead."""
+    return log_scale.exp()
+
+
+@torch.no_grad()
+def clamp_log_scale_(log_scale: torch.Tensor) -> None:
+    """Keep the learnable log temperature in [0, ln MAX_LOGIT_SCALE], in place, after an
+    optimiser step (as CLIP and open_clip do)."""
+    log_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

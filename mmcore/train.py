@@ -3,8 +3,8 @@
 One code path for `mmcore.finetune(...)`, the app's Training tab and
 `python -m mmcore.train DATA --out DIR` (also under torchrun / accelerate launch).
 
-- Loss: `losses.clip_loss`, symmetric InfoNCE over in-batch negatives, learnable clamped
-  temperature.
+- Loss: `losses.clip_loss`, symmetric InfoNCE over in-batch negatives, learnable
+  temperature (clamped in place after each optimiser step, as CLIP and open_clip do).
 - Parts to train: "projections" (heads and temperature), "text" (+ text tower),
   "image" (+ both towers). With both towers frozen their features are computed once and
   cached, so an epoch costs only the heads.
@@ -203,7 +203,7 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 def step_loss(model: _Trainable, img_feats, txt_feats, accum_steps: int):
     """Loss of one optimiser step, backpropagated; equal gradients with or without
     accumulation (features of the other micro-batches are cached, open_clip style)."""
-    scale = losses.clamp_logit_scale(model.log_scale)
+    scale = losses.logit_scale(model.log_scale)
     if accum_steps == 1:
         img, txt = model.project(img_feats, txt_feats)
         loss = losses.clip_loss(gather(img), gather(txt), scale)
@@ -214,7 +214,7 @@ def step_loss(model: _Trainable, img_feats, txt_feats, accum_steps: int):
         cached = [model.project(i, t) for i, t in chunks]
     total = 0.0
     for k, (i, t) in enumerate(chunks):
-        scale = losses.clamp_logit_scale(model.log_scale)
+        scale = losses.logit_scale(model.log_scale)
         scale = scale if k == 0 else scale.detach()      # the temperature's gradient, once
         img_k, txt_k = model.project(i, t)
         imgs = torch.cat([img_k if j == k else c[0] for j, c in enumerate(cached)])
@@ -341,6 +341,7 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> F
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
         optimizer.step()
+        losses.clamp_log_scale_(model.log_scale)         # after the step, as CLIP does
         schedule.step()
         row = {"step": step + 1, "steps": total, "epoch": epoch + 1, "loss": loss,
                "accuracy": acc, "lr": schedule.get_last_lr()[0],

@@ -162,3 +162,137 @@ def test_sampling_filters_match_transformers_warpers():
         assert torch.equal(torch.isinf(ours), torch.isinf(theirs[0])), (top_k, top_p)
         finite = ~torch.isinf(ours)
         torch.testing.assert_close(ours[finite], theirs[0][finite])
+
+
+# ---------------------------------------------------------------- right answers (issue 12)
+
+def hf_continuation(model, tok, ids, max_new_tokens):
+    """Greedy `model.generate` on raw ids: the new tokens, without a final EOS."""
+    ids = torch.tensor([ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return new[:-1] if new and new[-1] in G.eos_ids(model, tok) else new
+
+
+@pytest.mark.parametrize("cut", [0, 3])
+def test_continuation_after_forced_tokens_equals_model_generate(tiny_kit, cut):
+    """Regenerate-from-here: greedy after prompt + forced is model.generate on exactly
+    prompt + forced (the last forced token is not fed twice)."""
+    parts = tiny_kit.model("causal_lm").parts
+    model, tok = parts["model"], parts["processor"]
+    ids, run = ours_tokens(tiny_kit, "the cat sat", max_new_tokens=10)
+    forced = ids[:cut] + [run.tokens[cut].alternatives[1][2]]
+    again = G.Generation(G.SamplingParams())
+    list(G.generate_tokens(model, tok, "the cat sat", G.SamplingParams(max_new_tokens=12),
+                           forced=forced, run=again))
+    got = [t.token_id for t in again.tokens]
+    prompt = G.prompt_ids(tok, "the cat sat", False)
+    assert got[:len(forced)] == forced
+    assert got[len(forced):] == hf_continuation(model, tok, prompt + forced, 12)
+
+
+def test_stream_never_shows_part_of_a_stop_sequence(tiny_kit):
+    """A stop sequence that straddles two tokens: the stream holds back its first part."""
+    full, run = ours_tokens(tiny_kit, "the cat sat", max_new_tokens=40)
+    text, pieces = run.text, [t.text for t in run.tokens]
+    bounds = [sum(len(p) for p in pieces[:i]) for i in range(1, len(pieces))]
+    # a two-character stop across a token boundary, first found exactly there
+    stop = next(text[b - 1:b + 1] for b in bounds
+                if 0 < b < len(text) - 1 and text.find(text[b - 1:b + 1]) == b - 1)
+    want = text[:text.find(stop)]
+    assert tiny_kit.generate("the cat sat", max_new_tokens=40, stop=[stop]) == want
+    shown = ""
+    for piece in tiny_kit.stream("the cat sat", max_new_tokens=40, stop=[stop]):
+        shown += piece
+        assert want.startswith(shown), (shown, want)
+    assert shown == want
+
+
+def llama_style_tokenizer():
+    """A small SentencePiece-style (Llama) tokenizer: Metaspace pre-tokenizer and decoder,
+    byte fallback for characters outside the vocabulary."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["The capital of France is Paris.", "A photo of a cat on a red sofa.",
+              "Hello world, hello there! The cat sat on the mat."] * 10
+    special = ["<unk>", "<s>", "</s>"]
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trained.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120,
+                                                            special_tokens=special))
+    spec = json.loads(trained.to_str())["model"]
+    vocab = dict(spec["vocab"])
+    for b in range(256):                                   # Llama's <0xNN> byte tokens
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>",
+                               byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(),
+                                     decoders.Metaspace(replacement="▁", prepend_scheme="first")])
+    tok.add_special_tokens(special)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tokenizers_to_check(tiny_kit):
+    return {"gpt2": tiny_kit.model("causal_lm").parts["processor"],
+            "bert": tiny_kit.model("masked_lm").parts["processor"],
+            "llama": llama_style_tokenizer()}
+
+
+def after_prompt(tok, prompt: list, new: list) -> str:
+    """The reference: what `tok.decode` adds to the prompt's text when `new` follows it."""
+    head = tok.decode(prompt, skip_special_tokens=True)
+    whole = tok.decode(prompt + new, skip_special_tokens=True)
+    assert whole.startswith(head)
+    return whole[len(head):]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_streamed_text_equals_decode_of_the_same_ids(tokenizers_to_check, name, fast):
+    tok = tokenizers_to_check[name]
+    prompt = tok("The capital of")["input_ids"]
+    new = tok(" France is Paris. Héllo 🙂 world, the cat's sofa .",
+              add_special_tokens=False)["input_ids"]
+    for window in (prompt, []):
+        detok = G._Detokenizer(tok, window, use_stream=fast)
+        pieces = [detok.push(t) for t in new]
+        assert "".join(pieces) == after_prompt(tok, window, new), (name, fast, window)
+    if name == "llama":
+        assert "".join(pieces) == tok.decode(new)                  # no prompt: as decode
+
+
+def test_sentencepiece_model_streams_its_leading_spaces():
+    """End to end on a tiny random Llama with a SentencePiece-style tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = llama_style_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():               # it writes whole words only: "▁"-initial tokens win
+        words = torch.tensor([t.startswith("▁") for t in tok.convert_ids_to_tokens(
+            list(range(len(tok))))])
+        model.lm_head.weight[~words] = 0
+        model.lm_head.weight[words] *= 10
+    params = G.SamplingParams(max_new_tokens=20, chat=False)
+    run = G.Generation(params)
+    list(G.generate_tokens(model, tok, "The cat sat on the", params, run=run))
+    want = after_prompt(tok, G.prompt_ids(tok, "The cat sat on the", False),
+                        [t.token_id for t in run.tokens])
+    assert want.startswith(" ")                       # the first token's leading space
+    assert "".join(t.text for t in run.tokens) == run.text == want
+    assert "".join(G.stream(model, tok, "The cat sat on the", params)) == want

@@ -28,12 +28,17 @@ def test_perfect_pairs_give_low_loss_and_full_accuracy():
     assert losses.in_batch_accuracy(eye, eye) == 1.0
 
 
-def test_logit_scale_is_clamped():
-    assert abs(float(losses.clamp_logit_scale(torch.tensor(10.0))) - 100.0) < 1e-4
-    assert float(losses.clamp_logit_scale(torch.tensor(-3.0))) == 1.0
-    x = torch.tensor(2.0, requires_grad=True)
-    losses.clamp_logit_scale(x).backward()
-    assert float(x.grad) > 0
+def test_log_scale_is_clamped_after_the_step_not_in_the_forward():
+    # float32(ln 100) lies just above math.log(100): a forward clamp there has zero gradient
+    start = torch.tensor(math.log(100.0), dtype=torch.float32)
+    assert float(start) > math.log(100.0)
+    x = start.clone().requires_grad_(True)
+    losses.logit_scale(x).backward()
+    assert abs(float(x.grad) - 100.0) < 1e-3          # d exp(x) / dx = exp(x)
+    for value, want in ((10.0, math.log(100.0)), (-3.0, 0.0), (2.0, 2.0)):
+        p = torch.nn.Parameter(torch.tensor(value))
+        losses.clamp_log_scale_(p)
+        assert abs(float(p) - want) < 1e-6 and p.requires_grad
 
 
 def test_recall_at_k_by_hand():

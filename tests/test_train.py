@@ -35,6 +35,31 @@ def test_accumulated_gradients_equal_the_full_batch(offline_kit):
         torch.testing.assert_close(acc, full, rtol=1e-4, atol=1e-6)
 
 
+def test_the_temperature_learns_from_a_start_of_100(offline_kit):
+    """ConSE (like pretrained CLIP) starts at logit scale 100: its log must still get a
+    gradient and move under the optimiser (CLIP clamps after the step, not in the forward)."""
+    import math
+
+    enc = offline_kit.encoder().fork()
+    model = train._Trainable(enc)
+    start = float(enc.log_logit_scale)
+    assert start >= math.log(100)
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(16, enc.cfg.image_dim, generator=g).softmax(-1)
+    txt = torch.nn.functional.normalize(torch.randn(16, enc.cfg.text_dim, generator=g), dim=-1)
+    params = model.parameters("projections")
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        train.step_loss(model, img, txt, 1)
+        assert float(enc.log_logit_scale.grad) != 0.0
+        opt.step()
+        losses.clamp_log_scale_(enc.log_logit_scale)
+    assert float(enc.log_logit_scale) < start - 1e-3
+
+
 def test_finetune_raises_recall_and_leaves_the_base_untouched(offline_kit, shapes, tmp_path):
     base = offline_kit.encoder()
     before_weights = base.image_projection.weight.clone()
