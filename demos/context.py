@@ -4,10 +4,15 @@ No models or per-user data live at module level: a tab gets an `AppContext` in `
 and keeps per-user data in `gr.State`.
 """
 
+import atexit
 import functools
 import html
 import inspect
 import logging
+import os
+import re
+import shutil
+import tempfile
 import threading
 import uuid
 from collections import OrderedDict
@@ -47,6 +52,7 @@ class AppContext:
     # fine-tuned dual encoders on this server: {name: checkpoint folder}
     checkpoints: dict = field(default_factory=dict)
     training: object = field(default=None, repr=False)    # the training tab's job
+    _work_dir: Path | None = field(default=None, repr=False)
     _extra: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _extra_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -73,10 +79,14 @@ class AppContext:
 
     @property
     def work_dir(self) -> Path:
-        """A folder of app-wide files made once (demo photos, the demo training set)."""
-        folder = self.files.root / "app"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+        """A folder of app-wide files made once (demo photos, the demo training set). It
+        lies outside Gradio's folder: a client can make Gradio delete any file there by
+        naming it in a payload, and these are read by the server only (an output made from
+        one is copied into Gradio's cache)."""
+        if self._work_dir is None:
+            self._work_dir = Path(tempfile.mkdtemp(prefix="mmcore-app-"))
+            atexit.register(shutil.rmtree, self._work_dir, True)
+        return self._work_dir
 
     def on_page_load(self, fn, outputs) -> None:
         """Run `fn` into `outputs` whenever a page opens (registered by `build_app`)."""
@@ -161,11 +171,34 @@ def user_error(message: str) -> gr.Error:
     return gr.Error(html.escape(message), print_exception=False)
 
 
+def server_roots() -> list:
+    """Folders whose paths a message to a client must not show (longest first)."""
+    from gradio.utils import get_upload_folder
+
+    from mmcore import cache
+
+    roots = {get_upload_folder(), str(cache.cache_root()), os.getcwd(), tempfile.gettempdir(),
+             os.path.expanduser("~"), os.environ.get("MMCORE_DATA_DIR", "")}
+    roots |= {os.path.realpath(r) for r in roots if r}
+    return sorted((r.rstrip("/") for r in roots if len(r.rstrip("/")) > 1), key=len,
+                  reverse=True)
+
+
+def scrub(message: str) -> str:
+    """The message with every server path cut to its last part (a safety net: mmcore's
+    messages name files by their user-facing names, but a model folder may slip through)."""
+    for root in server_roots():
+        message = re.sub(re.escape(root) + r"(/[^\s'\"]*)?",
+                         lambda m: (m.group(1) or "/").rstrip("/").rsplit("/", 1)[-1] or "…",
+                         message)
+    return message
+
+
 def _translate(exc: BaseException) -> gr.Error:
     if isinstance(exc, gr.Error):
         return exc
     if isinstance(exc, MmcoreError):
-        return user_error(str(exc))
+        return user_error(scrub(str(exc)))
     import torch
 
     if isinstance(exc, torch.cuda.OutOfMemoryError):

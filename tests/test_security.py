@@ -92,8 +92,6 @@ def test_file_inputs_take_only_uploaded_files(served, tmp_path):
     demo, ctx, url = served
     import os
 
-    from appclient import own_files
-
     uploads = Path(os.environ["GRADIO_TEMP_DIR"])
     sentinel = tmp_path / f"sentinel-{secrets.token_hex(6)}.png"
     Image.new("RGB", (8, 8), "red").save(sentinel)
@@ -102,7 +100,9 @@ def test_file_inputs_take_only_uploaded_files(served, tmp_path):
                    "base model", api_name="/zero_shot")   # now it lies in the upload folder
     folder_of_upload = next(p.parent for p in uploads.rglob(sentinel.name))
     client.close()
-    app_file = uploads / sorted(f for f in own_files(uploads) if f.endswith(".png"))[0]
+    app_file = uploads / "not-an-upload" / "made-by-the-app.png"   # e.g. another's output
+    app_file.parent.mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8), "blue").save(app_file)
     inside = [uploads, folder_of_upload, app_file]          # in Gradio's folder, not uploads
     outside = [ROOT, ROOT / "app.py", Path("/etc/passwd"), Path(tempfile.gettempdir())]
     calls = {
@@ -209,3 +209,21 @@ def test_only_the_owner_stops_a_training_job(served):
     finally:
         owner.close()
         stranger.close()
+
+
+def test_messages_never_show_server_paths():
+    import gradio as gr
+
+    import mmcore
+    from demos import context
+    from mmcore import cache
+
+    folder = cache.cache_root() / "models" / "tuned-x"
+
+    @context.guarded
+    def load():
+        raise mmcore.ModelUnavailable(f"No such model folder: {folder}")
+
+    with pytest.raises(gr.Error) as err:
+        load()
+    assert "tuned-x" in err.value.message and str(cache.cache_root()) not in err.value.message
