@@ -53,6 +53,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a server folder of images the retrieval tab may index (off by default)")
     p.add_argument("--no-openai-api", dest="openai_api", action="store_false",
                    help="do not serve the OpenAI-compatible /v1 routes next to the app")
+    p.add_argument("--data-dir", default=None,
+                   help="where fine-tuned models and training runs are kept across restarts "
+                        "(default: $MMCORE_DATA_DIR, /data/mmcore on a Space with persistent "
+                        "storage, else $MMCORE_CACHE/data)")
+    p.add_argument("--max-extra-kits", type=int, default=2,
+                   help="fine-tuned models kept loaded at once (least recently used goes)")
+    p.add_argument("--session-disk-mb", type=int, default=512,
+                   help="temp disk space per user session (uploads unpacked, downloads)")
+    p.add_argument("--cache-ttl", type=int, default=3600,
+                   help="seconds Gradio keeps uploaded files and outputs before deleting them")
+    p.add_argument("--admin-token", default=os.environ.get("MMCORE_ADMIN_TOKEN", ""),
+                   help="a secret that lets the operator stop anyone's training job: call "
+                        "/stop_training with the header X-Mmcore-Admin: TOKEN (default: "
+                        "$MMCORE_ADMIN_TOKEN; off when empty)")
     return p.parse_args(argv)
 
 
@@ -96,7 +110,10 @@ def create(args: argparse.Namespace, kit=None):
     from demos.context import AppContext
 
     kit = kit or check_kit(args)
-    ctx = AppContext(kit=kit, queue_size=args.queue_size, gallery_dir=args.gallery_dir)
+    ctx = AppContext(kit=kit, queue_size=args.queue_size, gallery_dir=args.gallery_dir,
+                     data_dir=args.data_dir, max_extra_kits=args.max_extra_kits,
+                     session_disk_mb=args.session_disk_mb, cache_ttl=args.cache_ttl,
+                     admin_token=args.admin_token)
     return build_app(ctx), ctx
 
 

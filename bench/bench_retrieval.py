@@ -53,7 +53,7 @@ def exact_latency(n: int = 100_000, d: int = 512) -> None:
     times = []
     for q in queries:
         start = time.perf_counter()
-        index.search(q, k=10)
+        index.search(vector=q, k=10)
         times.append(time.perf_counter() - start)
     print(f"(b) exact search over {n:,} x {d}: median {statistics.median(times) * 1000:.2f} ms "
           f"per query")

@@ -1,5 +1,7 @@
 """The Gradio face of mmcore: one module per tab, each with `build(ctx)`."""
 
+import os
+
 import gradio as gr
 
 from . import attention, fill_mask, generate, models, retrieval, train, zero_shot
@@ -8,23 +10,63 @@ from .context import AppContext
 TABS = [generate, fill_mask, zero_shot, retrieval, train, attention, models]   # each module: TITLE and build(ctx)
 
 
+def harden_cache_cleanup() -> None:
+    """Gradio adds any path a client names in a file payload to the files it deletes on
+    its `delete_cache` schedule; naming a folder makes that `os.remove` raise, which ends the
+    schedule for good (and fails shutdown). Drop folders from those sets before each run."""
+    from gradio import route_utils
+
+    original = route_utils.delete_files_created_by_app
+    if getattr(original, "mmcore_hardened", False):
+        return
+
+    def delete_files_created_by_app(blocks, age):
+        for _ in range(3):                      # a folder may arrive while we clean
+            for paths in blocks.temp_file_sets:
+                for path in list(paths):
+                    if os.path.isdir(path):
+                        paths.discard(path)
+            try:
+                return original(blocks, age)
+            except IsADirectoryError:
+                continue
+
+    delete_files_created_by_app.mmcore_hardened = True
+    route_utils.delete_files_created_by_app = delete_files_created_by_app
+
+
 def build_app(ctx: AppContext) -> gr.Blocks:
-    with gr.Blocks(title="mmcore", analytics_enabled=False) as demo:
+    harden_cache_cleanup()
+    # Gradio's own copies (uploads, outputs) go after `cache_ttl` seconds; ours go with the
+    # request or the session (demos/files.py)
+    ttl = max(60, int(ctx.cache_ttl))
+    with gr.Blocks(title="mmcore", analytics_enabled=False,
+                   delete_cache=(min(600, ttl), ttl)) as demo:
         header = gr.Markdown(models.header_markdown(ctx))
         timer = gr.Timer(2.0)
 
         def refresh_header():
             return models.header_markdown(ctx), gr.Timer(active=models.busy(ctx))
 
-        timer.tick(refresh_header, outputs=[header, timer], queue=False,
+        timer.tick(refresh_header, outputs=[header, timer],
                    show_progress="hidden", api_visibility="private")
         ctx.on_page_load(refresh_header, [header, timer])
         for tab in TABS:
             with gr.Tab(tab.TITLE):
                 tab.build(ctx)
         for fn, outputs in ctx.page_load:
-            demo.load(fn, outputs=outputs, queue=False, show_progress="hidden",
-                      api_visibility="private")
+            demo.load(fn, outputs=outputs, show_progress="hidden", api_visibility="private")
+
+        def session_ended(request: gr.Request):
+            ctx.files.end(request)
+
+        demo.unload(session_ended)
+    # Every event goes through the queue: with api_open=False the REST routes
+    # (/gradio_api/run/predict with any fn_index) refuse queued events, but they run an event
+    # with queue=False directly, for anyone, under any session hash. gr.Examples and a few
+    # listeners default to queue=False, so set it here for all.
+    for fn in demo.fns.values():
+        fn.queue = True
     # a bounded queue; REST routes may not bypass it
     demo.queue(max_size=ctx.queue_size, api_open=False, default_concurrency_limit=1)
     return demo
@@ -34,5 +76,5 @@ def launch_kwargs(ctx: AppContext, host: str, port: int, share: bool) -> dict:
     """Hardened launch settings (see HARDENING.md)."""
     return dict(server_name=host, server_port=port, share=share, max_file_size=ctx.max_file_size,
                 ssr_mode=False, enable_monitoring=False, show_error=False,
-                allowed_paths=[ctx.gallery_dir] if ctx.gallery_dir else [],
+                allowed_paths=[],      # the gallery shows thumbnails, never server files
                 footer_links=["api"], mcp_server=False, pwa=False)

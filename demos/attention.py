@@ -5,8 +5,9 @@ import gradio as gr
 import pandas as pd
 
 from mmcore import InputError, attention, plots, transformer
+from mmcore.text import as_number, clean_text
 
-from .context import AppContext, guarded
+from .context import AppContext, guarded, text_md
 
 TITLE = "Inside the Transformer"
 EXAMPLES = ["The animal didn't cross the street because it was too tired.",
@@ -23,10 +24,12 @@ def build(ctx: AppContext) -> None:
         heads), every head of that layer, and where each token attends most."""
         if model not in labels:
             raise InputError(f"Choose one of: {', '.join(labels)}.")
+        layer = as_number(layer, "Layer", 1, 1000, integer=True)
+        head = as_number(head, "Head", 0, 1000, integer=True)
         maps = attention.attention_maps(ctx.kit, attention.choices(ctx.kit)[model], text)
         n_layers, n_heads = maps.weights.shape[:2]
-        layer_i = min(max(int(layer), 1), n_layers) - 1
-        head_i = min(max(int(head), 0), n_heads)
+        layer_i = min(layer, n_layers) - 1
+        head_i = min(head, n_heads)
         mean = head_i == 0
         w = maps.weights[layer_i].mean(0) if mean else maps.weights[layer_i, head_i - 1]
         which = "mean of all heads" if mean else f"head {head_i}"
@@ -35,17 +38,19 @@ def build(ctx: AppContext) -> None:
         table = [[t, to, round(v, 3)] for t, to, v in
                  maps.most_attended(layer_i, None if mean else head_i - 1)]
         notes = "\n".join([f"**{maps.model_name}**: {n_layers} layers × {n_heads} heads, "
-                           f"{len(maps.tokens)} tokens."] + [f"- {n}" for n in maps.notices])
+                           f"{len(maps.tokens)} tokens."] +
+                          [f"- {text_md(n)}" for n in maps.notices])
         return (heat, grid, table, notes, gr.update(maximum=n_layers, value=layer_i + 1),
                 gr.update(maximum=n_heads, value=head_i))
 
     @guarded
     def worked_example(text: str):
         """One attention step of the from-scratch MultiHeadAttention on the first tokens."""
-        words = (text or "").split()[:6]
+        words = clean_text(text, "Text", 2000).split()[:6]
         ex = attention.worked_example(words)
         n = len(ex["tokens"])
-        md = (f"Tokens: {', '.join(ex['tokens'])}\n\n"
+        tokens = ", ".join(text_md(t) for t in ex["tokens"])
+        md = (f"Tokens: {tokens}\n\n"
               f"1. Embeddings plus positional encoding: X has shape {ex['x']} (batch, T, d_model).\n"
               f"2. Q = X W^Q, K = X W^K, V = X W^V, split into 2 heads: Q {ex['q']}, "
               f"K {ex['k']}, V {ex['v']} (batch, heads, T, d_k = {ex['d_k']}).\n"

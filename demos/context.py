@@ -4,20 +4,33 @@ No models or per-user data live at module level: a tab gets an `AppContext` in `
 and keeps per-user data in `gr.State`.
 """
 
+import atexit
 import functools
 import html
 import inspect
 import logging
+import os
+import re
+import shutil
+import tempfile
 import threading
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 
 from mmcore import Kit, MmcoreError
+from mmcore.datadir import DataDir
+
+from .files import SessionFiles
 
 log = logging.getLogger("mmcore.app")
 
 MODEL_GROUP = "model"   # one concurrency group for every event that runs a model
+MB = 2**20
+MARKDOWN_MARKS = set("\\`*_[]#|~!")
 
 
 @dataclass
@@ -26,11 +39,54 @@ class AppContext:
     queue_size: int = 64             # waiting requests beyond this get "queue is full"
     model_concurrency: int = 1       # model events run at once (torch already uses every core)
     max_file_size: str = "50mb"      # per uploaded file
+    max_uploads: int = 64            # files per request
     gallery_dir: str | None = None   # a server folder the retrieval tab may index (operator flag)
+    data_dir: str | None = None      # fine-tuned models and runs (None: mmcore's default)
+    max_extra_kits: int = 2          # fine-tuned models kept loaded at once (LRU)
+    session_disk_mb: int = 512       # temp files per user session
+    total_disk_mb: int = 8192        # temp files of all sessions together
+    cache_ttl: int = 3600            # seconds Gradio keeps uploads and outputs (delete_cache)
+    admin_token: str = ""            # lets the operator stop anyone's training job
     _warmer: threading.Thread | None = field(default=None, repr=False)
     page_load: list = field(default_factory=list, repr=False)   # (fn, outputs) per page open
-    # fine-tuned dual encoders made on this server: {name: checkpoint folder}
+    # fine-tuned dual encoders on this server: {name: checkpoint folder}
     checkpoints: dict = field(default_factory=dict)
+    training: object = field(default=None, repr=False)    # the training tab's job
+    _work_dir: Path | None = field(default=None, repr=False)
+    _extra: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _extra_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self):
+        from gradio.utils import get_upload_folder
+
+        self.data = DataDir(self.data_dir)
+        removed = self.data.prepare()
+        if removed:
+            log.info("removed %d half-written folder(s) from the data dir", len(removed))
+        self.checkpoints.update(self.data.finished_models())
+        # one folder per app instance: two apps sharing GRADIO_TEMP_DIR never touch each
+        # other's sessions (app.py gives each start a fresh GRADIO_TEMP_DIR anyway)
+        self.files = SessionFiles(Path(get_upload_folder()) / f"mmcore-{uuid.uuid4().hex[:8]}",
+                                  self.session_disk_mb * MB, self.total_disk_mb * MB)
+
+    @property
+    def session_disk_bytes(self) -> int:
+        return self.files.session_bytes
+
+    @session_disk_bytes.setter
+    def session_disk_bytes(self, value: int) -> None:
+        self.files.session_bytes = int(value)
+
+    @property
+    def work_dir(self) -> Path:
+        """A folder of app-wide files made once (demo photos, the demo training set). It
+        lies outside Gradio's folder: a client can make Gradio delete any file there by
+        naming it in a payload, and these are read by the server only (an output made from
+        one is copied into Gradio's cache)."""
+        if self._work_dir is None:
+            self._work_dir = Path(tempfile.mkdtemp(prefix="mmcore-app-"))
+            atexit.register(shutil.rmtree, self._work_dir, True)
+        return self._work_dir
 
     def on_page_load(self, fn, outputs) -> None:
         """Run `fn` into `outputs` whenever a page opens (registered by `build_app`)."""
@@ -50,20 +106,64 @@ class AppContext:
         return ["base model"] + list(self.checkpoints)
 
     def kit_for(self, choice: str | None):
-        """The kit whose dual encoder is `choice` (the base, or a fine-tuned checkpoint)."""
+        """The kit whose dual encoder is `choice` (the base, or a fine-tuned checkpoint).
+        At most `max_extra_kits` fine-tuned ones stay loaded; the least recently used goes."""
         if not choice or choice == "base model":
             return self.kit
-        if choice not in self.checkpoints:
+        if not isinstance(choice, str) or choice not in self.checkpoints:
             from mmcore import InputError
 
-            raise InputError(f"No fine-tuned model named {choice!r} on this server.")
+            raise InputError(f"No fine-tuned model named {str(choice)[:80]!r} on this server.")
         import mmcore
+        from mmcore import kits
 
-        return mmcore.load_kit(self.kit.name, dual_encoder=self.checkpoints[choice])
+        with self._extra_lock:
+            if choice in self._extra:
+                self._extra.move_to_end(choice)
+                return self._extra[choice]
+            kit = mmcore.load_kit(self.kit.name, dual_encoder=self.checkpoints[choice])
+            self._extra[choice] = kit
+            while len(self._extra) > max(1, int(self.max_extra_kits)):
+                _, old = self._extra.popitem(last=False)
+                kits.release(old, keep=self.kit)
+            return kit
+
+    def resumable(self) -> list:
+        """Training runs that were cut short, except the one running now."""
+        job = self.training
+        active = job.name if job is not None and job.running else None
+        return [name for name in self.data.resumable() if name != active]
+
+    def forget_kit(self, choice: str) -> None:
+        """Drop a loaded fine-tuned kit (its checkpoint changed on disk)."""
+        from mmcore import kits
+
+        with self._extra_lock:
+            old = self._extra.pop(choice, None)
+        if old is not None:
+            kits.release(old, keep=self.kit)
+
+    def memory(self) -> dict:
+        """The process's resident memory and the fine-tuned models loaded beside the kit."""
+        from mmcore import kits, memory
+
+        with self._extra_lock:
+            extra = list(self._extra.items())
+        return {"rss_mb": round(memory.rss_bytes() / MB, 1),
+                "extra_models": {"limit": max(1, int(self.max_extra_kits)),
+                                 "loaded": [{"name": name, "mb": round(
+                                     kits.loaded_bytes(kit, self.kit) / MB, 1)}
+                                     for name, kit in extra]}}
 
     @property
     def warming(self) -> bool:
         return self._warmer is not None and self._warmer.is_alive()
+
+
+def text_md(text) -> str:
+    """User text placed in Markdown, shown as text: no HTML, no Markdown markup."""
+    escaped = html.escape(str(text))
+    return "".join("\\" + c if c in MARKDOWN_MARKS else c for c in escaped)
 
 
 def user_error(message: str) -> gr.Error:
@@ -71,11 +171,34 @@ def user_error(message: str) -> gr.Error:
     return gr.Error(html.escape(message), print_exception=False)
 
 
+def server_roots() -> list:
+    """Folders whose paths a message to a client must not show (longest first)."""
+    from gradio.utils import get_upload_folder
+
+    from mmcore import cache
+
+    roots = {get_upload_folder(), str(cache.cache_root()), os.getcwd(), tempfile.gettempdir(),
+             os.path.expanduser("~"), os.environ.get("MMCORE_DATA_DIR", "")}
+    roots |= {os.path.realpath(r) for r in roots if r}
+    return sorted((r.rstrip("/") for r in roots if len(r.rstrip("/")) > 1), key=len,
+                  reverse=True)
+
+
+def scrub(message: str) -> str:
+    """The message with every server path cut to its last part (a safety net: mmcore's
+    messages name files by their user-facing names, but a model folder may slip through)."""
+    for root in server_roots():
+        message = re.sub(re.escape(root) + r"(/[^\s'\"]*)?",
+                         lambda m: (m.group(1) or "/").rstrip("/").rsplit("/", 1)[-1] or "…",
+                         message)
+    return message
+
+
 def _translate(exc: BaseException) -> gr.Error:
     if isinstance(exc, gr.Error):
         return exc
     if isinstance(exc, MmcoreError):
-        return user_error(str(exc))
+        return user_error(scrub(str(exc)))
     import torch
 
     if isinstance(exc, torch.cuda.OutOfMemoryError):

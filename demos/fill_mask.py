@@ -4,8 +4,10 @@ import gradio as gr
 
 from mmcore import InputError, tables
 from mmcore.fill_mask import split_masks
+from mmcore.text import as_number
 
-from .context import AppContext, guarded
+from .context import AppContext, guarded, text_md
+from .files import uploaded
 
 TITLE = "Fill mask & NSP"
 EXAMPLES = [
@@ -50,13 +52,14 @@ def build(ctx: AppContext) -> None:
     def fill_mask(text: str, top_k: float, targets: str):
         """Fill every [MASK] in the text: a chart for the first mask, the best sentence
         highlighted, joint fills and per-mask tables."""
-        result = ctx.kit.fill_mask_details(text, int(top_k), targets or None)
+        top_k = as_number(top_k, "Top k", 1, 50, integer=True)
+        result = ctx.kit.fill_mask_details(text, top_k, targets or None)
         first = {r["token_str"]: r["score"] for r in result.per_mask[0]}
         joint = [[" | ".join(j["tokens"]), round(j["score"], 5), j["sequence"]]
                  for j in result.joint]
         per_mask = [[m + 1, r["token_str"], round(r["score"], 5)]
                     for m, rows in enumerate(result.per_mask) for r in rows]
-        notes = "\n".join(f"- {n}" for n in result.notices)
+        notes = "\n".join(f"- {text_md(n)}" for n in result.notices)
         return first, highlighted(text, result), joint, per_mask, notes
 
     @guarded
@@ -66,42 +69,53 @@ def build(ctx: AppContext) -> None:
         backward = ctx.kit.next_sentence(second, first)
         return {"A then B": forward, "B then A": backward}
 
+    def read_rows(file, columns: list):
+        upload = uploaded(file, "CSV file")
+        if upload is None:
+            raise InputError(f"Upload a CSV file with column(s) {', '.join(columns)}.")
+        rows, notices = tables.read_csv(upload.path, columns, MAX_BATCH_ROWS)
+        return rows, [f"- {text_md(n)}" for n in notices]
+
     @guarded
-    def fill_mask_batch(file, top_k: float):
-        """A CSV of sentences (column `sentence`) in; a CSV of fills out."""
-        if file is None:
-            raise InputError("Upload a CSV file with a column named sentence.")
-        rows, notices = tables.read_csv(file, ["sentence"], MAX_BATCH_ROWS)
+    def fill_mask_batch(file, top_k: float, request: gr.Request = None):
+        """A CSV of sentences (column `sentence`) in; a CSV of fills out. Yields its progress
+        row by row, so Stop (or a client's cancel) ends it between rows."""
+        top_k = as_number(top_k, "Top k", 1, 50, integer=True)
+        rows, notes = read_rows(file, ["sentence"])
         out = []
-        for row in rows:
+        for n, row in enumerate(rows):
             try:
-                result = ctx.kit.fill_mask_details(row["sentence"], int(top_k))
+                result = ctx.kit.fill_mask_details(row["sentence"], top_k)
                 out.append({"sentence": row["sentence"], "best": result.joint[0]["sequence"],
                             "fills": " | ".join(result.joint[0]["tokens"]),
                             "score": f"{result.joint[0]['score']:.5f}", "error": ""})
             except InputError as exc:
                 out.append({"sentence": row["sentence"], "error": str(exc)})
+            yield gr.skip(), f"Filling… {n + 1}/{len(rows)}"
+        target = ctx.files.download(request, "fill_mask_results.csv")
         path = tables.write_csv(out, ["sentence", "best", "fills", "score", "error"],
-                                "fill_mask_results.csv")
+                                target.name, target.parent)
         bad = sum(1 for r in out if r["error"])
         summary = f"{len(out) - bad} filled, {bad} skipped (see the error column)."
-        return path, "\n".join([summary] + [f"- {n}" for n in notices])
+        yield path, "\n".join([summary] + notes)
 
     @guarded
-    def next_sentence_batch(file):
-        """A CSV of pairs (columns `first`, `second`) in; a CSV of probabilities out."""
-        if file is None:
-            raise InputError("Upload a CSV file with columns first and second.")
-        rows, notices = tables.read_csv(file, ["first", "second"], MAX_BATCH_ROWS)
+    def next_sentence_batch(file, request: gr.Request = None):
+        """A CSV of pairs (columns `first`, `second`) in; a CSV of probabilities out,
+        yielding its progress pair by pair."""
+        rows, notes = read_rows(file, ["first", "second"])
         out = []
-        for row in rows:
+        for n, row in enumerate(rows):
             try:
                 p = ctx.kit.next_sentence(row["first"], row["second"])
                 out.append({**row, "p_follows": f"{p:.5f}", "error": ""})
             except InputError as exc:
                 out.append({**row, "error": str(exc)})
-        path = tables.write_csv(out, ["first", "second", "p_follows", "error"], "nsp_results.csv")
-        return path, "\n".join(f"- {n}" for n in notices)
+            yield gr.skip(), f"Scoring… {n + 1}/{len(rows)}"
+        target = ctx.files.download(request, "nsp_results.csv")
+        path = tables.write_csv(out, ["first", "second", "p_follows", "error"], target.name,
+                                target.parent)
+        yield path, "\n".join(notes)
 
     gr.Markdown(backend_note(ctx))
     with gr.Row():
@@ -147,9 +161,11 @@ def build(ctx: AppContext) -> None:
             batch_out = gr.File(label="Results")
         batch_notes = gr.Markdown()
         with gr.Row():
-            gr.Button("Fill every sentence").click(
+            fills = gr.Button("Fill every sentence").click(
                 fill_mask_batch, [batch_file, top_k], [batch_out, batch_notes],
-                api_name="fill_mask_batch", **ctx.model_event())
-            gr.Button("Score every pair").click(
+                api_name="fill_mask_batch", preprocess=False, **ctx.model_event())
+            pairs = gr.Button("Score every pair").click(
                 next_sentence_batch, [batch_file], [batch_out, batch_notes],
-                api_name="next_sentence_batch", **ctx.model_event())
+                api_name="next_sentence_batch", preprocess=False, **ctx.model_event())
+            gr.Button("Stop", variant="stop").click(None, None, None, cancels=[fills, pairs],
+                                                    api_visibility="private")

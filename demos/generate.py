@@ -6,6 +6,7 @@ import html
 import gradio as gr
 
 from mmcore import InputError, generation
+from mmcore.text import as_number
 
 from .context import AppContext, guarded
 
@@ -30,13 +31,11 @@ def token_view(tokens: list) -> list:
 
 
 def parse_seed(value):
+    """Blank: a fresh seed. Otherwise a whole number ("inf", "1e400" and NaN are refused)."""
     text = str(value if value is not None else "").strip()
     if not text:
         return None
-    try:
-        return int(float(text))
-    except ValueError:
-        raise InputError(f"Seed must be a whole number, not {text[:20]!r}.") from None
+    return as_number(text, "Seed", -2**63, 2**63 - 1, integer=True)
 
 
 def stats(run: generation.Generation) -> str:

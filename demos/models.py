@@ -4,7 +4,7 @@ import gradio as gr
 
 from mmcore import ROLES
 
-from .context import AppContext, guarded
+from .context import AppContext, guarded, text_md
 
 TITLE = "Models"
 # plain words, not emoji: a server without emoji fonts (or a screen reader) shows them right
@@ -24,16 +24,35 @@ def busy(ctx: AppContext) -> bool:
     return ctx.warming or any(r["status"] == "loading" for r in ctx.kit.describe())
 
 
+def describe(ctx: AppContext) -> list:
+    """The kit's roles as the API shows them: a local folder by its name only."""
+    from mmcore.dual_encoder import public_name
+
+    return [{**r, "source": public_name(r["source"])} for r in ctx.kit.describe()]
+
+
 def table(ctx: AppContext) -> list:
     return [[r["role"], r["name"], r["licence"], r["source"], r["status"], r["error"]]
-            for r in ctx.kit.describe()]
+            for r in describe(ctx)]
+
+
+def memory_md(ctx: AppContext) -> str:
+    mem = ctx.memory()
+    extra = mem["extra_models"]
+    loaded = ", ".join(f"{text_md(m['name'])} ({m['mb']:.0f} MB)" for m in extra["loaded"])
+    return (f"Process memory: **{mem['rss_mb']:.0f} MB**. Fine-tuned models loaded: "
+            f"{len(extra['loaded'])} of at most {extra['limit']}"
+            + (f": {loaded}." if loaded else "."))
 
 
 def build(ctx: AppContext) -> None:
     @guarded
     def kit_info() -> dict:
-        """The kit's name, device and each role's model, licence and status."""
-        return {"kit": ctx.kit.name, "device": str(ctx.kit.device), "roles": ctx.kit.describe()}
+        """The kit's name, device, each role's model, licence and status; the fine-tuned
+        models, runs that can resume, and memory in use."""
+        return {"kit": ctx.kit.name, "device": str(ctx.kit.device), "roles": describe(ctx),
+                "finetuned": sorted(ctx.checkpoints), "resumable": ctx.resumable(),
+                "memory": ctx.memory()}
 
     @guarded
     def load_all() -> list:
@@ -51,16 +70,19 @@ def build(ctx: AppContext) -> None:
                           column_widths=["12%", "22%", "10%", "26%", "10%", "20%"])
     timer = gr.Timer(2.0)
 
-    def refresh_table():
-        return table(ctx), gr.Timer(active=busy(ctx))
+    memory = gr.Markdown(memory_md(ctx))
 
-    timer.tick(refresh_table, outputs=[models, timer], queue=False, show_progress="hidden",
+    def refresh_table():
+        return table(ctx), gr.Timer(active=busy(ctx)), memory_md(ctx)
+
+    timer.tick(refresh_table, outputs=[models, timer, memory], show_progress="hidden",
                api_visibility="private")
-    ctx.on_page_load(refresh_table, [models, timer])
+    ctx.on_page_load(refresh_table, [models, timer, memory])
     with gr.Row():
         load_btn = gr.Button("Load all now", variant="primary")
         refresh_btn = gr.Button("Refresh")
     info = gr.JSON(label="Kit (as the API returns it)", visible=False)
     load_btn.click(load_all, outputs=models, api_name="load_all", **ctx.model_event())
     refresh_btn.click(kit_info, outputs=info, api_name="kit_info").then(
-        lambda: table(ctx), outputs=models, api_visibility="private")
+        lambda: (table(ctx), memory_md(ctx)), outputs=[models, memory],
+        api_visibility="private")

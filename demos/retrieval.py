@@ -1,18 +1,25 @@
 """Retrieval tab: search a gallery by text or by image (with a negative term), click a result
 to search by it; galleries come from the bundled demo photos, uploads (images or a .zip), or
-a server folder the operator names with --gallery-dir. Each user's index is their own."""
+a server folder the operator names with --gallery-dir. Each user's gallery is their own.
 
-import os
+What a client sees of an image is the index's own thumbnail (decoded and re-encoded here),
+never a file named by an id: ids and captions, above all those of a loaded index, are text.
+"""
+
+import hashlib
+import io
 import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
-from mmcore import Index, InputError, archives, demo_data, index as index_mod
+from mmcore import Index, InputError, archives, demo_data, images as mm_images
+from mmcore import index as index_mod
 
-from .context import AppContext, guarded
-from .zero_shot import upload_path
+from .context import AppContext, guarded, text_md
+from .files import uploaded, uploaded_list
 
 TITLE = "Retrieval"
 MAX_IMAGES = 2000          # per user
@@ -25,124 +32,185 @@ DEMO = {"astronaut": "an astronaut in a white suit in front of a flag",
         "moon": "the surface of the moon"}
 
 
-def demo_gallery() -> tuple:
-    folder = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir()) / "mmcore-demo"
-    return demo_data.photo_files(folder, DEMO), list(DEMO.values())
+@dataclass
+class Gallery:
+    """One user's gallery: the index and which rows the results on screen show."""
+    index: Index | None = None
+    shown: list = field(default_factory=list)      # index positions, in display order
+
+    def require(self) -> Index:
+        if self.index is None or len(self.index) == 0:
+            raise InputError("The gallery is empty: load the demo photos or upload images.")
+        return self.index
 
 
-def results(index: Index, hits: list) -> list:
-    return [(pid, f"{score:.3f} · {index.captions[index.ids.index(pid)] or Path(pid).name}")
-            for pid, score in hits]
+def thumbnail_file(raw: bytes, folder: Path) -> Path | None:
+    """The thumbnail as a JPEG we encoded ourselves (a loaded index's bytes are untrusted:
+    decoded by the safe loader, never served as they came); None when there is none."""
+    if not raw:
+        return None
+    target = folder / f"{hashlib.sha256(raw).hexdigest()[:32]}.jpg"
+    if not target.exists():
+        try:
+            im = mm_images.load_image(raw)
+        except InputError:
+            return None
+        im.thumbnail((index_mod.THUMBNAIL * 2, index_mod.THUMBNAIL * 2))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(target)
+    return target
 
 
 def build(ctx: AppContext) -> None:
-    def grow(index, paths, captions=None, model=None):
+    def tile() -> str:
+        """A plain tile for results without a thumbnail (the id is their caption)."""
+        path = ctx.work_dir / "no-thumbnail.png"
+        if not path.exists():
+            Image.new("RGB", (index_mod.THUMBNAIL, index_mod.THUMBNAIL), (225, 225, 225)) \
+                .save(path)
+        return str(path)
+
+    def show(gallery: Gallery, hits: list, request) -> tuple:
+        index, folder = gallery.index, ctx.files.thumbs(request)
+        gallery.shown = [pos for pos, _ in hits]
+        items = []
+        for pos, score in hits:
+            path = thumbnail_file(index.thumbnails[pos], folder)
+            label = index.captions[pos] or index.ids[pos]
+            items.append((str(path) if path else tile(), f"{score:.3f} · {label}"))
+        return items, gallery
+
+    def grow(gallery, images, ids, captions, model):
         """Embed in chunks, yielding progress; Stop takes effect between chunks."""
+        gallery = gallery if isinstance(gallery, Gallery) else Gallery()
         encoder = ctx.kit_for(model).encoder()
-        if index is not None and index.identity != encoder.identity:
-            index = None                          # another model: start a fresh gallery
-        index = index if index is not None else Index(encoder)
-        if len(index) + len(paths) > MAX_IMAGES:
+        if gallery.index is None or gallery.index.identity != encoder.identity:
+            gallery.index, gallery.shown = Index(encoder), []   # another model: start afresh
+        index = gallery.index
+        if len(index) + len(images) > MAX_IMAGES:
             raise InputError(f"A gallery holds at most {MAX_IMAGES} images here "
-                             f"({len(index)} already, {len(paths)} new).")
-        captions = captions or [""] * len(paths)
+                             f"({len(index)} already, {len(images)} new).")
+        captions = captions or [""] * len(images)
         errors, added, dupes = [], 0, 0
-        for start in range(0, len(paths), CHUNK):
-            report = index.add(paths[start:start + CHUNK], captions[start:start + CHUNK])
+        for start in range(0, len(images), CHUNK):
+            part = slice(start, start + CHUNK)
+            report = index.add(images[part], captions[part], ids=ids[part])
             errors += report["errors"]
             added, dupes = added + report["added"], dupes + report["duplicates"]
-            done = min(len(paths), start + CHUNK)
-            yield index, f"Embedding… {done}/{len(paths)}"
+            yield gallery, f"Embedding… {min(len(images), start + CHUNK)}/{len(images)}"
         lines = [f"{len(index)} images in the gallery ({added} added, {dupes} already there)."]
-        lines += [f"- skipped {Path(n).name}: {m}" for n, m in errors[:50]]
-        yield index, "\n".join(lines)
+        lines += [f"- skipped {text_md(n)}: {text_md(m)}" for n, m in errors[:50]]
+        yield gallery, "\n".join(lines)
 
     @guarded
-    def load_demo(index, model="base model"):
+    def load_demo(gallery, model="base model"):
         """Index the bundled demo photos (with their captions)."""
-        paths, captions = demo_gallery()
-        yield from grow(index, [str(p) for p in paths], captions, model)
+        paths = demo_data.photo_files(ctx.work_dir / "photos", DEMO)
+        yield from grow(gallery, [str(p) for p in paths], [p.name for p in paths],
+                        list(DEMO.values()), model)
 
     @guarded
-    def upload(index, files, model="base model"):
-        """Index uploaded images and/or .zip archives of images (extracted safely)."""
-        if not files:
+    def upload(gallery, files, model="base model", request: gr.Request = None):
+        """Index uploaded images and/or .zip archives of images (extracted safely, counted
+        against your session's disk space, removed when the request ends)."""
+        uploads = uploaded_list(files, "upload", ctx.max_uploads)
+        if not uploads:
             raise InputError("Choose images or a .zip file to upload.")
-        paths, notes = [], []
-        for f in files:
-            path = upload_path(f)
-            if str(path).lower().endswith(".zip"):
-                _, extracted, skipped = archives.safe_extract(path, index_mod.IMAGE_SUFFIXES)
-                paths += [str(p) for p in extracted]
-                notes += [f"- skipped {n} in the zip: {why}" for n, why in skipped[:50]]
-            else:
-                paths.append(str(path))
-        for index, status in grow(index, paths, None, model):
-            yield index, "\n".join([status] + notes)
+        with ctx.files.request(request) as work:
+            images, ids, notes = [], [], []
+            for n, up in enumerate(uploads):
+                if up.name.lower().endswith(".zip"):
+                    folder, extracted, skipped = archives.safe_extract(
+                        up.path, index_mod.IMAGE_SUFFIXES, work / str(n),
+                        ctx.files.budget(request))
+                    images += [str(p) for p in extracted]
+                    ids += [p.relative_to(folder).as_posix() for p in extracted]
+                    notes += [f"- skipped {text_md(e)} in the zip: {text_md(why)}"
+                              for e, why in skipped[:50]]
+                else:
+                    images.append(str(up.path))
+                    ids.append(up.name)
+            for gallery, status in grow(gallery, images, ids, None, model):
+                yield gallery, "\n".join([status] + notes)
 
     @guarded
-    def server_folder(index, model="base model"):
+    def server_folder(gallery, model="base model"):
         """Index the folder the operator named with --gallery-dir."""
         if not ctx.gallery_dir:
             raise InputError("The server was not started with --gallery-dir.")
-        yield from grow(index, [str(p) for p in index_mod.image_files(ctx.gallery_dir)],
-                        None, model)
+        files = index_mod.image_files(ctx.gallery_dir)
+        yield from grow(gallery, [str(p) for p in files],
+                        [p.relative_to(ctx.gallery_dir).as_posix() for p in files], None, model)
 
     @guarded
-    def search(index, query: str, image, negative: str, k: float):
+    def search(gallery, query: str, image, negative: str, k: float,
+               request: gr.Request = None):
         """Search the gallery by text or image (image wins when both are given)."""
-        if index is None or len(index) == 0:
-            raise InputError("The gallery is empty: load the demo photos or upload images.")
-        q = upload_path(image) or (query or "").strip()
-        if not q:
+        picture = uploaded(image, "image")
+        gallery = gallery if isinstance(gallery, Gallery) else Gallery()
+        index = gallery.require()
+        query = (query or "").strip() if isinstance(query, str) else query
+        if picture is None and not query:
             raise InputError("Type a query or give an image.")
-        hits = index.search(q, int(k), (negative or "").strip() or None)
-        return results(index, hits)
+        negative = (negative or "").strip() if isinstance(negative, str) else negative
+        vector = index.query_vector(text=None if picture else query,
+                                    image=str(picture.path) if picture else None,
+                                    negative=negative or None)
+        return show(gallery, index.nearest(vector, k), request)
 
     @guarded
-    def search_by_result(index, k: float, evt: gr.SelectData):
-        """Search by the clicked result."""
-        pid = (evt.value or {}).get("image", {}).get("path") if isinstance(evt.value, dict) \
-            else None
-        pid = index.ids[evt.index] if pid is None or pid not in index.ids else pid
-        return results(index, index.search(pid, int(k)))
+    def search_by_result(gallery, k: float, evt: gr.SelectData, request: gr.Request = None):
+        """Search by the clicked result: by its stored vector (what the event names is
+        ignored beyond its position on screen)."""
+        gallery = gallery if isinstance(gallery, Gallery) else Gallery()
+        index = gallery.require()
+        position = evt.index if isinstance(evt.index, int) else None
+        if position is None or not 0 <= position < len(gallery.shown):
+            raise InputError("Click one of the results shown.")
+        row = gallery.shown[position]
+        return show(gallery, index.nearest(index.vectors[row], k), request)
 
     @guarded
-    def recall(index):
+    def recall(gallery):
         """Image-to-text and text-to-image recall@1/5/10 over the captioned images."""
-        if index is None:
-            raise InputError("The gallery is empty.")
-        return {k: round(v, 3) for k, v in index.recall().items()}
+        gallery = gallery if isinstance(gallery, Gallery) else Gallery()
+        return {k: round(v, 3) for k, v in gallery.require().recall().items()}
 
     @guarded
-    def save(index):
-        """Download the index (vectors, metadata, model identity) as a zip."""
-        if index is None or len(index) == 0:
-            raise InputError("The gallery is empty.")
-        folder = Path(tempfile.mkdtemp(prefix="mmcore-index-",
-                                       dir=os.environ.get("GRADIO_TEMP_DIR")))
-        index.save(folder / "index")
-        return shutil.make_archive(str(folder / "mmcore-index"), "zip", folder / "index")
+    def save(gallery, request: gr.Request = None):
+        """Download the index (vectors, thumbnails, metadata, model identity) as a zip."""
+        gallery = gallery if isinstance(gallery, Gallery) else Gallery()
+        index = gallery.require()
+        target = ctx.files.download(request, "mmcore-index.zip")
+        with ctx.files.request(request) as work:
+            index.save(work / "index")
+            return shutil.make_archive(str(target.with_suffix("")), "zip", work / "index")
 
     @guarded
-    def load(index, file, model="base model"):
+    def load(gallery, file, model="base model", request: gr.Request = None):
         """Load a saved index zip; refused if it was built with another model."""
-        if file is None:
+        up = uploaded(file, "saved index")
+        if up is None:
             raise InputError("Choose a saved index .zip.")
-        folder, _, _ = archives.safe_extract(upload_path(file))
-        loaded = Index.load(folder, ctx.kit_for(model))
-        missing = sum(not Path(p).exists() for p in loaded.ids)
-        note = f" ({missing} image files are not on this server: results show their ids)" \
-            if missing else ""
-        return loaded, f"Loaded {len(loaded)} images{note}."
+        with ctx.files.request(request) as work:
+            folder, _, _ = archives.safe_extract(up.path, dest=work / "index",
+                                                 budget=ctx.files.budget(request))
+            loaded = Index.load(folder, ctx.kit_for(model))
+        bare = sum(not t for t in loaded.thumbnails)
+        note = f" ({bare} came without a thumbnail: results show their ids)" if bare else ""
+        return Gallery(loaded), f"Loaded {len(loaded)} images{note}."
 
     @guarded
-    def export(index, fmt: str):
+    def export(gallery, fmt: str, request: gr.Request = None):
         """Embeddings and metadata as .npz or .csv."""
-        if index is None or len(index) == 0:
-            raise InputError("The gallery is empty.")
-        folder = tempfile.mkdtemp(prefix="mmcore-export-", dir=os.environ.get("GRADIO_TEMP_DIR"))
-        return str(index.export(Path(folder) / f"embeddings.{fmt}"))
+        gallery = gallery if isinstance(gallery, Gallery) else Gallery()
+        index = gallery.require()
+        if fmt not in ("npz", "csv"):
+            raise InputError("Export to npz or csv.")
+        return str(index.export(ctx.files.download(request, f"embeddings.{fmt}")))
 
     state = gr.State(None)
     gr.Markdown(f"Dual encoder: **{ctx.kit.spec('dual_encoder').name}**. Your gallery is yours "
@@ -158,7 +226,7 @@ def build(ctx: AppContext) -> None:
                         label="Dual encoder for new galleries (fine-tuned ones appear after "
                               "training)")
     model.focus(lambda: gr.update(choices=ctx.encoder_choices()), None, model,
-                api_visibility="private", queue=False)
+                api_visibility="private")
     status = gr.Markdown()
     with gr.Row():
         query = gr.Textbox(label="Text query", max_length=2000, scale=3)
@@ -188,11 +256,11 @@ def build(ctx: AppContext) -> None:
                          **ctx.model_event()),
     ]
     stop_btn.click(None, None, None, cancels=embed_events, api_visibility="private")
-    go.click(search, [state, query, image, negative, k], gallery, api_name="search",
+    go.click(search, [state, query, image, negative, k], [gallery, state], api_name="search",
              preprocess=False, **ctx.model_event())
-    query.submit(search, [state, query, image, negative, k], gallery, api_visibility="private",
-                 preprocess=False, **ctx.model_event())
-    gallery.select(search_by_result, [state, k], gallery, api_visibility="private",
+    query.submit(search, [state, query, image, negative, k], [gallery, state],
+                 api_visibility="private", preprocess=False, **ctx.model_event())
+    gallery.select(search_by_result, [state, k], [gallery, state], api_visibility="private",
                    **ctx.model_event())
     save_btn.click(save, [state], download, api_name="save_index")
     load_btn.click(load, [state, load_file, model], [state, status], api_name="load_index",

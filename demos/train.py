@@ -1,32 +1,37 @@
 """Training tab: fine-tune the dual encoder on uploaded image-caption pairs.
 
-One job per server at a time (others see who is training and how far along); it runs in its
-own thread, outside the model concurrency group, so the other tabs keep serving. The result
-appears as a choice in the zero-shot and retrieval tabs and can be downloaded as a zip.
+One job per server at a time. It belongs to the user session that started it: only that
+session (or the operator, with the admin token) may stop it; everyone sees its status. It runs
+in its own thread, outside the model concurrency group, so the other tabs keep serving; if
+its page goes away (the request is cancelled), the job stops at its next step.
+
+Models and runs live in the data dir (mmcore.datadir): a restart lists finished models again
+and offers to resume runs that were cut short, from their last checkpoint.
 """
 
-import os
+import hmac
+import logging
 import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 import mmcore
-from mmcore import InputError, demo_data, train_data
-from mmcore.train import PARTS, TrainOptions
+from mmcore import InputError, archives, demo_data, train_data
+from mmcore.text import as_number
+from mmcore.train import PARTS
 
-from .context import AppContext, guarded
-from .zero_shot import upload_path
+from .context import AppContext, guarded, text_md
+from .files import uploaded
 
 TITLE = "Fine-tune"
+log = logging.getLogger("mmcore.app")
 
 
 class TrainingJob:
-    """The server's one training job: its thread, stop event and progress rows."""
+    """The server's one training job: its thread, stop event, progress rows and owner."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -36,6 +41,7 @@ class TrainingJob:
         self.result = None
         self.error = ""
         self.name = ""
+        self.owner = None          # the session hash that started it (never shown)
 
     @property
     def running(self) -> bool:
@@ -51,19 +57,12 @@ class TrainingJob:
             return (f"Training {self.name}: step {last['step']}/{last['steps']}, loss "
                     f"{last['loss']:.4f}, {per_step:.2f} s/step, about {left:.0f} s left.")
         if self.error:
-            return f"The last job failed: {self.error}"
+            return f"The last job failed: {text_md(self.error)}"
         if self.result is not None:
             return f"{self.name} finished{' (stopped)' if self.result.stopped else ''}."
+        if self.name:
+            return f"{self.name} ended before it finished; it can be resumed."
         return "No training job yet."
-
-
-def data_folder(file, use_demo: bool) -> Path:
-    if use_demo or file is None:
-        if not use_demo:
-            raise InputError("Upload a .zip of images with captions, or tick 'use the demo set'.")
-        return demo_data.make(Path(tempfile.mkdtemp(prefix="mmcore-demo-set-",
-                                                    dir=os.environ.get("GRADIO_TEMP_DIR"))))
-    return Path(upload_path(file))
 
 
 def plot_frame(rows: list) -> pd.DataFrame:
@@ -82,68 +81,167 @@ def compare(result) -> list:
             for k, v in result.after.items()]
 
 
+def report_md(summary: str) -> str:
+    """A data report (names and captions are the user's text) as escaped Markdown."""
+    return "\n".join("- " + text_md(line[2:]) if line.startswith("- ") else text_md(line)
+                     for line in summary.splitlines())
+
+
 def build(ctx: AppContext) -> None:
     job = TrainingJob()
+    ctx.training = job
+    demo_lock = threading.Lock()
+
+    def demo_set():
+        """The bundled demo set, written once into a folder of the app's own."""
+        folder = ctx.work_dir / "demo-set"
+        with demo_lock:
+            if not (folder / "captions.csv").exists():
+                demo_data.make(folder)
+        return folder
+
+    def unpack(file, use_demo: bool, dest, budget) -> tuple:
+        """(folder, notes): the demo set (copied to `dest` when given), or the upload
+        extracted into `dest`, with the archive entries that were left out."""
+        if use_demo:
+            return (demo_set() if dest is None else shutil.copytree(demo_set(), dest)), []
+        upload = uploaded(file, "training data")
+        if upload is None:
+            raise InputError("Upload a .zip of images with captions, or tick 'use the demo "
+                             "set'.")
+        folder, _, skipped = archives.safe_extract(
+            upload.path, tuple(train_data.IMAGE_SUFFIXES) + (".csv", ".jsonl", ".txt"), dest,
+            budget)
+        return folder, [f"skipped {n} in the archive: {why}" for n, why in skipped[:50]]
 
     @guarded
-    def validate(file, use_demo: bool):
+    def validate(file, use_demo: bool, request: gr.Request = None):
         """The validation report of an upload (or of the demo set)."""
-        report = train_data.load_pairs(data_folder(file, use_demo))
-        return report.summary()
+        with ctx.files.request(request) as work:
+            folder, notes = unpack(file, bool(use_demo), None if use_demo else work / "data",
+                                   ctx.files.budget(request))
+            report = train_data.load_pairs(folder)
+            report.notices += notes
+            return report_md(report.summary())
+
+    def options_from(epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed) -> dict:
+        if parts not in PARTS:
+            raise InputError(f"Train must be one of {', '.join(PARTS)}.")
+        return dict(epochs=as_number(epochs, "Epochs", integer=True),
+                    batch_size=as_number(batch_size, "Batch size", integer=True),
+                    lr=as_number(lr, "Learning rate"),
+                    weight_decay=as_number(weight_decay, "Weight decay"),
+                    warmup=as_number(warmup, "Warm-up share"), train=parts,
+                    accum_steps=as_number(accum, "Accumulation steps", integer=True),
+                    seed=as_number(seed, "Seed", 0, 2**32 - 1, integer=True))
+
+    def launch(run, data, request):
+        """Start `run` in the job's thread (the caller holds job.lock)."""
+        out = ctx.data.model(run)
+        job.stop.clear()
+        job.rows, job.result, job.error, job.name = [], None, "", run.name
+        job.owner = getattr(request, "session_hash", None)
+
+        def work():
+            try:
+                job.result = mmcore.finetune(ctx.kit, data, out, stop_event=job.stop,
+                                             progress=job.rows.append, **run.options)
+            except Exception as exc:  # noqa: BLE001 - shown to every user, logged
+                job.error = str(exc) if isinstance(exc, mmcore.MmcoreError) else \
+                    f"{type(exc).__name__} (logged on the server)"
+                if not isinstance(exc, mmcore.MmcoreError):
+                    log.exception("training failed")
+                ctx.data.finish(run, "failed", job.error)
+                return
+            # a killed process never gets here: its run stays "running", to be resumed
+            ctx.data.finish(run, "stopped" if job.result.stopped else "finished")
+            ctx.forget_kit(run.name)
+            ctx.checkpoints[run.name] = str(out)
+
+        job.thread = threading.Thread(target=work, name="mmcore-train", daemon=True)
+        job.thread.start()
+
+    def follow(request):
+        """Stream the job's progress; if this request goes away first, the job stops."""
+        done = False
+        try:
+            while job.running:
+                time.sleep(1.0)
+                yield job.status(), plot_frame(list(job.rows)), gr.skip(), gr.skip()
+            done = True
+        finally:
+            if not done:
+                job.stop.set()
+        zipped = None
+        if job.result is not None:
+            target = ctx.files.download(request, f"{job.name}.zip")
+            zipped = shutil.make_archive(str(target.with_suffix("")), "zip",
+                                         ctx.data.models / job.name)
+        yield job.status(), plot_frame(list(job.rows)), compare(job.result), zipped
 
     @guarded
-    def start(file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed):
+    def start(file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed,
+              request: gr.Request = None):
         """Start fine-tuning (one job per server) and stream its progress."""
+        options = options_from(epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed)
+        mmcore.train.TrainOptions(**options).check()
         with job.lock:
             if job.running:
                 raise InputError(job.status() + " Only one training job runs at a time.")
-            options = TrainOptions(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
-                                   weight_decay=float(weight_decay), warmup=float(warmup),
-                                   train=parts, accum_steps=int(accum), seed=int(seed)).check()
-            data = data_folder(file, use_demo)
-            name = f"finetuned-{time.strftime('%H%M%S')}"
-            out = Path(tempfile.mkdtemp(prefix="mmcore-train-",
-                                        dir=os.environ.get("GRADIO_TEMP_DIR"))) / name
-            job.stop.clear()
-            job.rows, job.result, job.error, job.name = [], None, "", name
+            run = ctx.data.new_run(options)
+            try:
+                data, _ = unpack(file, bool(use_demo), ctx.data.data(run), archives.MAX_TOTAL)
+            except Exception:
+                ctx.data.finish(run, "failed", "bad data")
+                raise
+            launch(run, data, request)
+        yield from follow(request)
 
-            def run():
-                try:
-                    job.result = mmcore.finetune(ctx.kit, data, out, stop_event=job.stop,
-                                                 progress=job.rows.append,
-                                                 **options.__dict__)
-                    ctx.checkpoints[name] = str(out)
-                except Exception as exc:  # noqa: BLE001 - shown to every user, logged
-                    job.error = str(exc) if isinstance(exc, mmcore.MmcoreError) else \
-                        f"{type(exc).__name__} (logged on the server)"
-                    if not isinstance(exc, mmcore.MmcoreError):
-                        import logging
+    @guarded
+    def resume(name: str, request: gr.Request = None):
+        """Resume a run that was cut short (the server stopped, or its user stopped it),
+        from its last checkpoint, with the same data and options."""
+        with job.lock:
+            if job.running:
+                raise InputError(job.status() + " Only one training job runs at a time.")
+            if name not in ctx.data.resumable():
+                raise InputError(f"No run named {str(name)[:80]!r} can be resumed.")
+            run = ctx.data.load(name)
+            run.state = "running"
+            ctx.data.save(run)
+            launch(run, ctx.data.data(run), request)
+        yield from follow(request)
 
-                        logging.getLogger("mmcore.app").exception("training failed")
-
-            job.thread = threading.Thread(target=run, name="mmcore-train", daemon=True)
-            job.thread.start()
-        while job.running:
-            time.sleep(1.0)
-            yield job.status(), plot_frame(list(job.rows)), gr.skip(), gr.skip()
-        zipped = None
-        if job.result is not None:
-            zipped = shutil.make_archive(str(out), "zip", out)
-        yield job.status(), plot_frame(list(job.rows)), compare(job.result), zipped
-
-    def stop():
-        """Stop the running job at its next step; the last checkpoint is kept."""
+    @guarded
+    def stop(request: gr.Request = None):
+        """Stop the running job at its next step (only the session that started it, or the
+        operator: header `X-Mmcore-Admin: <admin token>`); the last checkpoint is kept."""
+        if not job.running:
+            return job.status()
+        mine = job.owner is not None and getattr(request, "session_hash", None) == job.owner
+        headers = getattr(request, "headers", None) or {}
+        token = headers.get("x-mmcore-admin", "") if hasattr(headers, "get") else ""
+        admin = bool(ctx.admin_token) and bool(token) and \
+            hmac.compare_digest(str(token).encode(), ctx.admin_token.encode())
+        if not (mine or admin):
+            raise InputError("Only the session that started this job can stop it; its "
+                             "status shows here for everyone.")
         job.stop.set()
         return "Stopping at the next step…"
 
-    def poll():
+    def status():
+        """The training job's status, for everyone (read-only)."""
         return job.status()
+
+    def resumable():
+        return gr.update(choices=ctx.resumable(), value=None)
 
     gr.Markdown(
         f"Fine-tune **{ctx.kit.spec('dual_encoder').name}** on your own image-caption pairs "
         "(symmetric InfoNCE over in-batch negatives, as in CLIP). Upload a .zip of images with "
         "`captions.csv` (columns image, caption), `captions.jsonl` or sidecar `.txt` files, "
-        "or try the bundled demo set. The result appears in the Zero-shot and Retrieval tabs.")
+        "or try the bundled demo set. The result appears in the Zero-shot and Retrieval tabs "
+        "and is kept across restarts.")
     with gr.Row():
         file = gr.File(label="Data (.zip)", file_types=[".zip"])
         with gr.Column():
@@ -166,16 +264,26 @@ def build(ctx: AppContext) -> None:
     with gr.Row():
         go = gr.Button("Start", variant="primary")
         halt = gr.Button("Stop", variant="stop")
-    status = gr.Markdown(job.status())
+    with gr.Row():
+        runs = gr.Dropdown(ctx.resumable(), label="Runs cut short (resume from the last "
+                                                  "checkpoint)", value=None)
+        again = gr.Button("Resume")
+    status_md = gr.Markdown(job.status())
     plot = gr.LinePlot(x="step", y="value", color="series", label="Loss, accuracy, recall",
                        height=300)
     before_after = gr.Dataframe(headers=["validation metric", "base", "fine-tuned"],
                                 interactive=False, label="Before and after")
     download = gr.File(label="Fine-tuned model (.zip)")
+    outputs = [status_md, plot, before_after, download]
     check.click(validate, [file, use_demo], report, api_name="validate_training_data",
                 preprocess=False)
     go.click(start, [file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum,
-                     seed], [status, plot, before_after, download], api_name="train",
-             preprocess=False, concurrency_id="train", concurrency_limit=4)
-    halt.click(stop, None, status, api_name="stop_training", queue=False)
-    ctx.on_page_load(poll, [status])
+                     seed], outputs, api_name="train", preprocess=False,
+             concurrency_id="train", concurrency_limit=4)
+    again.click(resume, [runs], outputs, api_name="resume_training",
+                concurrency_id="train", concurrency_limit=4)
+    runs.focus(resumable, None, runs, api_visibility="private")
+    halt.click(stop, None, status_md, api_name="stop_training")
+    gr.Button("Refresh status", size="sm").click(status, None, status_md,
+                                                 api_name="training_status")
+    ctx.on_page_load(status, [status_md])

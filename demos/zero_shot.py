@@ -1,13 +1,17 @@
-"""CLIP zero-shot tab: an image and free-text labels in, label probabilities out."""
+"""CLIP zero-shot tab: an image and free-text labels in, label probabilities out.
 
-import os
-import tempfile
+One image and a batch go through the same function (`classify`), with the same dual encoder,
+template, scores and threshold; a batch yields its progress image by image, so Stop ends it
+between images, and one bad file is a row with its reason.
+"""
 
 import gradio as gr
 
 from mmcore import InputError, demo_data, images as mm_images, tables, zero_shot as zs
+from mmcore.text import as_number, clean_text
 
-from .context import AppContext, guarded
+from .context import AppContext, guarded, text_md
+from .files import uploaded
 
 TITLE = "Zero-shot"
 PHOTOS = {"chelsea": "a cat, a dog, a horse, a car, a cup of coffee",
@@ -16,23 +20,28 @@ PHOTOS = {"chelsea": "a cat, a dog, a horse, a car, a cup of coffee",
           "rocket": "a rocket, a bird, a cat, a cup of coffee, a horse",
           "camera": "a man with a camera, a cat, a car, a bowl of soup, a rocket",
           "horse": "a horse, a cat, a car, a cup of coffee, a rocket"}
-MAX_BATCH = 64
+MAX_PROMPTS = 4000      # label x template texts per request: the model slot is shared
+COLUMNS = ["image", "best", "score", "all", "error"]
 
 
-def example_files() -> list:
+def example_files(ctx: AppContext) -> list:
     """The bundled scikit-image photos written once to a folder of the app's own."""
-    folder = os.path.join(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir(),
-                          "mmcore-demo")
-    paths = demo_data.photo_files(folder, PHOTOS)
+    paths = demo_data.photo_files(ctx.work_dir / "photos", PHOTOS)
     return [[str(path), labels] for path, labels in zip(paths, PHOTOS.values())]
 
 
-def upload_path(value):
-    """The uploaded file's path. The event skips Gradio's own image decoding
-    (preprocess=False), so every upload goes through mmcore's safe loader and its caps."""
-    if isinstance(value, dict):
-        value = value.get("path")
-    return value or None
+def classify(kit, image, labels, template, ensemble, score, threshold):
+    """One image (already decoded) -> its ZeroShotResult: the single and the batch path."""
+    template = zs.check_template(template or "a photo of {}.")
+    labels = clean_text(labels, "Labels", 100_000, allow_empty=True)   # raw client value
+    n_labels = len([x for x in labels.replace("\n", ",").split(",") if x.strip()])
+    n_templates = len(zs.ENSEMBLE) if ensemble else 1
+    if n_labels * n_templates > MAX_PROMPTS:
+        raise InputError(f"{n_labels} labels x {n_templates} templates is more than "
+                         f"{MAX_PROMPTS:,} prompts; use fewer labels or one template.")
+    threshold = as_number(threshold or 0, "Threshold", 0, 1)
+    return kit.zero_shot_details([image], labels, template, ensemble=bool(ensemble),
+                                 score=score, threshold=threshold or None)[0]
 
 
 def build(ctx: AppContext) -> None:
@@ -40,42 +49,52 @@ def build(ctx: AppContext) -> None:
     def zero_shot(image, labels: str, template: str, ensemble: bool, score: str,
                   threshold: float, model: str = "base model"):
         """Classify one image among free-text labels (model: the base or a fine-tuned one)."""
-        image = upload_path(image)
-        if image is None:
+        upload = uploaded(image, "image")
+        if upload is None:
             raise InputError("Upload an image (or pick an example).")
-        result = ctx.kit_for(model).zero_shot_details([image], labels, template or "a photo of {}.",
-                                           ensemble=bool(ensemble), score=score,
-                                           threshold=float(threshold) if threshold else None)[0]
+        result = classify(ctx.kit_for(model), mm_images.load_image(upload.path), labels,
+                          template, ensemble, score, threshold)
         chart = {label: value for label, value in result.ranked} if score != "cosine" else \
             {label: max(0.0, value) for label, value in result.ranked}
         rows = [[label, round(value, 4), round(result.cosines.get(label, float("nan")), 4)]
                 for label, value in result.ranked]
-        return chart, rows, "\n".join(f"- {n}" for n in result.notices)
+        return chart, rows, "\n".join(f"- {text_md(n)}" for n in result.notices)
 
     @guarded
-    def zero_shot_batch(files, labels: str, template: str, ensemble: bool, score: str):
-        """Several images in; a table and a CSV of the best label and every score out."""
+    def zero_shot_batch(files, labels: str, template: str, ensemble: bool, score: str,
+                        threshold: float = 0, model: str = "base model",
+                        request: gr.Request = None):
+        """Several images in; a table and a CSV of the best label and every score out (one
+        row per upload, in order; a bad file is a row with its reason)."""
         if not files:
             raise InputError("Upload one or more images.")
-        paths = [upload_path(f) for f in files][:MAX_BATCH]
-        pils, errors = mm_images.load_images(paths)
-        names = [os.path.basename(p) for p in paths if os.path.basename(p) not in
-                 {e[0] for e in errors}]
+        if not isinstance(files, list):
+            files = [files]
+        if len(files) > ctx.max_uploads:
+            raise InputError(f"{len(files)} files; at most {ctx.max_uploads} per request.")
+        kit = ctx.kit_for(model)
+        zs.check_template(template or "a photo of {}.")      # fail once, not once per row
+        zs.parse_labels(clean_text(labels, "Labels", 100_000, allow_empty=True))
         rows = []
-        if pils:
-            results = ctx.kit.zero_shot_details(pils, labels, template or "a photo of {}.",
-                                                ensemble=bool(ensemble), score=score)
-            for name, r in zip(names, results):
-                rows.append({"image": name, "best": r.ranked[0][0],
-                             "score": f"{r.ranked[0][1]:.4f}",
-                             "all": "; ".join(f"{lab}={v:.4f}" for lab, v in r.ranked),
+        for n, value in enumerate(files):
+            try:
+                upload = uploaded(value, "image")
+                name = upload.name
+                result = classify(kit, mm_images.load_image(upload.path), labels, template,
+                                  ensemble, score, threshold)
+                rows.append({"image": name, "best": result.ranked[0][0],
+                             "score": f"{result.ranked[0][1]:.4f}",
+                             "all": "; ".join(f"{lab}={v:.4f}" for lab, v in result.ranked),
                              "error": ""})
-        rows += [{"image": n, "error": msg} for n, msg in errors]
-        columns = ["image", "best", "score", "all", "error"]
-        path = tables.write_csv(rows, columns, "zero_shot_results.csv")
-        note = f"{len(pils)} classified, {len(errors)} skipped." + \
-            (f" Only the first {MAX_BATCH} files were used." if len(files) > MAX_BATCH else "")
-        return [[r.get(c, "") for c in columns] for r in rows], path, note
+            except InputError as exc:
+                name = value.get("orig_name") if isinstance(value, dict) else None
+                rows.append({"image": str(name or f"file {n + 1}")[:200], "error": str(exc)})
+            yield (gr.skip(), gr.skip(), f"Classifying… {n + 1}/{len(files)}")
+        target = ctx.files.download(request, "zero_shot_results.csv")
+        path = tables.write_csv(rows, COLUMNS, target.name, target.parent)
+        bad = sum(1 for r in rows if r["error"])
+        yield ([[r.get(c, "") for c in COLUMNS] for r in rows], path,
+               f"{len(rows) - bad} classified, {bad} skipped.")
 
     spec = ctx.kit.spec("dual_encoder")
     note = (" ConSE maps the image's top ImageNet classes into the text space, so labels far "
@@ -101,9 +120,9 @@ def build(ctx: AppContext) -> None:
             chart = gr.Label(label="Labels", num_top_classes=10)
             table = gr.Dataframe(headers=["label", "score", "cosine"], interactive=False)
             notes = gr.Markdown()
-    gr.Examples(example_files(), [image, labels])
+    gr.Examples(example_files(ctx), [image, labels])
     model.focus(lambda: gr.update(choices=ctx.encoder_choices()), None, model,
-                api_visibility="private", queue=False)
+                api_visibility="private")
     go.click(zero_shot, [image, labels, template, ensemble, score, threshold, model],
              [chart, table, notes], api_name="zero_shot", preprocess=False,
              **ctx.model_event())
@@ -114,6 +133,9 @@ def build(ctx: AppContext) -> None:
                                    interactive=False)
         batch_csv = gr.File(label="CSV")
         batch_note = gr.Markdown()
-        go_batch.click(zero_shot_batch, [files, labels, template, ensemble, score],
-                       [batch_table, batch_csv, batch_note], api_name="zero_shot_batch",
-                       preprocess=False, **ctx.model_event())
+        stop_batch = gr.Button("Stop", variant="stop")
+        batch = go_batch.click(zero_shot_batch, [files, labels, template, ensemble, score,
+                                                 threshold, model],
+                               [batch_table, batch_csv, batch_note], api_name="zero_shot_batch",
+                               preprocess=False, **ctx.model_event())
+        stop_batch.click(None, None, None, cancels=[batch], api_visibility="private")

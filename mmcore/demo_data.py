@@ -2,6 +2,8 @@
 (colour x shape x size x side: 64 unique captions) plus the packaged scikit-image photos with
 captions we wrote."""
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,10 @@ def photo_files(folder, names) -> list:
         path = folder / f"{name}.png"
         if not path.exists():
             arr = np.asarray(getattr(data, name)())
-            Image.fromarray(arr.astype(np.uint8) * 255 if arr.dtype == bool else arr).save(path)
+            # written under a temp name and renamed: a concurrent reader never sees half a file
+            tmp = folder / f".tmp-{os.getpid()}-{threading.get_ident()}-{name}.png"
+            Image.fromarray(arr.astype(np.uint8) * 255 if arr.dtype == bool else arr).save(tmp)
+            os.replace(tmp, path)
         paths.append(path)
     return paths
 

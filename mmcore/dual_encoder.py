@@ -20,7 +20,6 @@ and `identity` (names the exact model: caches and saved indexes key on it). Thre
 
 import hashlib
 import json
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,8 +28,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .images import load_image
+from .lru import BytesLRU
 
 BATCH = 32
+TEXT_CACHE_BYTES = 64 * 2**20      # per encoder
 
 
 class DualEncoder:
@@ -41,8 +42,8 @@ class DualEncoder:
     max_text_tokens: int = 77
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._text_cache: dict = {}                       # (template, label) -> (D,) tensor
+        # prompt text -> (D,) embedding; bounded by bytes: labels come from strangers
+        self._text_cache = BytesLRU(TEXT_CACHE_BYTES)
 
     @property
     def device(self) -> torch.device:
@@ -66,18 +67,15 @@ class DualEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     def text_embeddings_cached(self, texts: list) -> torch.Tensor:
-        """encode_texts with a per-encoder cache: known texts are not encoded again."""
-        with self._lock:
-            missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        """encode_texts with a per-encoder LRU cache: known texts are not encoded again."""
+        found = {t: self._text_cache.get(t) for t in dict.fromkeys(texts)}
+        missing = [t for t, v in found.items() if v is None]
         if missing:
-            fresh = self.encode_texts(missing)
-            with self._lock:
-                if len(self._text_cache) > 50_000:        # bounded: drop the oldest half
-                    for key in list(self._text_cache)[:25_000]:
-                        del self._text_cache[key]
-                self._text_cache.update(zip(missing, fresh))
-        with self._lock:
-            return torch.stack([self._text_cache[t] for t in texts])
+            # clone: a row of one big batch would keep the whole batch's storage alive
+            fresh = [row.clone() for row in self.encode_texts(missing)]
+            found.update(zip(missing, fresh))
+            self._text_cache.update(zip(missing, fresh))
+        return torch.stack([found[t] for t in texts])
 
     def count_text_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
@@ -85,11 +83,21 @@ class DualEncoder:
 
 # ------------------------------------------------------------------ 1. Hugging Face CLIP
 
+def public_name(source: str) -> str:
+    """A model's name fit to save and show: a hub id as is; a local folder by its name plus
+    a digest of its full path (still unique per folder, without naming server paths)."""
+    source = str(source)
+    if not Path(source).is_absolute() and not source.startswith((".", "~")):
+        return source
+    digest = hashlib.sha256(source.encode("utf-8", "replace")).hexdigest()[:12]
+    return f"{Path(source).name}@{digest}"
+
+
 class ClipEncoder(DualEncoder):
     def __init__(self, model, processor, name: str):
         super().__init__()
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
-        self.identity = f"hf-clip:{name}"
+        self.identity = f"hf-clip:{public_name(name)}"
         self.logit_scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
         cfg = getattr(model.config, "text_config", model.config)
         self.max_text_tokens = getattr(cfg, "max_position_embeddings", 77)

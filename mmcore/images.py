@@ -81,10 +81,25 @@ def load_image(src) -> Image.Image:
         if getattr(im, "is_animated", False):
             im.seek(0)                                    # first frame
         im.load()                                         # truncated files fail here
-        im = ImageOps.exif_transpose(im)
-        return to_rgb(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputError(f"{name} is truncated or corrupt ({type(exc).__name__}).") from None
+    return to_rgb(upright(im))
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """EXIF orientation applied once. Unreadable EXIF counts as no orientation (the pixels are
+    fine), and the result carries no EXIF, so a second pass (a loaded image handed back to
+    this loader) changes nothing and cannot fail."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")              # "Corrupt EXIF data"
+            im = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - any EXIF parser error: keep the pixels as they are
+        pass
+    if "exif" in im.info:
+        im = im.copy()
+        im.info.pop("exif", None)
+    return im
 
 
 def load_images(sources) -> tuple:

@@ -1,21 +1,26 @@
 """A searchable index of image embeddings: build, add (only unseen content), remove, search
 by text / image / vector with weighted and negative terms, save and load atomically.
 
+Queries are typed: `search(text=..., image=..., vector=...)`. A string is always text; an
+image is a PIL image, bytes, or a path given as `image=`; nothing is guessed from what exists
+on disk. Each image keeps a small JPEG thumbnail, saved with the index, so whoever loads a
+saved index sees its images without the index ever naming a file to open: ids and captions of
+a loaded index are untrusted text.
+
 Exact search is one matrix product; past FAISS_THRESHOLD vectors a FAISS inverted-file index
 answers instead (its recall against exact search is measured in bench/bench_retrieval.py).
 
     python -m mmcore.index build FOLDER --out DIR [--kit offline]
-    python -m mmcore.index search DIR "a cat on a sofa" [-k 5]
+    python -m mmcore.index search DIR "a cat on a sofa" [-k 5] [--image PHOTO]
 
-Under `torchrun --nproc_per_node N` (or `accelerate launch`) the build embeds 1/N of the files
-in each process and rank 0 merges the shards; the result equals a one-process build.
+(the command line, with its torchrun-sharded build, is in mmcore/index_cli.py)
 """
 
 import concurrent.futures
 import csv
 import hashlib
+import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +30,28 @@ from torch.nn import functional as F
 from . import cache
 from .errors import InputError
 from .images import load_image
+from .text import as_number, clean_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 FAISS_THRESHOLD = 50_000
 FORMAT = "mmcore-index-1"
 BATCH = 32
+THUMBNAIL = 128               # longest side (px) of the JPEG kept per image; 0: none
+MAX_ID = 1000                 # characters of an id or hash in a loaded index
+MAX_CAPTION = 10_000
+
+
+def _is_image(item) -> bool:
+    from PIL import Image
+
+    return isinstance(item, (Image.Image, bytes, bytearray))
 
 
 def content_hash(image) -> str:
     h = hashlib.sha256()
-    if isinstance(image, (str, Path)):
+    if isinstance(image, (bytes, bytearray)):
+        h.update(image)
+    elif isinstance(image, (str, Path)):
         with open(image, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -54,37 +71,46 @@ def image_files(folder) -> list:
 
 
 class Index:
-    def __init__(self, encoder):
+    def __init__(self, encoder, thumbnail_size: int = THUMBNAIL):
         self.encoder = encoder
         self.identity = encoder.identity
         self.vectors = torch.zeros(0, 0)
         self.ids: list = []
         self.captions: list = []
         self.hashes: list = []
+        self.thumbnails: list = []          # JPEG bytes per image, b"" where there is none
+        self.thumbnail_size = thumbnail_size
         self._faiss = None
 
     # ---------------------------------------------------------------- building
     @classmethod
-    def build(cls, kit, images, captions=None, progress=None, stop_event=None) -> "Index":
+    def build(cls, kit, images, captions=None, progress=None, stop_event=None,
+              ids=None) -> "Index":
         index = cls(kit.encoder() if hasattr(kit, "encoder") else kit)
-        index.add(images, captions, progress, stop_event)
+        index.add(images, captions, progress, stop_event, ids)
         return index
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def add(self, images, captions=None, progress=None, stop_event=None) -> dict:
-        """Embed images not already in the index (by content). Returns
+    def add(self, images, captions=None, progress=None, stop_event=None, ids=None) -> dict:
+        """Embed images (paths, PIL images or bytes) not already in the index (by content).
+        `ids`: how each is named in results (default: its path, or "image-N"); an id already
+        taken gets a " (2)" suffix. Returns
         {"added": n, "duplicates": n, "errors": [(name, message)], "stopped": bool}."""
         images = list(images)
         captions = list(captions) if captions is not None else [""] * len(images)
-        if len(captions) != len(images):
-            raise InputError(f"{len(images)} images but {len(captions)} captions.")
+        ids = list(ids) if ids is not None else [
+            str(im) if isinstance(im, (str, Path)) else f"image-{len(self) + n}"
+            for n, im in enumerate(images)]
+        if not len(captions) == len(ids) == len(images):
+            raise InputError(f"{len(images)} images, {len(captions)} captions, {len(ids)} ids.")
         report = {"added": 0, "duplicates": 0, "errors": [], "stopped": False}
         seen = set(self.hashes)
+        taken = set(self.ids)
         todo = []
-        for n, (image, caption) in enumerate(zip(images, captions)):
-            name = str(image) if isinstance(image, (str, Path)) else f"image-{len(self) + n}"
+        for image, caption, name in zip(images, captions, ids):
+            name = _unique(str(name), taken)
             try:
                 digest = content_hash(image)
             except OSError as exc:
@@ -94,11 +120,13 @@ class Index:
                 report["duplicates"] += 1
                 continue
             seen.add(digest)
+            taken.add(name)
             todo.append((name, image, caption, digest))
         # decode the next batch in threads while the model embeds this one
         with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
             def decode(batch):
-                return list(pool.map(lambda item: _try_load(item[1]), batch))
+                return list(pool.map(lambda item: _try_load(item[1], self.thumbnail_size),
+                                     batch))
 
             batches = [todo[i:i + BATCH] for i in range(0, len(todo), BATCH)]
             pending = pool.submit(decode, batches[0]) if batches else None
@@ -112,8 +140,8 @@ class Index:
                 report["errors"] += [(item[0], im) for item, im in zip(batch, loaded)
                                      if isinstance(im, str)]
                 if good:
-                    vecs = self.encoder.encode_images([im for _, im in good])
-                    self._append(vecs, [(item[0], item[2], item[3]) for item, _ in good])
+                    vecs = self.encoder.encode_images([im[0] for _, im in good])
+                    self._append(vecs, [(item[0], item[2], item[3], im[1]) for item, im in good])
                     report["added"] += len(good)
                 if progress is not None:
                     progress(min(len(todo), (b + 1) * BATCH), len(todo))
@@ -121,10 +149,11 @@ class Index:
 
     def _append(self, vecs: torch.Tensor, rows: list) -> None:
         self.vectors = vecs if len(self) == 0 else torch.cat([self.vectors, vecs])
-        for name, caption, digest in rows:
+        for name, caption, digest, *thumb in rows:
             self.ids.append(name)
             self.captions.append(caption or "")
             self.hashes.append(digest)
+            self.thumbnails.append(thumb[0] if thumb else b"")
         self._faiss = None
 
     def remove(self, ids) -> int:
@@ -145,54 +174,78 @@ class Index:
         self.ids = [self.ids[i] for i in keep]
         self.captions = [self.captions[i] for i in keep]
         self.hashes = [self.hashes[i] for i in keep]
+        self.thumbnails = [self.thumbnails[i] for i in keep]
         self._faiss = None
         return len(drop)
 
     # ---------------------------------------------------------------- searching
-    def _embed(self, item) -> torch.Tensor:
-        if isinstance(item, torch.Tensor) or isinstance(item, np.ndarray) and item.ndim == 1:
-            vec = torch.as_tensor(item, dtype=torch.float32).flatten()
-            if vec.numel() != self.vectors.shape[-1]:
-                raise InputError(f"A query vector must have {self.vectors.shape[-1]} numbers, "
-                                 f"not {vec.numel()}.")
-            return F.normalize(vec, dim=0)
-        if isinstance(item, str) and not (Path(item).suffix.lower() in IMAGE_SUFFIXES
-                                          and Path(item).is_file()):
-            from .text import clean_text
+    def _text(self, text) -> torch.Tensor:
+        if not isinstance(text, str):
+            raise InputError(f"A text query must be a string, not {type(text).__name__}.")
+        return self.encoder.encode_texts([clean_text(text, "Query", 2000).strip()])[0]
 
-            return self.encoder.encode_texts([clean_text(item, "Query", 2000).strip()])[0]
-        return self.encoder.encode_images([item])[0]
+    def _image(self, image) -> torch.Tensor:
+        if not (_is_image(image) or isinstance(image, (str, Path))):
+            raise InputError("An image query must be a PIL image, bytes or a path, not "
+                             f"{type(image).__name__} (pass k= by name).")
+        return self.encoder.encode_images([image])[0]
 
-    def query_vector(self, query, negative=None) -> torch.Tensor:
+    def _vector(self, vector) -> torch.Tensor:
+        try:
+            vec = torch.as_tensor(vector, dtype=torch.float32).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError("A query vector must be a list or tensor of numbers.") from None
+        if vec.numel() != self.vectors.shape[-1]:
+            raise InputError(f"A query vector must have {self.vectors.shape[-1]} numbers, "
+                             f"not {vec.numel()}.")
+        if not torch.isfinite(vec).all():
+            raise InputError("A query vector must hold finite numbers only.")
+        return F.normalize(vec, dim=0)
+
+    def _negative(self, term) -> torch.Tensor:
+        """A negative term, typed by what it is: str is text; PIL or bytes an image; a tensor
+        or array a vector (a path is never guessed: embed it yourself)."""
+        if isinstance(term, str):
+            return self._text(term)
+        if _is_image(term):
+            return self._image(term)
+        if isinstance(term, (torch.Tensor, np.ndarray)):
+            return self._vector(term)
+        raise InputError(f"A negative term must be text, an image or a vector, not "
+                         f"{type(term).__name__}.")
+
+    def query_vector(self, text=None, image=None, vector=None, negative=None) -> torch.Tensor:
         """A unit vector: the weighted sum of the query terms minus the negative ones.
-        query: text, image (PIL or path), vector, or a list of (term, weight)."""
-        terms = query if isinstance(query, list) else [(query, 1.0)]
-        negs = negative if isinstance(negative, list) else ([negative] if negative else [])
+        Each argument is one term or a list of terms or (term, weight) pairs."""
         total = 0
-        for item in terms:
-            term, weight = item if isinstance(item, tuple) else (item, 1.0)
-            total = total + float(weight) * self._embed(term)
-        for item in negs:
-            term, weight = item if isinstance(item, tuple) else (item, 1.0)
-            total = total - float(weight) * self._embed(term)
+        for value, embed in ((text, self._text), (image, self._image), (vector, self._vector)):
+            for term, weight in _terms(value, vector=embed == self._vector):
+                total = total + weight * embed(term)
+        for term, weight in _terms(negative):
+            total = total - weight * self._negative(term)
         if not isinstance(total, torch.Tensor) or float(total.norm()) == 0:
             raise InputError("The query is empty (or its terms cancel out).")
         return F.normalize(total, dim=0)
 
-    def search(self, query, k: int = 10, negative=None) -> list:
-        """[(id, score)] best first; score is the cosine similarity to the query vector."""
+    def nearest(self, query: torch.Tensor, k: int = 10) -> list:
+        """[(position, score)] of the k vectors nearest a unit query vector, best first."""
         if len(self) == 0:
             raise InputError("The index is empty.")
-        k = max(1, min(int(k), len(self)))
-        q = self.query_vector(query, negative)
+        k = min(int(as_number(k, "k", 1, 10**6, integer=True)), len(self))
         if len(self) >= FAISS_THRESHOLD:
-            scores, idx = self.faiss().search(q.numpy()[None].astype(np.float32), k)
-            pairs = [(int(i), float(s)) for i, s in zip(idx[0], scores[0]) if i >= 0]
-        else:
-            scores = self.vectors @ q
-            top = scores.topk(k)
-            pairs = list(zip(top.indices.tolist(), top.values.tolist()))
-        return [(self.ids[i], s) for i, s in pairs]
+            scores, idx = self.faiss().search(query.numpy()[None].astype(np.float32), k)
+            return [(int(i), float(s)) for i, s in zip(idx[0], scores[0]) if i >= 0]
+        top = (self.vectors @ query).topk(k)
+        return list(zip(top.indices.tolist(), top.values.tolist()))
+
+    def search(self, text=None, image=None, vector=None, k: int = 10, negative=None) -> list:
+        """[(id, score)] best first; score is the cosine similarity to the query vector.
+        text: str; image: PIL image, bytes or a path; vector: (D,) numbers; negative: terms
+        to move away from. Each may also be a list of terms or (term, weight) pairs."""
+        if len(self) == 0:
+            raise InputError("The index is empty.")
+        q = self.query_vector(text, image, vector, negative)
+        return [(self.ids[i], s) for i, s in self.nearest(q, k)]
 
     def faiss(self, nprobe: int = 64):
         """An inverted-file FAISS index over the vectors (built on first use)."""
@@ -219,7 +272,8 @@ class Index:
 
         folder = Path(folder)
         with cache.atomic_folder(folder, FORMAT) as tmp:
-            save_file({"vectors": self.vectors.contiguous()}, str(tmp / "vectors.safetensors"))
+            save_file({"vectors": self.vectors.contiguous(), **_pack(self.thumbnails)},
+                      str(tmp / "vectors.safetensors"))
             (tmp / "meta.json").write_text(json.dumps({
                 "format": FORMAT, "identity": self.identity, "ids": self.ids,
                 "captions": self.captions, "hashes": self.hashes}))
@@ -227,27 +281,37 @@ class Index:
 
     @classmethod
     def load(cls, folder, kit) -> "Index":
+        """A saved index. Its contents are checked as untrusted: lengths, types and sizes of
+        ids and captions, finite vectors, thumbnail offsets; messages never name the folder."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         if not cache.is_complete(folder, FORMAT):
-            raise InputError(f"{folder} is not a complete mmcore index (missing or partial).")
+            raise InputError("This is not a complete mmcore index (missing or partial).")
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-            vectors = load_file(str(folder / "vectors.safetensors"))["vectors"]
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            tensors = load_file(str(folder / "vectors.safetensors"))
+            vectors = tensors["vectors"]
         except Exception as exc:  # noqa: BLE001 - any damage is reported the same way
-            raise InputError(f"{folder} is damaged: {type(exc).__name__}.") from None
+            raise InputError(f"The index is damaged ({type(exc).__name__}).") from None
+        if not isinstance(meta, dict):
+            raise InputError("The index is damaged (meta.json is not an object).")
         encoder = kit.encoder() if hasattr(kit, "encoder") else kit
         if meta.get("identity") != encoder.identity:
-            raise InputError(f"This index was built with {meta.get('identity')!r}; the current "
-                             f"model is {encoder.identity!r}. Rebuild it with this model.")
-        n = len(meta.get("ids", []))
-        if vectors.ndim != 2 or vectors.shape[0] != n or len(meta.get("captions", [])) != n \
-                or len(meta.get("hashes", [])) != n:
-            raise InputError(f"{folder} is damaged: its parts disagree in length.")
+            theirs = str(meta.get("identity"))[:80]
+            raise InputError(f"This index was built with another model ({theirs!r}). "
+                             "Rebuild it with the model in use here.")
+        ids, captions, hashes = (_strings(meta.get(key), limit) for key, limit in
+                                 (("ids", MAX_ID), ("captions", MAX_CAPTION), ("hashes", MAX_ID)))
+        n = len(ids)
+        if vectors.ndim != 2 or vectors.shape[0] != n or len(captions) != n or len(hashes) != n:
+            raise InputError("The index is damaged: its parts disagree in length.")
+        if not vectors.is_floating_point() or not torch.isfinite(vectors).all():
+            raise InputError("The index is damaged: its vectors are not finite numbers.")
         index = cls(encoder)
-        index.vectors, index.ids = vectors.float(), list(meta["ids"])
-        index.captions, index.hashes = list(meta["captions"]), list(meta["hashes"])
+        index.vectors, index.ids = vectors.float(), ids
+        index.captions, index.hashes = captions, hashes
+        index.thumbnails = _unpack(tensors, n)
         return index
 
     def export(self, path) -> Path:
@@ -270,11 +334,81 @@ class Index:
         return path
 
 
-def _try_load(image):
+def _strings(value, limit: int) -> list:
+    """A list of strings from an untrusted meta.json, each at most `limit` characters."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError("The index is damaged: ids, captions and hashes must be lists of text.")
+    if any(len(v) > limit for v in value):
+        raise InputError(f"The index is damaged: an entry is longer than {limit:,} characters.")
+    return list(value)
+
+
+def _pack(thumbnails: list) -> dict:
+    """Thumbnails as two tensors: every JPEG end to end, and where each one starts."""
+    offsets = np.cumsum([0] + [len(t) for t in thumbnails]).astype(np.int64)
+    blob = np.frombuffer(b"".join(thumbnails), dtype=np.uint8).copy()
+    return {"thumbnails": torch.from_numpy(blob), "thumbnail_offsets": torch.from_numpy(offsets)}
+
+
+def _unpack(tensors: dict, n: int) -> list:
+    """The thumbnails of a loaded index (none when absent; damage is reported). The bytes
+    stay untrusted: whoever shows them decodes them with the safe image loader first."""
+    if "thumbnails" not in tensors:
+        return [b""] * n
+    blob, offsets = tensors["thumbnails"], tensors.get("thumbnail_offsets")
+    if offsets is None or offsets.ndim != 1 or len(offsets) != n + 1 or blob.ndim != 1 \
+            or blob.dtype != torch.uint8:
+        raise InputError("The index is damaged: its thumbnails do not match its images.")
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or bounds[-1] != len(blob) or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise InputError("The index is damaged: its thumbnail offsets are out of order.")
+    raw = blob.numpy().tobytes()
+    return [raw[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _try_load(image, thumbnail_size: int = THUMBNAIL):
+    """(PIL image, its JPEG thumbnail) or the error message."""
     try:
-        return load_image(image)
+        im = load_image(image)
     except InputError as exc:
         return str(exc)
+    return im, thumbnail(im, thumbnail_size)
+
+
+def thumbnail(im, size: int = THUMBNAIL) -> bytes:
+    """A small JPEG of an RGB image (b"" when size is 0)."""
+    if not size:
+        return b""
+    small = im.copy()
+    small.thumbnail((size, size))
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _unique(name: str, taken: set) -> str:
+    if name not in taken:
+        return name
+    n = 2
+    while f"{name} ({n})" in taken:
+        n += 1
+    return f"{name} ({n})"
+
+
+def _terms(value, vector: bool = False) -> list:
+    """[(term, weight)] from None, one term, or a list of terms and (term, weight) pairs
+    (for vectors, a flat list of numbers is one vector)."""
+    if value is None:
+        return []
+    flat = vector and all(isinstance(x, (int, float)) for x in value) \
+        if isinstance(value, list) else False
+    items = value if isinstance(value, list) and not flat else [value]
+    out = []
+    for item in items:
+        term, weight = item if isinstance(item, tuple) and len(item) == 2 and \
+            isinstance(item[1], (int, float)) else (item, 1.0)
+        out.append((term, float(as_number(weight, "A query weight", -100, 100))))
+    return out
 
 
 def build_faiss(vectors: np.ndarray, nprobe: int = 64):
@@ -292,89 +426,7 @@ def build_faiss(vectors: np.ndarray, nprobe: int = 64):
     return index
 
 
-# ---------------------------------------------------------------- command line
+if __name__ == "__main__":            # python -m mmcore.index (the CLI lives in index_cli)
+    from mmcore.index_cli import main
 
-def _distributed():
-    """(rank, world) under torchrun / accelerate launch, else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
-
-
-def build_folder(kit, folder, out, captions_csv=None) -> Index | None:
-    """Build an index of every image under `folder`; sharded across processes when launched
-    by torchrun (rank r embeds files r, r+N, ...); rank 0 merges and saves."""
-    files = image_files(folder)
-    captions = {}
-    if captions_csv:
-        from .tables import read_csv
-
-        rows, _ = read_csv(captions_csv, ["image", "caption"], max_rows=10**6)
-        captions = {r["image"]: r["caption"] for r in rows}
-    rank, world = _distributed()
-    mine = files[rank::world]
-    index = Index.build(kit, mine, [captions.get(p.name, "") for p in mine])
-    if world == 1:
-        index.save(out)
-        return index
-    shard = Path(out).with_name(Path(out).name + f".shard{rank}")
-    index.save(shard)
-    torch.distributed.barrier()
-    merged = None
-    if rank == 0:
-        merged = Index(index.encoder)
-        parts = [Index.load(Path(out).with_name(Path(out).name + f".shard{r}"), kit)
-                 for r in range(world)]
-        order = {str(p): i for i, p in enumerate(files)}
-        rows = sorted(((order.get(pid, len(order)), part, i) for part in parts
-                       for i, pid in enumerate(part.ids)), key=lambda x: x[0])
-        merged.vectors = torch.stack([part.vectors[i] for _, part, i in rows])
-        merged.ids = [part.ids[i] for _, part, i in rows]
-        merged.captions = [part.captions[i] for _, part, i in rows]
-        merged.hashes = [part.hashes[i] for _, part, i in rows]
-        merged.save(out)
-        for r in range(world):
-            cache.remove(Path(out).with_name(Path(out).name + f".shard{r}"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    return merged
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    from . import load_kit
-
-    p = argparse.ArgumentParser(prog="python -m mmcore.index")
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="index every image under a folder")
-    b.add_argument("folder")
-    b.add_argument("--out", required=True)
-    b.add_argument("--captions", help="CSV with columns image, caption (file names)")
-    s = sub.add_parser("search", help="search a saved index")
-    s.add_argument("index")
-    s.add_argument("query")
-    s.add_argument("-k", type=int, default=5)
-    s.add_argument("--negative")
-    for sp in (b, s):
-        sp.add_argument("--kit", default=os.environ.get("MMCORE_KIT", "offline"))
-    args = p.parse_args(argv)
-    kit = load_kit(args.kit)
-    try:
-        if args.command == "build":
-            index = build_folder(kit, args.folder, args.out, args.captions)
-            if index is not None:
-                print(f"indexed {len(index)} images into {args.out}")
-        else:
-            index = Index.load(args.index, kit)
-            for pid, score in index.search(args.query, args.k, args.negative):
-                print(f"{score:.4f}  {pid}")
-    except InputError as exc:
-        print(f"error: {exc}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -314,6 +314,40 @@ _kits: dict = {}
 _kits_guard = threading.Lock()
 
 
+def release(kit: Kit, keep: Kit | None = None) -> None:
+    """Forget `kit` (e.g. one made for a fine-tuned dual encoder) and the loaded models only
+    it used, so their memory is freed once no caller holds them; models that `keep` or any
+    other remembered kit uses stay loaded."""
+    with _kits_guard:
+        for key in [k for k, v in _kits.items() if v is kit]:
+            del _kits[key]
+        others = list(_kits.values()) + ([keep] if keep is not None else [])
+    used = {_load_key(spec, role, k.device) for k in others for role, spec in k.specs.items()}
+    with _registry_guard:
+        for role, spec in kit.specs.items():
+            key = _load_key(spec, role, kit.device)
+            if key not in used and key not in _loading:
+                _registry.pop(key, None)
+                _registry_locks.pop(key, None)
+
+
+def loaded_bytes(kit: Kit, base: Kit | None = None) -> int:
+    """Bytes of the weights `kit` holds beyond those of `base` (0 for roles not loaded)."""
+    from .memory import own_bytes, tensors_of
+
+    def parts(k):
+        out = []
+        for role, spec in k.specs.items():
+            loaded = _registry.get(_load_key(spec, role, k.device))
+            if loaded is not None:
+                out.append(loaded.parts)
+        return out
+
+    shared = {t.data_ptr() for p in (parts(base) if base is not None else []) for t in
+              tensors_of(p)}
+    return sum(own_bytes(p, shared) for p in parts(kit))
+
+
 def load_kit(name: str = "offline", dual_encoder=None, **sources) -> Kit:
     """The kit `name` ("offline", "hub" or "tiny"); roles load lazily on first use.
 

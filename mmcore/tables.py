@@ -3,7 +3,8 @@
 Reading: UTF-8 (with or without BOM), UTF-16 (by its BOM), else cp1252; NUL bytes dropped;
 embedded newlines kept (the csv module handles quoted fields); size, row and field limits
 checked; header names matched case-insensitively.
-Writing: cells that a spreadsheet would run as a formula (= + - @, tab, CR) are neutralised.
+Writing: cells that a spreadsheet would run as a formula (= + - @, tab, CR, also after
+leading spaces or line breaks, and their full-width forms such as U+FF1D) are neutralised.
 """
 
 import csv
@@ -18,12 +19,15 @@ MAX_BYTES = 5 * 1024 * 1024
 MAX_ROWS = 1000
 MAX_FIELD = 100_000
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# spreadsheets also read full-width signs (＝ ＋ － ＠) as formula starts
+FULL_WIDTH = str.maketrans("\uff1d\uff0b\uff0d\uff20", "=+-@")
 
 
 def decode_bytes(raw: bytes) -> tuple:
     """(text, encoding name) for a user's text file."""
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return raw.decode("utf-16"), "UTF-16"
+        # an odd byte count (a cut file) must not fail the whole read
+        return raw.decode("utf-16", errors="replace"), "UTF-16"
     if raw.startswith(b"\xef\xbb\xbf"):
         return raw[3:].decode("utf-8", errors="replace"), "UTF-8 with BOM"
     try:
@@ -73,12 +77,14 @@ def read_csv(path, columns: list, max_rows: int = MAX_ROWS) -> tuple:
 def neutralise(value) -> str:
     """A cell a spreadsheet shows as text, never runs as a formula."""
     text = "" if value is None else str(value)
-    return "'" + text if text.startswith(FORMULA_START) else text
+    start = text.lstrip(" \n\u00a0\u3000").translate(FULL_WIDTH)
+    return "'" + text if text.startswith(FORMULA_START) or start.startswith(FORMULA_START) \
+        else text
 
 
-def write_csv(rows: list, columns: list, name: str = "results.csv") -> str:
-    """Write rows (dicts) to a fresh temp folder; returns the file path."""
-    folder = tempfile.mkdtemp(prefix="mmcore-out-", dir=os.environ.get("GRADIO_TEMP_DIR"))
+def write_csv(rows: list, columns: list, name: str = "results.csv", folder=None) -> str:
+    """Write rows (dicts) to `folder` (default: a fresh temp folder); returns the file path."""
+    folder = folder or tempfile.mkdtemp(prefix="mmcore-out-")
     path = os.path.join(folder, name)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

@@ -39,3 +39,22 @@ def parse_words(value, what: str = "Target words", max_items: int = 100) -> list
     if len(words) > max_items:
         raise InputError(f"{what}: {len(words)} given; the limit is {max_items}.")
     return words
+
+
+def as_number(value, what: str, low: float | None = None, high: float | None = None,
+              integer: bool = False):
+    """A finite number from a client (a float, an int or numeric text), within [low, high];
+    whole when `integer`. NaN, inf and 1e400 get a clear message, never a crash."""
+    try:
+        number = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{what} must be a number, not {str(value)[:20]!r}.") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise InputError(f"{what} must be a finite number, not {number}.")
+    if integer:
+        if number != int(number):
+            raise InputError(f"{what} must be a whole number, not {number}.")
+        number = int(number)
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise InputError(f"{what} must be between {low} and {high}, not {number}.")
+    return number

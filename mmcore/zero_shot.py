@@ -72,9 +72,26 @@ def parse_labels(labels, encoder=None) -> tuple:
     return unique, notices
 
 
+def check_template(template) -> str:
+    """A template is plain text with exactly one {} where the label goes: no other braces, no
+    format fields or specs (users' text never reaches str.format, whose specs such as
+    {:a>50000000} build huge strings)."""
+    template = clean_text(template, "Template", max_chars=300)
+    if template.count("{}") != 1 or template.replace("{}", "", 1).count("{") or \
+            template.replace("{}", "", 1).count("}"):
+        raise InputError("The template must be plain text with exactly one {} where the label "
+                         "goes and no other braces, e.g. 'a photo of {}.'")
+    return template
+
+
+def fill_template(template: str, label: str) -> str:
+    """The prompt for one label (plain substitution; labels may hold braces)."""
+    return template.replace("{}", label, 1)
+
+
 def label_embeddings(encoder, labels: list, templates: tuple) -> torch.Tensor:
     """(L, D): per label, the normalised mean of its normalised template embeddings."""
-    texts = [t.format(label) for label in labels for t in templates]
+    texts = [fill_template(t, label) for label in labels for t in templates]
     emb = encoder.text_embeddings_cached(texts).view(len(labels), len(templates), -1)
     return F.normalize(emb.mean(1), dim=-1)
 
@@ -95,16 +112,11 @@ def zero_shot_batch(encoder, images: list, labels, template: str = "a photo of {
         raise InputError(f"score must be one of {', '.join(SCORES)}, not {score!r}.")
     labels, notices = parse_labels(labels, encoder)
     if templates:
-        templates = tuple(clean_text(t, "Template", max_chars=300) for t in templates)
-        if not all("{}" in t for t in templates):
-            raise InputError("Every template needs a {} where the label goes.")
+        templates = tuple(check_template(t) for t in templates)
     elif ensemble:
         templates = ENSEMBLE
     else:
-        template = clean_text(template, "Template", max_chars=300)
-        if "{}" not in template:
-            raise InputError("The template needs a {} where the label goes, e.g. 'a photo of {}.'")
-        templates = (template,)
+        templates = (check_template(template),)
     text = label_embeddings(encoder, labels, templates)                   # (L, D)
     image = encoder.encode_images(images)                                 # (N, D)
     cos = image @ text.T                                                  # (N, L)

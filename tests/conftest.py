@@ -9,6 +9,8 @@ import pytest
 # Set before mmcore reads them: a cache of this test session's own, and a hub that is
 # certainly unreachable (a closed port on this machine).
 os.environ.setdefault("MMCORE_CACHE", tempfile.mkdtemp(prefix="mmcore-test-cache-"))
+# fine-tuned models made by tests go to a folder of this session's own, not the shared cache
+os.environ["MMCORE_DATA_DIR"] = tempfile.mkdtemp(prefix="mmcore-test-data-")
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mmcore-test-gradio-"))

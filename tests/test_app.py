@@ -13,8 +13,9 @@ from demos import context, launch_kwargs
 
 
 @pytest.fixture(scope="module")
-def served(tiny_kit):
-    args = app_module.parse_args(["--kit", "tiny"])
+def served(tiny_kit, tmp_path_factory):
+    args = app_module.parse_args(["--kit", "tiny", "--data-dir",
+                                  str(tmp_path_factory.mktemp("data"))])
     demo, ctx = app_module.create(args)
     ctx.start_warming()
     kwargs = launch_kwargs(ctx, "127.0.0.1", None, False)

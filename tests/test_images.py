@@ -91,3 +91,19 @@ def test_one_bad_file_in_a_batch_is_reported_and_skipped(tmp_path):
     (tmp_path / "b.png").write_bytes(b"not a png")
     images, errors = load_images([tmp_path / "a.png", tmp_path / "b.png"])
     assert len(images) == 1 and errors[0][0] == "b.png" and "not an image" in errors[0][1]
+
+
+def test_junk_exif_loads_and_a_loaded_image_loads_again():
+    """Junk EXIF made the second pass (a decoded image handed back to the loader, as batch
+    and gallery code does) fail although the file alone worked: orientation is applied once."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(buf, "JPEG", exif=b"Exif\x00\x00" + b"\x00" * 20)
+    first = load_image(buf.getvalue())
+    again = load_image(first)
+    assert again.size == (40, 30) and "exif" not in again.info
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6                                   # rotate 90 degrees on display
+    Image.new("RGB", (40, 30), "red").save(rotated, "JPEG", exif=exif)
+    once = load_image(rotated.getvalue())
+    assert once.size == (30, 40) and load_image(once).size == (30, 40)   # not turned twice

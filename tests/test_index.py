@@ -43,7 +43,7 @@ def test_offline_text_and_image_search(offline_kit, gallery):
     index = build(offline_kit, gallery)
     assert Path(index.search("a cat", k=1)[0][0]).stem == "chelsea"
     assert Path(index.search("a cup of coffee", k=1)[0][0]).stem == "coffee"
-    by_image = index.search(str(gallery / "rocket.png"), k=2)
+    by_image = index.search(image=str(gallery / "rocket.png"), k=2)
     assert Path(by_image[0][0]).stem == "rocket" and by_image[0][1] > 0.99
     scores = [s for _, s in index.search("a rocket", k=6)]
     assert scores == sorted(scores, reverse=True)
@@ -55,13 +55,13 @@ def test_vector_weighted_and_negative_queries(tiny_kit, gallery):
     index = build(tiny_kit, gallery)
     enc = tiny_kit.encoder()
     cat, rocket = enc.encode_texts(["a cat"])[0], enc.encode_texts(["a rocket"])[0]
-    assert index.search(cat, k=3) == index.search("a cat", k=3)
+    assert index.search(vector=cat, k=3) == index.search("a cat", k=3)
     want = torch.nn.functional.normalize(cat - 0.5 * rocket, dim=0)
     scores = index.vectors @ want
     got = index.search("a cat", k=6, negative=[("a rocket", 0.5)])
     assert [pid for pid, _ in got] == [index.ids[i] for i in scores.argsort(descending=True)]
     with pytest.raises(InputError, match="numbers"):
-        index.search(torch.ones(3))
+        index.search(vector=torch.ones(3))
 
 
 def test_add_embeds_only_unseen_content_and_remove(tiny_kit, gallery, tmp_path):
@@ -93,7 +93,8 @@ def test_save_load_and_refusals(tiny_kit, offline_kit, gallery, tmp_path):
     index = build(tiny_kit, gallery)
     index.save(tmp_path / "idx")
     again = Index.load(tmp_path / "idx", tiny_kit)
-    assert again.search("a cat", 3) == index.search("a cat", 3)
+    assert again.search("a cat", k=3) == index.search("a cat", k=3)
+    assert again.thumbnails == index.thumbnails and all(index.thumbnails)
     with pytest.raises(InputError, match="built with"):
         Index.load(tmp_path / "idx", offline_kit)
     # an interrupted save leaves the old index intact
@@ -134,9 +135,9 @@ def test_faiss_path_agrees_with_exact(tiny_kit, monkeypatch):
         centres[torch.randint(0, 50, (5000,), generator=g)] +
         0.3 * torch.randn(5000, enc.dim, generator=g) / enc.dim ** 0.5, dim=-1)
     index._append(vecs, [(f"v{i}", "", str(i)) for i in range(5000)])
-    exact = index.search(vecs[7], k=10)
+    exact = index.search(vector=vecs[7], k=10)
     monkeypatch.setattr(index_mod, "FAISS_THRESHOLD", 1000)
-    approx = index.search(vecs[7], k=10)
+    approx = index.search(vector=vecs[7], k=10)
     assert approx[0][0] == "v7"
     assert len({p for p, _ in exact} & {p for p, _ in approx}) >= 9
 
@@ -162,3 +163,63 @@ def test_cli_and_two_process_build_equal_one_process(tiny_kit, gallery, tmp_path
                             "a cat", "-k", "2", "--kit", "tiny"], env=env, capture_output=True,
                            text=True, timeout=300)
     assert found.returncode == 0 and len(found.stdout.strip().splitlines()) == 2
+
+
+def test_a_string_is_always_text_and_images_are_explicit(tiny_kit, gallery):
+    index = build(tiny_kit, gallery)
+    path = str(gallery / "rocket.png")                     # exists, and is in the index
+    as_text = index.search(path, k=6)
+    want = index.vectors @ tiny_kit.encoder().encode_texts([path])[0]
+    assert [s for _, s in as_text] == pytest.approx(sorted(want.tolist(), reverse=True), abs=1e-5)
+    assert as_text[0][1] < 0.99                            # an image query would score ~1.0
+    assert index.search(image=path, k=1)[0][1] > 0.99
+    png = (gallery / "rocket.png").read_bytes()
+    assert index.search(image=png, k=1)[0][0] == path       # bytes are an image
+    with pytest.raises(InputError, match="k= by name"):
+        index.search("a cat", 3)
+    with pytest.raises(InputError, match="negative term"):
+        index.search("a cat", negative=gallery / "rocket.png")   # a Path is never guessed
+    with pytest.raises(InputError, match="string"):
+        index.search(text=png)
+    with pytest.raises(InputError, match="finite"):
+        index.search("a cat", k=float("nan"))
+
+
+def test_ids_are_given_names_made_unique_with_thumbnails(tiny_kit, gallery):
+    index = Index(tiny_kit.encoder())
+    images = [gallery / "chelsea.png", (gallery / "coffee.png").read_bytes()]
+    report = index.add(images, ids=["x.png", "x.png"])
+    assert report["added"] == 2 and index.ids == ["x.png", "x.png (2)"]
+    for thumb in index.thumbnails:
+        im = Image.open(__import__("io").BytesIO(thumb))
+        assert im.format == "JPEG" and max(im.size) <= index_mod.THUMBNAIL
+
+
+def test_a_tampered_index_is_refused_without_naming_the_folder(tiny_kit, gallery, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    build(tiny_kit, gallery).save(tmp_path / "idx")
+    meta_path, vec_path = tmp_path / "idx" / "meta.json", tmp_path / "idx" / "vectors.safetensors"
+    meta, tensors = json.loads(meta_path.read_text()), load_file(str(vec_path))
+
+    def refused(new_meta, new_tensors, match):
+        meta_path.write_text(json.dumps(new_meta))
+        save_file(new_tensors, str(vec_path))
+        with pytest.raises(InputError, match=match) as err:
+            Index.load(tmp_path / "idx", tiny_kit)
+        assert str(tmp_path) not in str(err.value)
+
+    refused({**meta, "ids": [1] * len(meta["ids"])}, tensors, "lists of text")
+    refused({**meta, "captions": ["x" * 20_000] * len(meta["ids"])}, tensors, "longer")
+    refused(meta, {**tensors, "vectors": tensors["vectors"] * float("nan")}, "finite")
+    refused(meta, {**tensors, "thumbnail_offsets": tensors["thumbnail_offsets"].flip(0)},
+            "out of order")
+    refused({**meta, "identity": "hf-clip:another"}, tensors, "another model")
+    meta_path.write_text(json.dumps(meta))
+    save_file(tensors, str(vec_path))
+    assert len(Index.load(tmp_path / "idx", tiny_kit)) == len(PHOTOS)
+
+
+def test_a_local_model_identity_names_no_server_path(tiny_kit):
+    identity = tiny_kit.encoder().identity
+    assert identity.startswith("hf-clip:") and "/" not in identity

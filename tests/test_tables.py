@@ -49,3 +49,16 @@ def test_export_neutralises_formulas(tmp_path):
     with open(out, encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert rows == [["a", "b"], ["'=HYPERLINK(\"x\")", "'+1"], ["'@SUM", "ok"]]
+
+
+def test_formulas_after_spaces_newlines_or_in_full_width_are_neutralised():
+    for cell in ["  =1+1", "\n=cmd|' /C calc'!A0", "\u3000+1", "＝1+1", "＋1", "－1", "＠SUM"]:
+        assert tables.neutralise(cell) == "'" + cell
+    assert tables.neutralise("a = b") == "a = b" and tables.neutralise("") == ""
+
+
+def test_utf16_with_an_odd_byte_count_is_read(tmp_path):
+    path = tmp_path / "odd.csv"
+    path.write_bytes(b"\xff\xfe" + "sentence\nthe [MASK] sat\n".encode("utf-16-le") + b"x")
+    rows, notices = tables.read_csv(path, ["sentence"])
+    assert rows[0]["sentence"] == "the [MASK] sat" and "UTF-16" in notices[0]

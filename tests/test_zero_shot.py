@@ -12,6 +12,7 @@ from skimage import data
 from transformers import pipeline
 
 import mmcore
+from mmcore import InputError
 from mmcore import zero_shot as Z
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -151,3 +152,31 @@ def test_tower_from_config_saves_and_loads_as_safetensors(tmp_path, chelsea):
     torch.testing.assert_close(again.encode_texts(["a cat"]), enc.encode_texts(["a cat"]))
     assert again.encode_images([chelsea]).shape == (1, 16)
     assert abs(again.logit_scale - float(torch.tensor(3.0).exp())) < 1e-4
+
+
+@pytest.mark.parametrize("template", ["{{}}{:a>50000000}", "{} and {}", "{0} {1}", "{}{x}",
+                                      "{:>9}", "no slot", "{", "a {} }"])
+def test_templates_are_plain_text_with_exactly_one_slot(tiny_kit, chelsea, template):
+    with pytest.raises(InputError, match="exactly one"):
+        tiny_kit.zero_shot(chelsea, LABELS, template=template)
+
+
+def test_labels_with_braces_are_substituted_not_formatted(tiny_kit):
+    assert Z.fill_template("a photo of {}.", "{0} {:>99}") == "a photo of {0} {:>99}."
+
+
+def test_the_label_cache_is_an_lru_bounded_by_bytes(tiny_kit, chelsea):
+    enc = tiny_kit.encoder()
+    enc._text_cache.clear()
+    old = enc._text_cache.max_bytes
+    try:
+        enc._text_cache.max_bytes = 8_000
+        for n in range(5):
+            labels = [f"thing {n} {i}" for i in range(60)]
+            tiny_kit.zero_shot(chelsea, labels)
+            assert enc._text_cache.nbytes <= 8_000
+        recent = "a photo of thing 4 59."
+        assert recent in enc._text_cache and "a photo of thing 0 0" not in enc._text_cache
+    finally:
+        enc._text_cache.max_bytes = old
+        enc._text_cache.clear()

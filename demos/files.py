@@ -1,0 +1,162 @@
+"""Files on a public server: which uploads a handler may open, and where each request and
+each user session keeps the files it makes.
+
+Uploads: Gradio stores every upload as `<GRADIO_TEMP_DIR>/<sha256>/<name>`, the hash seeded
+with a secret of this server, so a path of that shape is a capability only its uploader holds.
+`uploaded()` accepts exactly that: a regular file (no symlink, no folder) directly inside one
+such folder. Every file input of every tab goes through it, with `preprocess=False` so the
+raw client value is checked here, never trusted.
+
+Our own files live under `<GRADIO_TEMP_DIR>/mmcore/` (inside Gradio's cache, so a file handed
+back is served in place, never copied): `s-<digest of the session>/requests/<id>/` for one
+request (removed when it ends), `downloads/<id>/` and `thumbs/` for what the user must be able
+to fetch (removed when the session ends, or after it has been idle a while). A disk quota per
+session and one for the whole server bound them; extracted zip bytes count against it.
+"""
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmcore import InputError
+from mmcore.archives import size_of
+
+UPLOAD_FOLDER = re.compile(r"^[0-9a-f]{64}$")
+MAX_NAME = 200
+
+
+def upload_root() -> Path:
+    from gradio.utils import get_upload_folder
+
+    return Path(os.path.realpath(get_upload_folder()))
+
+
+@dataclass
+class Upload:
+    path: Path          # the checked file on this server (never shown to anyone)
+    name: str           # the name the user gave it (untrusted text: shown as text only)
+
+
+def _display_name(name, path: Path) -> str:
+    name = name if isinstance(name, str) and name.strip() else path.name
+    name = re.sub(r"[\x00-\x1f\x7f]", "", name.replace("\\", "/").rsplit("/", 1)[-1])
+    return name[:MAX_NAME] or "file"
+
+
+def uploaded(value, what: str = "file") -> Upload | None:
+    """The upload a client names (a FileData dict or a path), checked; None for no file."""
+    if value is None or value == "":
+        return None
+    refusal = InputError(f"The {what} must be a file uploaded with this request; "
+                         "upload it again.")
+    if isinstance(value, dict):
+        path, name = value.get("path"), value.get("orig_name")
+    elif isinstance(value, str):
+        path, name = value, None
+    else:
+        raise refusal
+    if not isinstance(path, str) or not path or "\x00" in path or len(path) > 4096:
+        raise refusal
+    real = Path(os.path.realpath(path))
+    try:
+        rel = real.relative_to(upload_root())
+        mode = os.lstat(path).st_mode
+    except (ValueError, OSError):
+        raise refusal from None
+    if len(rel.parts) != 2 or not UPLOAD_FOLDER.match(rel.parts[0]) or not stat.S_ISREG(mode):
+        raise refusal
+    return Upload(real, _display_name(name, real))
+
+
+def uploaded_list(values, what: str, limit: int) -> list:
+    """Several uploads (at most `limit` per request), each checked."""
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        values = [values]
+    if len(values) > limit:
+        raise InputError(f"{len(values)} files; at most {limit} per request.")
+    return [uploaded(v, what) for v in values if v not in (None, "")]
+
+
+class SessionFiles:
+    """Per-request and per-session folders with a disk quota (see the module doc)."""
+
+    def __init__(self, root: Path, session_bytes: int, total_bytes: int,
+                 idle_seconds: float = 6 * 3600):
+        self.root = Path(root)
+        self.session_bytes, self.total_bytes = session_bytes, total_bytes
+        self.idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._swept = 0.0
+
+    def session(self, request) -> Path:
+        """This user session's folder (made on first use; its stamp marks it alive)."""
+        key = getattr(request, "session_hash", None) or "anonymous"
+        digest = hashlib.sha256(str(key).encode("utf-8", "replace")).hexdigest()[:32]
+        folder = self.root / f"s-{digest}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".alive").touch()
+        return folder
+
+    @contextmanager
+    def request(self, request):
+        """A fresh folder for one request, removed when the request ends (also when it
+        fails or is cancelled: a generator's `finally` runs when Gradio closes it)."""
+        self.sweep()
+        folder = self.session(request) / "requests" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def download(self, request, name: str) -> Path:
+        """A path for a file the user downloads; it stays until the session ends."""
+        if self.budget(request) <= 0:
+            raise InputError("Your session has used its disk space; close the page and "
+                             "open it again to start afresh.")
+        folder = self.session(request) / "downloads" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        return folder / name
+
+    def thumbs(self, request) -> Path:
+        folder = self.session(request) / "thumbs"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def budget(self, request) -> int:
+        """Bytes this session may still write (its own quota and the server's)."""
+        mine = size_of(self.session(request))
+        return min(self.session_bytes - mine, self.total_bytes - size_of(self.root))
+
+    def end(self, request) -> None:
+        """The session ended: everything it made goes."""
+        if getattr(request, "session_hash", None):
+            shutil.rmtree(self.session(request), ignore_errors=True)
+
+    def sweep(self, force: bool = False) -> None:
+        """Remove sessions idle longer than `idle_seconds` (a browser that vanished without
+        closing its connection); at most once a minute."""
+        now = time.time()
+        with self._lock:
+            if not force and now - self._swept < 60:
+                return
+            self._swept = now
+        if not self.root.is_dir():
+            return
+        for folder in self.root.glob("s-*"):
+            try:
+                idle = now - (folder / ".alive").stat().st_mtime
+            except OSError:
+                idle = self.idle_seconds + 1
+            if idle > self.idle_seconds:
+                shutil.rmtree(folder, ignore_errors=True)

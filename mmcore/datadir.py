@@ -1,0 +1,132 @@
+"""The data dir: what a server makes that must outlive a restart.
+
+    <data dir>/models/<name>/      fine-tuned models (what `finetune` writes)
+    <data dir>/runs/<name>/run.json  one record per training run: options, state
+    <data dir>/runs/<name>/data/     the run's training data, kept while it may resume
+
+Default: `$MMCORE_DATA_DIR`, else `/data/mmcore` on a Hugging Face Space with persistent
+storage (`/data` exists and is writable), else `$MMCORE_CACHE/data`. At start the app removes
+half-written `.tmp-*` / `.old-*` folders (left by a write that was killed), lists finished
+models, and offers to resume runs that were still running when the server stopped.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import cache
+from .errors import InputError
+
+STATES = ("running", "finished", "stopped", "failed")
+
+
+def default_data_dir() -> Path:
+    if os.environ.get("MMCORE_DATA_DIR"):
+        return Path(os.environ["MMCORE_DATA_DIR"])
+    if os.environ.get("SPACE_ID") and os.path.isdir("/data") and os.access("/data", os.W_OK):
+        return Path("/data/mmcore")
+    return cache.cache_root() / "data"
+
+
+@dataclass
+class Run:
+    name: str
+    options: dict                       # finetune keyword arguments
+    state: str = "running"              # one of STATES
+    started: float = field(default_factory=time.time)
+    message: str = ""                   # why it failed, shown to users
+
+
+class DataDir:
+    def __init__(self, root=None):
+        self.root = Path(root) if root else default_data_dir()
+        self.models = self.root / "models"
+        self.runs = self.root / "runs"
+
+    def prepare(self) -> list:
+        """Make the folders and remove stale temp folders; returns what was removed."""
+        self.models.mkdir(parents=True, exist_ok=True)
+        self.runs.mkdir(parents=True, exist_ok=True)
+        removed = []
+        for folder in (self.models, self.runs):
+            for stale in folder.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale.name)
+            for stale in folder.glob(".old-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale.name)
+        return removed
+
+    # ---------------------------------------------------------------- runs
+    def new_run(self, options: dict) -> Run:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name, n = f"finetuned-{stamp}", 2
+        while (self.runs / name).exists() or (self.models / name).exists():
+            name, n = f"finetuned-{stamp}-{n}", n + 1
+        run = Run(name, dict(options))
+        (self.runs / name).mkdir(parents=True)
+        self.save(run)
+        return run
+
+    def save(self, run: Run) -> None:
+        """The record, written whole or not at all."""
+        folder = self.runs / run.name
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-run-", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(run), f)
+        os.replace(tmp, folder / "run.json")
+
+    def load(self, name: str) -> Run:
+        if not isinstance(name, str) or name not in {r.name for r in self.all_runs()}:
+            raise InputError(f"No training run named {str(name)[:80]!r} on this server.")
+        return self._read(self.runs / name / "run.json")
+
+    def _read(self, path: Path) -> Run:
+        raw = json.loads(path.read_text())
+        return Run(**{k: raw[k] for k in Run.__dataclass_fields__ if k in raw})
+
+    def all_runs(self) -> list:
+        out = []
+        for record in sorted(self.runs.glob("*/run.json")):
+            try:
+                out.append(self._read(record))
+            except (OSError, ValueError, TypeError):
+                continue                                     # a damaged record: ignored
+        return out
+
+    def data(self, run: Run) -> Path:
+        return self.runs / run.name / "data"
+
+    def model(self, run: Run) -> Path:
+        return self.models / run.name
+
+    def finish(self, run: Run, state: str, message: str = "") -> None:
+        """Record how a run ended; a run that can no longer resume drops its data copy."""
+        run.state, run.message = state, message
+        self.save(run)
+        if state in ("finished", "failed"):
+            shutil.rmtree(self.data(run), ignore_errors=True)
+
+    # ---------------------------------------------------------------- what users see
+    def finished_models(self) -> dict:
+        """{name: folder} of complete models whose run finished or was stopped by its user
+        (or that have no run record: put there by the operator)."""
+        states = {r.name: r.state for r in self.all_runs()}
+        out = {}
+        for folder in sorted(self.models.iterdir()) if self.models.is_dir() else []:
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            if cache.is_complete(folder) and states.get(folder.name, "finished") in \
+                    ("finished", "stopped"):
+                out[folder.name] = str(folder)
+        return out
+
+    def resumable(self) -> list:
+        """Names of runs that stopped before they finished (the server went down, or their
+        user stopped them) and still have their data."""
+        return [r.name for r in self.all_runs() if r.state in ("running", "stopped")
+                and self.data(r).is_dir()]

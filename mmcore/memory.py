@@ -1,0 +1,42 @@
+"""How much memory the process and its loaded models hold (shown on the Models tab)."""
+
+import os
+
+import torch
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (0 where it cannot be read)."""
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except Exception:  # noqa: BLE001 - psutil missing or refused: fall back to /proc
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+
+def tensors_of(obj):
+    """Every parameter and buffer of the torch modules in `obj` (a module or a dict of parts)."""
+    items = obj.values() if isinstance(obj, dict) else [obj]
+    for item in items:
+        if isinstance(item, torch.nn.Module):
+            yield from item.parameters()
+            yield from item.buffers()
+        elif hasattr(item, "model") and isinstance(item.model, torch.nn.Module):
+            yield from tensors_of(item.model)          # a ClipEncoder wraps its model
+
+
+def own_bytes(obj, shared: set) -> int:
+    """Bytes of the tensors in `obj` not in `shared` (data pointers of another model's
+    tensors: a fork shares its frozen towers with the base model)."""
+    seen, total = set(shared), 0
+    for t in tensors_of(obj):
+        ptr = t.data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.element_size() * t.nelement()
+    return total

@@ -1,0 +1,37 @@
+"""The data dir: what a server makes outlives a restart; half-written folders do not."""
+
+import json
+
+from mmcore import cache
+from mmcore.datadir import DataDir
+
+
+def complete_model(folder):
+    folder.mkdir(parents=True)
+    (folder / "head.safetensors").write_bytes(b"x")
+    (folder / cache.MARKER).write_text(json.dumps({"key": "mmcore-finetune-1"}))
+
+
+def test_restart_lists_finished_models_resumes_cut_runs_and_drops_temp_folders(tmp_path):
+    data = DataDir(tmp_path)
+    data.prepare()
+    done, cut, stopped, failed = (data.new_run({"epochs": i}) for i in range(1, 5))
+    for run in (done, cut, stopped, failed):
+        complete_model(data.model(run))
+        data.data(run).mkdir()
+    data.finish(done, "finished")
+    data.finish(stopped, "stopped")
+    data.finish(failed, "failed", "loss became NaN")
+    complete_model(data.models / "by-hand")                   # the operator's own model
+    (data.models / ".tmp-x-1").mkdir()
+    (data.runs / cut.name / "run.json").with_name("junk").mkdir()
+    (data.runs / "broken").mkdir()
+    (data.runs / "broken" / "run.json").write_text("{not json")
+
+    again = DataDir(tmp_path)                                  # the server restarts
+    assert again.prepare() == [".tmp-x-1"]
+    assert set(again.finished_models()) == {done.name, stopped.name, "by-hand"}
+    assert set(again.resumable()) == {cut.name, stopped.name}
+    assert not again.data(done).exists() and not again.data(failed).exists()
+    assert again.load(cut.name).options == {"epochs": 2}
+    assert len({r.name for r in again.all_runs()}) == 4
