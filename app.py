@@ -85,7 +85,7 @@ def configure_environment() -> None:
     if storage:
         # a restart keeps downloaded models, converted caches, fine-tuned models and indexes
         os.environ.setdefault("HF_HOME", os.path.join(storage, ".huggingface"))
-        os.environ.setdefault("MMCORE_CACHE", os.path.join(storage, "mmcore"))
+        os.environ.setdefault("MMCORE_CACHE", os.path.join(storage, "mmcore-cache"))
     # uploads go to a folder of the app's own, not a shared system temp folder
     os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mmcore-gradio-"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
