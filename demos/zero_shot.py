@@ -17,6 +17,15 @@ PHOTOS = {"chelsea": "a cat, a dog, a horse, a car, a cup of coffee",
           "camera": "a man with a camera, a cat, a car, a bowl of soup, a rocket",
           "horse": "a horse, a cat, a car, a cup of coffee, a rocket"}
 MAX_BATCH = 64
+SCORE_HELP = (
+    "**Scores.** *softmax*: the labels compete, scores sum to 1 (as CLIP's pipeline). "
+    "*sigmoid*: an independent yes/no per label, unaffected by the other labels: the model's "
+    "own sigmoid (scale and bias) where it has one (SigLIP); otherwise "
+    "σ(scale × (cosine − cosine of the template with no label)), above 0.5 when the label "
+    "fits better than the bare template. *cosine*: the raw similarity. "
+    f"**'{zs.NONE_LABEL}'**: with a threshold, it is one more label whose cosine is the "
+    "threshold, scored the same way; it comes first, and is the verdict, exactly when no "
+    "label's cosine reaches the threshold.")
 
 
 def example_files() -> list:
@@ -46,11 +55,14 @@ def build(ctx: AppContext) -> None:
         result = ctx.kit_for(model).zero_shot_details([image], labels, template or "a photo of {}.",
                                            ensemble=bool(ensemble), score=score,
                                            threshold=float(threshold) if threshold else None)[0]
-        chart = {label: value for label, value in result.ranked} if score != "cosine" else \
-            {label: max(0.0, value) for label, value in result.ranked}
+        # ranked is best first and its top is the verdict; gr.Label re-sorts by value (a
+        # stable sort), so the chart's headline is the verdict too
+        chart = {label: value if score != "cosine" else max(0.0, value)
+                 for label, value in result.ranked}
         rows = [[label, round(value, 4), round(result.cosines.get(label, float("nan")), 4)]
                 for label, value in result.ranked]
-        return chart, rows, "\n".join(f"- {n}" for n in result.notices)
+        notes = [f"**Verdict: {result.verdict}**"] + [f"- {n}" for n in result.notices]
+        return chart, rows, "\n".join(notes)
 
     @guarded
     def zero_shot_batch(files, labels: str, template: str, ensemble: bool, score: str):
@@ -82,6 +94,7 @@ def build(ctx: AppContext) -> None:
             "from ImageNet's 1000 classes are hard for it." if spec.backend == "conse" else "")
     gr.Markdown(f"Dual encoder: **{spec.name}**. Labels are compared with the image in a shared "
                 f"embedding space.{note}")
+    gr.Markdown(SCORE_HELP)
     with gr.Row():
         with gr.Column():
             image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"])
