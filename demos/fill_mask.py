@@ -64,10 +64,9 @@ def build(ctx: AppContext) -> None:
 
     @guarded
     def next_sentence(first: str, second: str):
-        """P(B follows A) and, for contrast, P(A follows B)."""
-        forward = ctx.kit.next_sentence(first, second)
-        backward = ctx.kit.next_sentence(second, first)
-        return {"A then B": forward, "B then A": backward}
+        """P(B follows A) and, for contrast, P(A follows B): two numbers, each the probability
+        of one order; they are separate questions and need not sum to 1."""
+        return ctx.kit.next_sentence(first, second), ctx.kit.next_sentence(second, first)
 
     def read_rows(file, columns: list):
         upload = uploaded(file, "CSV file")
@@ -148,9 +147,11 @@ def build(ctx: AppContext) -> None:
         sent_a = gr.Textbox(label="Sentence A", max_length=5000, value=NSP_EXAMPLES[0][0])
         sent_b = gr.Textbox(label="Sentence B", max_length=5000, value=NSP_EXAMPLES[0][1])
     nsp_btn = gr.Button("How likely does B follow A?")
-    nsp_out = gr.Label(label="P(follows)")
+    with gr.Row():
+        p_ab = gr.Number(label="P(B follows A)", interactive=False)
+        p_ba = gr.Number(label="P(A follows B), for contrast", interactive=False)
     gr.Examples(NSP_EXAMPLES, [sent_a, sent_b])
-    nsp_btn.click(next_sentence, [sent_a, sent_b], nsp_out, api_name="next_sentence",
+    nsp_btn.click(next_sentence, [sent_a, sent_b], [p_ab, p_ba], api_name="next_sentence",
                   **ctx.model_event())
 
     with gr.Accordion("Batch: CSV in, CSV out", open=False):

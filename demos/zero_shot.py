@@ -22,6 +22,15 @@ PHOTOS = {"chelsea": "a cat, a dog, a horse, a car, a cup of coffee",
           "horse": "a horse, a cat, a car, a cup of coffee, a rocket"}
 MAX_PROMPTS = 4000      # label x template texts per request: the model slot is shared
 COLUMNS = ["image", "best", "score", "all", "error"]
+SCORE_HELP = (
+    "**Scores.** *softmax*: the labels compete, scores sum to 1 (as CLIP's pipeline). "
+    "*sigmoid*: an independent yes/no per label, unaffected by the other labels: the model's "
+    "own sigmoid (scale and bias) where it has one (SigLIP); otherwise "
+    "σ(scale × (cosine − cosine of the template with no label)), above 0.5 when the label "
+    "fits better than the bare template. *cosine*: the raw similarity. "
+    f"**'{zs.NONE_LABEL}'**: with a threshold, it is one more label whose cosine is the "
+    "threshold, scored the same way; it comes first, and is the verdict, exactly when no "
+    "label's cosine reaches the threshold.")
 
 
 def example_files(ctx: AppContext) -> list:
@@ -54,11 +63,15 @@ def build(ctx: AppContext) -> None:
             raise InputError("Upload an image (or pick an example).")
         result = classify(ctx.kit_for(model), mm_images.load_image(upload.path), labels,
                           template, ensemble, score, threshold)
-        chart = {label: value for label, value in result.ranked} if score != "cosine" else \
-            {label: max(0.0, value) for label, value in result.ranked}
+        # ranked is best first and its top is the verdict; gr.Label re-sorts by value (a
+        # stable sort), so the chart's headline is the verdict too
+        chart = {label: value if score != "cosine" else max(0.0, value)
+                 for label, value in result.ranked}
         rows = [[label, round(value, 4), round(result.cosines.get(label, float("nan")), 4)]
                 for label, value in result.ranked]
-        return chart, rows, "\n".join(f"- {text_md(n)}" for n in result.notices)
+        notes = [f"**Verdict: {text_md(result.verdict)}**"] + \
+            [f"- {text_md(n)}" for n in result.notices]
+        return chart, rows, "\n".join(notes)
 
     @guarded
     def zero_shot_batch(files, labels: str, template: str, ensemble: bool, score: str,
@@ -101,6 +114,7 @@ def build(ctx: AppContext) -> None:
             "from ImageNet's 1000 classes are hard for it." if spec.backend == "conse" else "")
     gr.Markdown(f"Dual encoder: **{spec.name}**. Labels are compared with the image in a shared "
                 f"embedding space.{note}")
+    gr.Markdown(SCORE_HELP)
     with gr.Row():
         with gr.Column():
             image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"])

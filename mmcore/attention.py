@@ -2,11 +2,15 @@
 
 `attention_maps(kit, which, text)` runs one model with eager attention (the fused kernels
 never materialise the weights) and returns every layer's and head's softmax weights.
+The shared model is never switched to eager: a twin that shares every weight runs instead,
+so a request running meanwhile keeps its own attention implementation.
 """
 
+import copy
+import itertools
 import threading
+import weakref
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +20,8 @@ from .errors import InputError
 from .text import clean_text
 
 MAX_TOKENS = 64
-_switch_lock = threading.Lock()
+_twins: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()    # model -> eager twin
+_twins_lock = threading.Lock()
 
 
 @dataclass
@@ -46,32 +51,32 @@ def choices(kit) -> dict:
 
 
 def _resolve(kit, key: str):
-    """(model that owns the attention setting, module to run, tokenizer)."""
+    """(model that owns the attention setting, name of the part to run ("" = all of it),
+    tokenizer)."""
     if key in ("masked_lm", "causal_lm"):
         parts = kit.model(key).parts
-        return parts["model"], parts["model"], parts["processor"]
+        return parts["model"], "", parts["processor"]
     if key == "text_tower":
         parts = kit.model("dual_encoder").parts
         if "text_model" in parts:                                    # ConSE: MiniLM
-            return parts["text_model"], parts["text_model"], parts["tokenizer"]
-        model = parts["model"]                                       # CLIP-like
-        return model, model.text_model, parts["processor"].tokenizer
+            return parts["text_model"], "", parts["tokenizer"]
+        return parts["model"], "text_model", parts["processor"].tokenizer   # CLIP-like
     raise InputError(f"Unknown model choice {key!r}.")
 
 
-@contextmanager
-def eager_attention(model):
-    """Run with eager attention, then put the previous implementation back. Eager and fused
-    attention compute the same function, so another request running meanwhile is unharmed."""
-    with _switch_lock:
-        previous = model.config._attn_implementation
-        if previous != "eager":
-            model.set_attn_implementation("eager")
-        try:
-            yield
-        finally:
-            if previous != "eager":
-                model.set_attn_implementation(previous)
+def eager_twin(model):
+    """A copy of `model` that runs eager attention and shares every parameter and buffer
+    with it (no tensor is copied). Only the twin's own config copy is switched, so the
+    shared model, and a request using it concurrently, is never touched."""
+    with _twins_lock:
+        twin = _twins.get(model)
+        if twin is None:
+            shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+            twin = copy.deepcopy(model, shared)
+            if twin.config._attn_implementation != "eager":
+                twin.set_attn_implementation("eager")
+            _twins[model] = twin
+        return twin
 
 
 def readable(tokens: list) -> list:
@@ -82,7 +87,9 @@ def readable(tokens: list) -> list:
 @torch.inference_mode()
 def attention_maps(kit, key: str, text) -> AttentionMaps:
     text = clean_text(text, "Text", max_chars=2000).strip()
-    owner, module, tok = _resolve(kit, key)
+    owner, part, tok = _resolve(kit, key)
+    twin = eager_twin(owner)
+    module = getattr(twin, part) if part else twin
     ids = tok(text)["input_ids"]
     notices = []
     if len(ids) > MAX_TOKENS:
@@ -90,8 +97,7 @@ def attention_maps(kit, key: str, text) -> AttentionMaps:
     enc = tok(text, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
     device = next(module.parameters()).device
     inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    with eager_attention(owner):
-        out = module(**inputs, output_attentions=True)
+    out = module(**inputs, output_attentions=True)
     if not out.attentions:
         raise InputError("This model does not report its attention weights.")
     weights = torch.stack([a[0].float().cpu() for a in out.attentions])      # (L, H, T, T)

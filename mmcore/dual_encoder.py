@@ -2,8 +2,10 @@
 
     encoder.encode_images(images) -> (N, D), encoder.encode_texts(texts) -> (N, D)
 
-both L2-normalised, plus `logit_scale` (similarities are multiplied by it before a softmax)
-and `identity` (names the exact model: caches and saved indexes key on it). Three kinds:
+both L2-normalised, plus `logit_scale` (similarities are multiplied by it before a softmax),
+`logit_bias` (added after it, for models trained with a sigmoid loss such as SigLIP; None
+for the others) and `identity` (names the exact model: caches and saved indexes key on it).
+Three kinds:
 
 1. `ClipEncoder`: a Hugging Face CLIPModel (or any model with get_image_features /
    get_text_features) with its processor.
@@ -39,6 +41,7 @@ class DualEncoder:
 
     identity: str = ""
     logit_scale: float = 100.0
+    logit_bias: float | None = None          # SigLIP-style models only
     max_text_tokens: int = 77
 
     def __init__(self):
@@ -99,6 +102,8 @@ class ClipEncoder(DualEncoder):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
         self.identity = f"hf-clip:{public_name(name)}"
         self.logit_scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
+        bias = getattr(model, "logit_bias", None)          # SiglipModel has one; CLIP has not
+        self.logit_bias = float(bias.detach().reshape(-1)[0]) if bias is not None else None
         cfg = getattr(model.config, "text_config", model.config)
         self.max_text_tokens = getattr(cfg, "max_position_embeddings", 77)
         self.dim = getattr(model.config, "projection_dim", None)

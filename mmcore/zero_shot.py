@@ -2,10 +2,26 @@
 
 Labels become prompts through a template (or an ensemble of templates, whose normalised text
 embeddings are averaged, as in the CLIP paper); the image is compared with each label by
-cosine similarity. Scores: "softmax" over the labels of logit_scale x cosine (what
-transformers' pipeline reports), "sigmoid" of the same logits (independent yes/no per
-label), or the raw "cosine". Label embeddings are cached per encoder, so a second image with
-the same labels encodes only the image.
+cosine similarity. Scores (`score=`):
+
+- "softmax": softmax over the labels of logit_scale x cosine (what transformers' pipeline
+  reports for CLIP); the labels compete, the scores sum to 1.
+- "sigmoid": an independent yes/no per label, never affected by the other labels. A model
+  trained with a sigmoid loss has its own bias (SigLIP's `logit_bias`): the score is then
+  sigmoid(logit_scale x cosine + logit_bias), the model's own probability. Models without
+  one (CLIP, ConSE) get sigmoid(logit_scale x (cosine - cosine_0)), where cosine_0 is the
+  image's cosine with the template holding no label ("a photo of ."): above 0.5 means the
+  label describes the image better than the bare template does.
+- "cosine": the raw cosine similarity.
+
+Verdict ("none of these"): with `threshold` (a cosine), "none of these" joins the labels as
+one more label whose cosine is exactly the threshold, scored by the same rule. Every score is
+increasing in the cosine, so "none of these" ranks first (the `verdict`) exactly when no
+label's cosine reaches the threshold; `ranked` stays best first, and a chart of it agrees
+with the verdict. With softmax, the scores then sum to 1 over the labels plus "none of these".
+
+Label embeddings are cached per encoder, so a second image with the same labels encodes
+only the image.
 """
 
 from dataclasses import dataclass, field
@@ -37,10 +53,16 @@ ENSEMBLE = (
 
 @dataclass
 class ZeroShotResult:
-    ranked: list                           # [(label, score)] best first
-    cosines: dict                          # label -> cosine similarity
+    ranked: list                           # [(label, score)] best first ("none of these"
+                                           # among them when a threshold is set)
+    cosines: dict                          # label -> cosine ("none of these": the threshold)
     score: str                             # "softmax", "sigmoid" or "cosine"
     notices: list = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        """The best label, or "none of these" when no label's cosine reaches the threshold."""
+        return self.ranked[0][0]
 
 
 def parse_labels(labels, encoder=None) -> tuple:
@@ -110,7 +132,11 @@ def zero_shot_batch(encoder, images: list, labels, template: str = "a photo of {
     `templates`: an ensemble of your own (overrides `template` and `ensemble`)."""
     if score not in SCORES:
         raise InputError(f"score must be one of {', '.join(SCORES)}, not {score!r}.")
+    threshold = check_threshold(threshold)
     labels, notices = parse_labels(labels, encoder)
+    if threshold is not None and NONE_LABEL in (x.lower() for x in labels):
+        raise InputError(f"'{NONE_LABEL}' is the verdict when no label reaches the "
+                         "threshold; it cannot also be a label.")
     if templates:
         templates = tuple(check_template(t) for t in templates)
     elif ensemble:
@@ -120,23 +146,50 @@ def zero_shot_batch(encoder, images: list, labels, template: str = "a photo of {
     text = label_embeddings(encoder, labels, templates)                   # (L, D)
     image = encoder.encode_images(images)                                 # (N, D)
     cos = image @ text.T                                                  # (N, L)
-    logits = encoder.logit_scale * cos
+    names = list(labels)
+    if threshold is not None:           # "none of these": one more label, at the threshold
+        cos = torch.cat([cos, torch.full((len(images), 1), threshold)], 1)
+        names.append(NONE_LABEL)
     if score == "softmax":
-        scores = logits.softmax(-1)
+        scores = (encoder.logit_scale * cos).softmax(-1)
     elif score == "sigmoid":
-        # centre on each image's mean logit: raw CLIP logits are all large and positive
-        scores = torch.sigmoid(logits - logits.mean(-1, keepdim=True))
+        scores = torch.sigmoid(encoder.logit_scale * cos + _sigmoid_bias(encoder, image,
+                                                                          templates))
     else:
         scores = cos
     results = []
     for n in range(len(images)):
-        ranked = sorted(zip(labels, scores[n].tolist()), key=lambda x: -x[1])
-        cosines = dict(zip(labels, cos[n].tolist()))
-        result = ZeroShotResult(ranked, cosines, score, list(notices))
-        if threshold is not None and max(cosines.values()) < float(threshold):
-            result.ranked = [(NONE_LABEL, 1.0 - ranked[0][1] if score != "cosine" else
-                              float(threshold))] + ranked
-            result.notices.append(f"No label reaches cosine {float(threshold):.2f}: "
-                                  f"'{NONE_LABEL}'.")
+        # best first; at a tie a real label wins (its cosine "reaches" the threshold)
+        order = sorted(range(len(names)), key=lambda i: (-scores[n, i].item(),
+                                                         names[i] == NONE_LABEL))
+        ranked = [(names[i], float(scores[n, i])) for i in order]
+        result = ZeroShotResult(ranked, dict(zip(names, cos[n].tolist())), score,
+                                list(notices))
+        if result.verdict == NONE_LABEL:
+            result.notices.append(f"No label reaches cosine {threshold:.2f}: "
+                                  f"the verdict is '{NONE_LABEL}'.")
         results.append(result)
     return results
+
+
+def check_threshold(threshold) -> float | None:
+    """None (off) or a finite cosine in [-1, 1]."""
+    if threshold is None or threshold == "":
+        return None
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise InputError(f"threshold must be a number, not {threshold!r}.") from None
+    if not -1.0 <= value <= 1.0:          # also refuses NaN
+        raise InputError(f"threshold is a cosine: it must be in [-1, 1], not {value}.")
+    return value
+
+
+def _sigmoid_bias(encoder, image: torch.Tensor, templates: tuple) -> torch.Tensor:
+    """(N, 1) or scalar bias of the sigmoid score: the model's own `logit_bias` where it has
+    one (SigLIP), else -logit_scale x each image's cosine with the label-free template(s)."""
+    if getattr(encoder, "logit_bias", None) is not None:
+        return torch.tensor(float(encoder.logit_bias))
+    bare = [" ".join(t.format("").split()) for t in templates]
+    base = F.normalize(encoder.text_embeddings_cached(bare).mean(0), dim=-1)     # (D,)
+    return -encoder.logit_scale * (image @ base).unsqueeze(1)

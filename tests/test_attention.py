@@ -38,3 +38,33 @@ def test_worked_example_shapes():
     ex = attention.worked_example(["the", "cat", "sat"])
     assert ex["q"] == (1, 2, 3, 4) and ex["out"] == (1, 3, 8)
     torch.testing.assert_close(ex["weights"].sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("key", ["masked_lm", "causal_lm", "text_tower"])
+def test_the_shared_model_is_never_switched_to_eager(tiny_kit, key):
+    """What a concurrent request would see: the shared model's attention implementation while
+    the view runs stays its own. The weights equal an independent eager copy's."""
+    import copy
+
+    owner, part, tok = attention._resolve(tiny_kit, key)
+    assert owner.config._attn_implementation != "eager"
+    seen = []
+    first = next(m for m in owner.modules() if m is not owner)
+    handle = first.register_forward_hook(
+        lambda *_: seen.append(owner.config._attn_implementation))
+    try:
+        maps = attention.attention_maps(tiny_kit, key, "the cat sat on the mat")
+    finally:
+        handle.remove()
+    assert "eager" not in seen
+    reference = copy.deepcopy(owner)
+    reference.set_attn_implementation("eager")
+    module = getattr(reference, part) if part else reference
+    enc = tok("the cat sat on the mat", return_tensors="pt")
+    with torch.no_grad():
+        out = module(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                     output_attentions=True)
+    torch.testing.assert_close(maps.weights, torch.stack([a[0] for a in out.attentions]))
+    assert attention.eager_twin(owner).config is not owner.config
+    assert all(a is b for a, b in zip(attention.eager_twin(owner).parameters(),
+                                      owner.parameters()))      # weights shared, not copied

@@ -2,6 +2,7 @@
 cached label embeddings, clear limits, and real quality on real photos (offline kit)."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,86 @@ def test_scores_and_threshold(tiny_kit, chelsea):
         assert abs(value - float(image @ text[LABELS.index(label)])) < 1e-5
     sig = Z.zero_shot(enc, chelsea, LABELS, score="sigmoid")
     assert all(0 < v < 1 for _, v in sig.ranked)
-    none = Z.zero_shot(enc, chelsea, LABELS, threshold=1.01)
-    assert none.ranked[0][0] == Z.NONE_LABEL and none.notices
+    none = Z.zero_shot(enc, chelsea, LABELS, threshold=1.0)
+    assert none.ranked[0][0] == none.verdict == Z.NONE_LABEL and none.notices
+
+
+class FixedEncoder:
+    """A dual encoder with fixed embeddings, for hand computations."""
+
+    def __init__(self, image, texts: dict, logit_scale=10.0, logit_bias=None):
+        self.image, self.texts = image, texts
+        self.logit_scale, self.logit_bias = logit_scale, logit_bias
+        self.max_text_tokens = 77
+        self.tokenizer = lambda text, **_: {"input_ids": text.split()}
+
+    def encode_images(self, images):
+        return self.image.expand(len(images), -1)
+
+    def text_embeddings_cached(self, texts):
+        return torch.stack([self.texts[t] for t in texts])
+
+
+def unit(*xs):
+    return torch.nn.functional.normalize(torch.tensor(xs, dtype=torch.float32), dim=-1)
+
+
+def fixed_encoder(logit_bias=None):
+    texts = {"a photo of cat.": unit(1.0, 0.2, 0.0), "a photo of dog.": unit(0.3, 1.0, 0.0),
+             "a photo of car.": unit(0.0, 0.1, 1.0), "a photo of .": unit(0.5, 0.5, 0.5)}
+    return FixedEncoder(unit(1.0, 0.0, 0.1), texts, 10.0, logit_bias)
+
+
+def test_sigmoid_uses_the_models_own_scale_and_bias():
+    enc = fixed_encoder(logit_bias=-6.0)              # SigLIP-style
+    got = dict(Z.zero_shot(enc, "img", "cat, dog", template="a photo of {}.",
+                           score="sigmoid").ranked)
+    for label in ("cat", "dog"):
+        cos = float(enc.image @ enc.texts[f"a photo of {label}."])
+        assert abs(got[label] - 1 / (1 + math.exp(-(10.0 * cos - 6.0)))) < 1e-6
+
+
+def test_sigmoid_without_a_bias_is_independent_of_the_other_labels():
+    enc = fixed_encoder()
+    two = dict(Z.zero_shot(enc, "img", "cat, dog", score="sigmoid").ranked)
+    three = dict(Z.zero_shot(enc, "img", "cat, dog, car", score="sigmoid").ranked)
+    base = float(enc.image @ enc.texts["a photo of ."])     # the label-free template
+    for label in ("cat", "dog"):
+        assert abs(two[label] - three[label]) < 1e-9
+        cos = float(enc.image @ enc.texts[f"a photo of {label}."])
+        assert abs(two[label] - 1 / (1 + math.exp(-10.0 * (cos - base)))) < 1e-6
+
+
+@pytest.mark.parametrize("score", Z.SCORES)
+@pytest.mark.parametrize("threshold", [0.99, 0.5, 0.0])
+def test_none_of_these_is_one_verdict_best_first(score, threshold):
+    """'none of these' is a label at the threshold's cosine, scored like the others: the
+    ranking stays best first and its top is the verdict, whatever the score type."""
+    enc = fixed_encoder()
+    result = Z.zero_shot(enc, "img", "cat, dog, car", score=score, threshold=threshold)
+    cos = {lab: float(enc.image @ enc.texts[f"a photo of {lab}."]) for lab in
+           ("cat", "dog", "car")}
+    reached = [lab for lab in cos if cos[lab] >= threshold]
+    want = max(reached, key=cos.get) if reached else Z.NONE_LABEL
+    assert result.verdict == result.ranked[0][0] == want
+    values = [v for _, v in result.ranked]
+    assert values == sorted(values, reverse=True)
+    order = [lab for lab, _ in result.ranked]
+    assert order == sorted(cos, key=cos.get, reverse=True)[:len(reached)] + [Z.NONE_LABEL] + \
+        sorted(cos, key=cos.get, reverse=True)[len(reached):]
+    if score == "softmax":            # by hand: the threshold is one more logit
+        logits = {**{k: 10.0 * v for k, v in cos.items()}, Z.NONE_LABEL: 10.0 * threshold}
+        norm = sum(math.exp(v) for v in logits.values())
+        for lab, value in result.ranked:
+            assert abs(value - math.exp(logits[lab]) / norm) < 1e-6
+    if want == Z.NONE_LABEL:
+        assert any(Z.NONE_LABEL in n for n in result.notices)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), 2.0, "x"])
+def test_bad_threshold_is_rejected(threshold):
+    with pytest.raises(mmcore.InputError, match="threshold"):
+        Z.zero_shot(fixed_encoder(), "img", "cat, dog", threshold=threshold)
 
 
 def test_batched_image_encoding_equals_one_by_one(tiny_kit, chelsea):
