@@ -94,6 +94,7 @@ _registry: dict = {}                 # (loader, source, role-class, device) -> L
 _registry_locks: dict = {}           # same key -> Lock, so different models load in parallel
 _registry_guard = threading.Lock()
 _encoder_guard = threading.Lock()
+_scheduler_guard = threading.Lock()
 _loading: set = set()                # keys being loaded right now, for status displays
 
 
@@ -163,6 +164,7 @@ class Kit:
     specs: dict
     device: object = field(default_factory=pick_device)
     errors: dict = field(default_factory=dict)        # role -> message of a failed load
+    serving: object = None       # a serving.ServingConfig: generation goes through a scheduler
 
     def spec(self, role: str) -> ModelSpec:
         if role not in ROLES:
@@ -239,6 +241,9 @@ class Kit:
 
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed,
                                 stop=stop or (), **options)
+        scheduler = self.scheduler()
+        if scheduler is not None:
+            return scheduler.generate(prompt, params, num_candidates)
         parts = self.model("causal_lm").parts
         return generate(parts["model"], parts["processor"], prompt, params, num_candidates)
 
@@ -250,8 +255,57 @@ class Kit:
 
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed,
                                 stop=stop or (), **options)
+        scheduler = self.scheduler()
+        if scheduler is not None:
+            return scheduler.stream(prompt, params, stop_event)
         parts = self.model("causal_lm").parts
         return stream(parts["model"], parts["processor"], prompt, params, stop_event)
+
+    def generate_tokens(self, prompt, params, stop_event=None, forced=None, run=None):
+        """`generation.generate_tokens` on this kit's causal LM (batched when serving)."""
+        from .generation import generate_tokens
+
+        scheduler = self.scheduler()
+        if scheduler is not None:
+            return scheduler.generate_tokens(prompt, params, stop_event, forced, run)
+        parts = self.model("causal_lm").parts
+        return generate_tokens(parts["model"], parts["processor"], prompt, params, stop_event,
+                               forced, run)
+
+    def serve(self, config=None) -> "Kit":
+        """Serve many users: generation decodes every stream together, in one scheduler per
+        causal LM (continuous batching). `config`: a `serving.ServingConfig` (None: defaults).
+        The app does this; plain Python use decodes each call on its own."""
+        from . import serving
+
+        self.serving = config or serving.ServingConfig()
+        return self
+
+    def stop_serving(self) -> None:
+        """Back to one call at a time; the scheduler's thread ends (running streams cancel)."""
+        self.serving = None
+        key = _load_key(self.spec("causal_lm"), "causal_lm", self.device)
+        loaded = _registry.get(key)
+        if loaded is not None:
+            with _scheduler_guard:
+                scheduler = loaded.parts.pop("scheduler", None)
+            if scheduler is not None:
+                scheduler.close()
+
+    def scheduler(self):
+        """The causal LM's scheduler when serving (made on first use), else None."""
+        if self.serving is None:
+            return None
+        from . import serving
+
+        loaded = self.model("causal_lm")
+        with _scheduler_guard:
+            if "scheduler" not in loaded.parts:
+                model, tok = loaded.parts["model"], loaded.parts["processor"]
+                if not serving.Scheduler.supports(model):
+                    return None
+                loaded.parts["scheduler"] = serving.Scheduler(model, tok, self.serving)
+            return loaded.parts["scheduler"]
 
     def encoder(self):
         """The dual encoder (CLIP, or ConSE on the offline kit), built once per model."""
