@@ -149,7 +149,7 @@ def build(ctx: AppContext) -> None:
         with gr.Row():
             gr.Button("Fill every sentence").click(
                 fill_mask_batch, [batch_file, top_k], [batch_out, batch_notes],
-                api_name="fill_mask_batch", **ctx.model_event())
+                api_name="fill_mask_batch", **ctx.model_event("long"))
             gr.Button("Score every pair").click(
                 next_sentence_batch, [batch_file], [batch_out, batch_notes],
-                api_name="next_sentence_batch", **ctx.model_event())
+                api_name="next_sentence_batch", **ctx.model_event("long"))

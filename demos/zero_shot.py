@@ -116,4 +116,4 @@ def build(ctx: AppContext) -> None:
         batch_note = gr.Markdown()
         go_batch.click(zero_shot_batch, [files, labels, template, ensemble, score],
                        [batch_table, batch_csv, batch_note], api_name="zero_shot_batch",
-                       preprocess=False, **ctx.model_event())
+                       preprocess=False, **ctx.model_event("long"))

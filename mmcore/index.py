@@ -184,7 +184,10 @@ class Index:
         if len(self) == 0:
             raise InputError("The index is empty.")
         k = max(1, min(int(k), len(self)))
-        q = self.query_vector(query, negative)
+        from .serving import PRIORITY
+
+        with PRIORITY.short():            # a search goes before long work (generation)
+            q = self.query_vector(query, negative)
         if len(self) >= FAISS_THRESHOLD:
             scores, idx = self.faiss().search(q.numpy()[None].astype(np.float32), k)
             pairs = [(int(i), float(s)) for i, s in zip(idx[0], scores[0]) if i >= 0]

@@ -6,6 +6,7 @@ sentence) share one loaded model. Loaded models live in a process-wide registry 
 (loader, source, device), so two kits naming the same checkpoint never load it twice.
 """
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from .errors import InputError, ModelUnavailable
 
 ROLES = ("masked_lm", "next_sentence", "causal_lm", "dual_encoder")
 KIT_NAMES = ("offline", "hub", "tiny")
+SHORT_ITEMS = 4      # a call on at most this many images is short work (goes before generation)
 
 
 @dataclass(frozen=True)
@@ -223,14 +225,20 @@ class Kit:
     def fill_mask_details(self, text, top_k: int = 5, targets=None):
         """A `FillResult`: per-mask lists, joint fills, the backend used and any notices."""
         from .fill_mask import fill
+        from .serving import PRIORITY
 
-        return fill(self.model("masked_lm"), text, top_k, targets)
+        loaded = self.model("masked_lm")
+        with PRIORITY.short():
+            return fill(loaded, text, top_k, targets)
 
     def next_sentence(self, first, second) -> float:
         """P(second follows first)."""
         from .nsp import next_sentence
+        from .serving import PRIORITY
 
-        return next_sentence(self.model("next_sentence"), first, second)
+        loaded = self.model("next_sentence")
+        with PRIORITY.short():
+            return next_sentence(loaded, first, second)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed=None, stop=None,
@@ -343,15 +351,21 @@ class Kit:
 
     def zero_shot(self, image, labels, template: str = "a photo of {}.", **options) -> list:
         """[(label, probability)] best first. options: ensemble, score, threshold."""
+        from .serving import PRIORITY
         from .zero_shot import zero_shot
 
-        return zero_shot(self.encoder(), image, labels, template, **options).ranked
+        encoder = self.encoder()
+        with PRIORITY.short():
+            return zero_shot(encoder, image, labels, template, **options).ranked
 
     def zero_shot_details(self, images, labels, template: str = "a photo of {}.", **options):
         """A ZeroShotResult per image (scores, cosines, notices)."""
+        from .serving import PRIORITY
         from .zero_shot import zero_shot_batch
 
-        return zero_shot_batch(self.encoder(), list(images), labels, template, **options)
+        images, encoder = list(images), self.encoder()
+        with PRIORITY.short() if len(images) <= SHORT_ITEMS else contextlib.nullcontext():
+            return zero_shot_batch(encoder, images, labels, template, **options)
 
     def describe(self) -> list:
         """One dict per role for headers and the API: name, licence, source and status."""

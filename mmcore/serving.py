@@ -25,6 +25,7 @@ machine instead of sharing its cores with the whole batch.
 """
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -46,6 +47,23 @@ class ServingConfig:
     token_budget: int = 0           # prompt + max_new_tokens over the batch (0 = no bound)
     idle_seconds: float = 30.0      # the scheduler thread exits after this long without work
     max_pause: float = 1.0          # longest pause for short work before the next step
+
+
+def default_max_batch(device) -> int:
+    """Streams per decode step: a GPU has room for many; on a CPU a step's cost starts to
+    grow with the batch past about 16 rows of a small model."""
+    return 32 if torch.device(device).type == "cuda" else 16
+
+
+def lane_sizes(device, max_batch: int) -> dict:
+    """How many requests each lane runs at once, sized to the machine: generation admits a
+    full batch; short work gets about one slot per two cores (each torch call already uses
+    several) or a few on a GPU; long work (batch files, gallery embedding) one or two."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    gpu = torch.device(device).type == "cuda"
+    return {"generate": int(max_batch), "short": 4 if gpu else max(1, min(4, cores // 2)),
+            "long": 2 if gpu else 1}
 
 
 class Priority:
