@@ -37,7 +37,7 @@ from . import lm_scoring
 from .errors import InputError
 from .generation import (Generation, SamplingParams, TokenInfo, _alternatives, _Detokenizer,
                          _process, context_length, eos_ids, prompt_ids, use_chat)
-from .generation import MAX_CANDIDATES
+from .generation import MAX_CANDIDATES, TOP_ALTERNATIVES
 from .text import clean_text
 
 
@@ -136,7 +136,8 @@ class _Stream:
             return int(final.argmax())
         return int(torch.multinomial(final.softmax(-1), 1, generator=self.generator))
 
-    def advance(self, row: torch.Tensor, probs: torch.Tensor, forced_token=None) -> bool:
+    def advance(self, row: torch.Tensor, probs: torch.Tensor, forced_token=None,
+                alternatives=None) -> bool:
         """One token from (V,) float logits (or the forced one); True when the stream ends.
         The same rules as `generation.generate_tokens`, token for token."""
         is_forced = forced_token is not None
@@ -146,8 +147,9 @@ class _Stream:
         if token in self.eos and not is_forced:
             return self.end("eos")
         piece = self.detok.push(token)
-        info = TokenInfo(token, piece, float(probs[token]), _alternatives(self.strings, probs),
-                         is_forced)
+        if alternatives is None:
+            alternatives = _alternatives(self.strings, probs)
+        info = TokenInfo(token, piece, float(probs[token]), alternatives, is_forced)
         stops = self.params.stop
         tail = max(0, len(self.text) - max((len(s) for s in stops), default=0))
         self.text += piece
@@ -339,19 +341,26 @@ class Scheduler:
                     for stream in joining:
                         stream.end("cancelled")
                     continue
-                try:
-                    for stream in joining:
+                for stream in joining:
+                    try:
                         self._prefill(stream)
+                    except Exception as exc:  # noqa: BLE001 - that stream's own failure
+                        self._fail([stream], exc)
+                try:
                     self._leave([s for s in self._active if s.cancelled], "cancelled")
                     if self._active:
                         self._step()
-                except Exception as exc:  # noqa: BLE001 - every stream must hear of it
-                    for s in joining + self._active:
-                        if not s.finish:
-                            s.end("error", exc)
-                    self._active, self._cache = [], None
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                except Exception as exc:  # noqa: BLE001 - every stream in the batch hears
+                    self._fail(self._active, exc)
+                    self._active = []
+                    self._cache = self._mask = self._pos = self._next = None
+
+    def _fail(self, streams: list, exc: BaseException) -> None:
+        for s in streams:
+            if not s.finish:
+                s.end("error", exc)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _admit(self) -> list:
         """Waiting streams that fit in the batch now (under the lock), first come first."""
@@ -423,11 +432,16 @@ class Scheduler:
         self.steps += 1
         logits = out.logits[:, -1].float()                                         # (B, V)
         probs = logits.softmax(-1)
+        values, ids = probs.topk(TOP_ALTERNATIVES)             # one call for the whole batch
+        values, ids = values.tolist(), ids.tolist()
+        strings = self._active[0].strings
         done = []
         for i, s in enumerate(self._active):
+            alternatives = [(strings[j] if j < len(strings) else "", v, j)
+                            for v, j in zip(values[i], ids[i])]
             if s.cancelled:
                 done.append(s)
-            elif s.advance(logits[i], probs[i]):
+            elif s.advance(logits[i], probs[i], alternatives=alternatives):
                 done.append(s)
             else:
                 self._next[i] = s.generated[-1]
