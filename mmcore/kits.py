@@ -339,6 +339,8 @@ class Kit:
                     enc = de.ClipEncoder(loaded.parts["model"], loaded.parts["processor"],
                                          loaded.spec.source)
                 loaded.parts["encoder"] = enc
+            if self.serving is not None and not loaded.parts["encoder"]._batchers:
+                loaded.parts["encoder"].micro_batch()       # requests share forwards
         return loaded.parts["encoder"]
 
     def encode_images(self, images):
