@@ -90,7 +90,11 @@ def attention_maps(kit, key: str, text) -> AttentionMaps:
     enc = tok(text, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
     device = next(module.parameters()).device
     inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    with eager_attention(owner):
+    from .serving import PRIORITY
+
+    # short work: generation pauses between its steps meanwhile, so it rarely runs while
+    # the model is switched to eager attention
+    with PRIORITY.short(), eager_attention(owner):
         out = module(**inputs, output_attentions=True)
     if not out.attentions:
         raise InputError("This model does not report its attention weights.")
