@@ -101,11 +101,11 @@ def create(args: argparse.Namespace, kit=None):
     kit = kit or check_kit(args)
     ctx = AppContext(kit=kit, queue_size=args.queue_size, gallery_dir=args.gallery_dir)
     if getattr(args, "batching", "off") == "on":
-        from mmcore import serving
+        from mmcore import lanes, serving
 
-        max_batch = args.max_batch or serving.default_max_batch(kit.device)
+        max_batch = args.max_batch or lanes.default_max_batch(kit.device)
         kit.serve(serving.ServingConfig(max_batch=max_batch))
-        ctx.lanes = serving.lane_sizes(kit.device, max_batch)
+        ctx.lanes = lanes.lane_sizes(kit.device, max_batch)
     else:
         kit.stop_serving()
     return build_app(ctx), ctx

@@ -90,7 +90,7 @@ def attention_maps(kit, key: str, text) -> AttentionMaps:
     enc = tok(text, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
     device = next(module.parameters()).device
     inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    from .serving import PRIORITY
+    from .lanes import PRIORITY
 
     # short work: generation pauses between its steps meanwhile, so it rarely runs while
     # the model is switched to eager attention

@@ -184,7 +184,7 @@ class Index:
         if len(self) == 0:
             raise InputError("The index is empty.")
         k = max(1, min(int(k), len(self)))
-        from .serving import PRIORITY
+        from .lanes import PRIORITY
 
         with PRIORITY.short():            # a search goes before long work (generation)
             q = self.query_vector(query, negative)

@@ -225,7 +225,7 @@ class Kit:
     def fill_mask_details(self, text, top_k: int = 5, targets=None):
         """A `FillResult`: per-mask lists, joint fills, the backend used and any notices."""
         from .fill_mask import fill
-        from .serving import PRIORITY
+        from .lanes import PRIORITY
 
         loaded = self.model("masked_lm")
         with PRIORITY.short():
@@ -234,7 +234,7 @@ class Kit:
     def next_sentence(self, first, second) -> float:
         """P(second follows first)."""
         from .nsp import next_sentence
-        from .serving import PRIORITY
+        from .lanes import PRIORITY
 
         loaded = self.model("next_sentence")
         with PRIORITY.short():
@@ -353,7 +353,7 @@ class Kit:
 
     def zero_shot(self, image, labels, template: str = "a photo of {}.", **options) -> list:
         """[(label, probability)] best first. options: ensemble, score, threshold."""
-        from .serving import PRIORITY
+        from .lanes import PRIORITY
         from .zero_shot import zero_shot
 
         encoder = self.encoder()
@@ -362,7 +362,7 @@ class Kit:
 
     def zero_shot_details(self, images, labels, template: str = "a photo of {}.", **options):
         """A ZeroShotResult per image (scores, cosines, notices)."""
-        from .serving import PRIORITY
+        from .lanes import PRIORITY
         from .zero_shot import zero_shot_batch
 
         images, encoder = list(images), self.encoder()

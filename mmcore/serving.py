@@ -19,13 +19,11 @@ transformers' own continuous-batching manager (`generation/continuous_batching`)
 used: it takes one generation config for every request, reports only the chosen token's
 log-probability (no alternatives) and has no forced tokens; its paged cache targets GPUs.
 
-`PRIORITY` lets short work (fill-mask, a search, zero-shot) cut in: while one runs, the
-scheduler pauses between steps, so a short request waits at most one decode step for the
-machine instead of sharing its cores with the whole batch.
+Short work (fill-mask, a search, zero-shot) cuts in through `lanes.PRIORITY`: while one
+runs, the scheduler pauses between steps, so a short request waits at most one decode step
+for the machine instead of sharing its cores with the whole batch.
 """
 
-import contextlib
-import os
 import queue
 import threading
 import time
@@ -35,6 +33,7 @@ import torch
 
 from . import lm_scoring
 from .errors import InputError
+from .lanes import PRIORITY
 from .generation import (Generation, SamplingParams, TokenInfo, _alternatives, _Detokenizer,
                          _process, context_length, eos_ids, prompt_ids, use_chat)
 from .generation import MAX_CANDIDATES, TOP_ALTERNATIVES
@@ -47,62 +46,6 @@ class ServingConfig:
     token_budget: int = 0           # prompt + max_new_tokens over the batch (0 = no bound)
     idle_seconds: float = 30.0      # the scheduler thread exits after this long without work
     max_pause: float = 1.0          # longest pause for short work before the next step
-
-
-def default_max_batch(device) -> int:
-    """Streams per decode step: a GPU has room for many; on a CPU a step's cost starts to
-    grow with the batch past about 16 rows of a small model."""
-    return 32 if torch.device(device).type == "cuda" else 16
-
-
-def lane_sizes(device, max_batch: int) -> dict:
-    """How many requests each lane runs at once, sized to the machine: generation admits a
-    full batch; short work gets about one slot per two cores (each torch call already uses
-    several) or a few on a GPU; long work (batch files, gallery embedding) one or two."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        (os.cpu_count() or 1)
-    gpu = torch.device(device).type == "cuda"
-    return {"generate": int(max_batch), "short": 4 if gpu else max(1, min(4, cores // 2)),
-            "long": 2 if gpu else 1}
-
-
-class Priority:
-    """Short requests first: while one runs, long loops wait between their steps."""
-
-    def __init__(self):
-        self._running = 0
-        self.waiting = 0              # long loops parked now
-        self._cond = threading.Condition()
-
-    @contextlib.contextmanager
-    def short(self):
-        with self._cond:
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
-
-    def wait_turn(self, timeout: float = 1.0, give_up=lambda: False) -> None:
-        """Return when no short work runs, or after `timeout` (so long work never starves),
-        or once `give_up()` is true (checked whenever `wake()` is called)."""
-        with self._cond:
-            if self._running:
-                self.waiting += 1
-                try:
-                    self._cond.wait_for(lambda: self._running == 0 or give_up(), timeout)
-                finally:
-                    self.waiting -= 1
-
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-
-PRIORITY = Priority()       # one per process: the cores (or GPU) are shared by every thread
 
 
 class _Stream:

@@ -316,7 +316,7 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> F
     orders = [torch.randperm(len(train), generator=generator) for _ in range(opts.epochs)]
     stopped, done = False, start_step
     started = time.perf_counter()
-    from .serving import PRIORITY
+    from .lanes import PRIORITY
 
     for step in range(start_step, total):
         if stop_event is not None and stop_event.is_set():

@@ -10,6 +10,7 @@ import torch
 
 from mmcore import generation as G
 from mmcore import serving as S
+from mmcore.lanes import PRIORITY
 
 PROMPTS = ["the cat sat on the", "a photo of a rocket over the sea at night", "hello",
            "once upon a time in a land far away there lived"]
@@ -110,7 +111,7 @@ def test_streams_join_mid_flight(tiny_kit, scheduler):
         list(scheduler.generate_tokens(prompt, G.SamplingParams(**kw), run=run))
         results[name] = run
 
-    with S.PRIORITY.short():               # hold the scheduler between two steps
+    with PRIORITY.short():               # hold the scheduler between two steps
         a = threading.Thread(target=user, args=("a", PROMPTS[0], first))
         a.start()
         wait_until(lambda: scheduler.admitted == 1)      # a admitted, not yet run
@@ -145,7 +146,7 @@ def test_one_streams_stop_does_not_touch_the_others(tiny_kit, scheduler):
         next(gen)
         gen.close()
 
-    with S.PRIORITY.short():          # all four start in the same batch
+    with PRIORITY.short():          # all four start in the same batch
         threads = [threading.Thread(target=stopper), threading.Thread(target=closer)]
         for t in threads:
             t.start()
@@ -207,7 +208,7 @@ def test_closing_the_scheduler_leaves_no_thread(tiny_kit):
     assert sched.generate("the cat", G.SamplingParams(max_new_tokens=5)) == \
         G.generate(model, tok, "the cat", G.SamplingParams(max_new_tokens=5))
     assert sched.running and len(schedulers()) == before + 1
-    with S.PRIORITY.short():          # a stream still waiting when it closes is cancelled
+    with PRIORITY.short():          # a stream still waiting when it closes is cancelled
         run = G.Generation(G.SamplingParams())
         gen = sched.generate_tokens("the cat", G.SamplingParams(max_new_tokens=50), run=run)
         waiting = threading.Thread(target=lambda: list(gen))
@@ -269,10 +270,10 @@ def test_short_work_pauses_the_scheduler_between_steps(tiny_kit, scheduler):
     t = threading.Thread(target=user)
     t.start()
     wait_until(lambda: scheduler.steps > 2)
-    with S.PRIORITY.short():
-        wait_until(lambda: S.PRIORITY.waiting == 1)    # parked between two steps
+    with PRIORITY.short():
+        wait_until(lambda: PRIORITY.waiting == 1)    # parked between two steps
         held = scheduler.steps
         time.sleep(0.05)
         assert scheduler.steps == held and not done.is_set()
     t.join()
-    assert S.PRIORITY.waiting == 0
+    assert PRIORITY.waiting == 0
