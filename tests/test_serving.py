@@ -277,3 +277,18 @@ def test_short_work_pauses_the_scheduler_between_steps(tiny_kit, scheduler):
         assert scheduler.steps == held and not done.is_set()
     t.join()
     assert PRIORITY.waiting == 0
+
+
+def test_token_budget_holds_streams_back_until_they_fit(tiny_kit):
+    model, tok = parts(tiny_kit)
+    sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=8, token_budget=60))
+    jobs = [(PROMPTS[0], dict(max_new_tokens=40)), (PROMPTS[1], dict(max_new_tokens=40)),
+            (PROMPTS[2], dict(max_new_tokens=1))]     # one token: done at its prefill
+    try:
+        runs = together(sched, jobs)
+    finally:
+        sched.close()
+    assert sched.peak_batch == 1                       # 2 x ~46 tokens never fit in 60
+    for (prompt, kw), run in zip(jobs, runs):
+        same_run(run, alone(tiny_kit, prompt, **kw))
+    assert len(runs[2].tokens) == 1 and runs[2].finish == "length"
