@@ -1,6 +1,7 @@
 """The app shell, launched in-process on the tiny kit and driven through gradio_client."""
 
 import html
+import time
 
 import gradio as gr
 import httpx
@@ -307,6 +308,7 @@ def test_a_short_request_is_answered_while_a_long_generation_runs(served):
     job = client.submit("the cat sat", 1000, 0, 0, 1, 1, "", "", "auto", api_name="/generate")
     while not job.status().code.name == "ITERATING":        # it is streaming now
         assert not job.done()
+        time.sleep(0.01)
     chart, *_ = client.predict("The capital of France is [MASK].", 5, "", api_name="/fill_mask")
     assert chart["label"] and not job.done()
     assert ctx.kit.scheduler().load()["active"] == 1
