@@ -49,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="load models on first use only, not in the background at start")
     p.add_argument("--queue-size", type=int, default=64, help="waiting requests before 'queue full'")
+    p.add_argument("--batching", choices=("on", "off"), default="on",
+                   help="on: generation streams share decode steps and short requests have "
+                        "their own lane; off: every model event takes turns in one slot")
+    p.add_argument("--max-batch", type=int, default=0,
+                   help="streams decoded together (default: 16 on a CPU, 32 on a GPU)")
     p.add_argument("--gallery-dir", default=None,
                    help="a server folder of images the retrieval tab may index (off by default)")
     p.add_argument("--no-openai-api", dest="openai_api", action="store_false",
@@ -114,6 +119,14 @@ def create(args: argparse.Namespace, kit=None):
                      data_dir=args.data_dir, max_extra_kits=args.max_extra_kits,
                      session_disk_mb=args.session_disk_mb, cache_ttl=args.cache_ttl,
                      admin_token=args.admin_token)
+    if getattr(args, "batching", "off") == "on":
+        from mmcore import lanes, serving
+
+        max_batch = args.max_batch or lanes.default_max_batch(kit.device)
+        kit.serve(serving.ServingConfig(max_batch=max_batch))
+        ctx.lanes = lanes.lane_sizes(kit.device, max_batch)
+    else:
+        kit.stop_serving()
     return build_app(ctx), ctx
 
 

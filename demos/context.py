@@ -31,6 +31,7 @@ log = logging.getLogger("mmcore.app")
 MODEL_GROUP = "model"   # one concurrency group for every event that runs a model
 MB = 2**20
 MARKDOWN_MARKS = set("\\`*_[]#|~!")
+LANES = ("generate", "short", "long")   # concurrency groups when serving many users
 
 
 @dataclass
@@ -38,6 +39,8 @@ class AppContext:
     kit: Kit
     queue_size: int = 64             # waiting requests beyond this get "queue is full"
     model_concurrency: int = 1       # model events run at once (torch already uses every core)
+    # lane -> events run at once; empty: one shared slot (model_concurrency) as before
+    lanes: dict = field(default_factory=dict)
     max_file_size: str = "50mb"      # per uploaded file
     max_uploads: int = 64            # files per request
     gallery_dir: str | None = None   # a server folder the retrieval tab may index (operator flag)
@@ -92,9 +95,15 @@ class AppContext:
         """Run `fn` into `outputs` whenever a page opens (registered by `build_app`)."""
         self.page_load.append((fn, outputs))
 
-    def model_event(self) -> dict:
-        """Keyword arguments that put an event in the shared model concurrency group."""
-        return {"concurrency_id": MODEL_GROUP, "concurrency_limit": self.model_concurrency}
+    def model_event(self, lane: str = "short") -> dict:
+        """Keyword arguments that put an event in its lane's concurrency group: "generate"
+        (streams batched together), "short" (a click answered in a moment) or "long"
+        (batch CSVs, gallery embedding). Without lanes every model event shares one slot."""
+        if lane not in LANES:
+            raise ValueError(f"unknown lane {lane!r}")
+        if not self.lanes:
+            return {"concurrency_id": MODEL_GROUP, "concurrency_limit": self.model_concurrency}
+        return {"concurrency_id": lane, "concurrency_limit": self.lanes[lane]}
 
     def start_warming(self) -> None:
         """Load every role in a background thread; the header shows progress and errors."""

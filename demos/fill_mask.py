@@ -164,9 +164,9 @@ def build(ctx: AppContext) -> None:
         with gr.Row():
             fills = gr.Button("Fill every sentence").click(
                 fill_mask_batch, [batch_file, top_k], [batch_out, batch_notes],
-                api_name="fill_mask_batch", preprocess=False, **ctx.model_event())
+                api_name="fill_mask_batch", preprocess=False, **ctx.model_event("long"))
             pairs = gr.Button("Score every pair").click(
                 next_sentence_batch, [batch_file], [batch_out, batch_notes],
-                api_name="next_sentence_batch", preprocess=False, **ctx.model_event())
+                api_name="next_sentence_batch", preprocess=False, **ctx.model_event("long"))
             gr.Button("Stop", variant="stop").click(None, None, None, cancels=[fills, pairs],
                                                     api_visibility="private")

@@ -57,15 +57,14 @@ def code_snippet(kit_name: str, prompt: str, p: generation.SamplingParams) -> st
 def build(ctx: AppContext) -> None:
     def run_stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                    stop, chat, forced=None, picked_at=None):
-        parts = ctx.kit.model("causal_lm").parts
         params = generation.SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=parse_seed(seed),
             stop=tuple(s for s in (stop or "").split("\n") if s), chat=CHAT_MODES.get(chat))
         run = generation.Generation(params)
         tokens = []
-        for i, info in enumerate(generation.generate_tokens(
-                parts["model"], parts["processor"], prompt, params, forced=forced, run=run)):
+        for i, info in enumerate(ctx.kit.generate_tokens(prompt, params, forced=forced,
+                                                         run=run)):
             tokens.append({"text": info.text, "prob": info.prob, "id": info.token_id,
                            "forced": info.forced, "picked": i == picked_at,
                            "alternatives": info.alternatives})
@@ -150,12 +149,13 @@ def build(ctx: AppContext) -> None:
 
     inputs = [prompt, max_new, temperature, top_k, top_p, penalty, seed, stop, chat]
     outputs = [output, live, tokens, code, state]
-    event = go.click(generate, inputs, outputs, api_name="generate", **ctx.model_event())
+    event = go.click(generate, inputs, outputs, api_name="generate",
+                     **ctx.model_event("generate"))
     again_event = again.click(lambda: "", None, seed, api_visibility="private").then(
-        generate, inputs, outputs, api_visibility="private", **ctx.model_event())
+        generate, inputs, outputs, api_visibility="private", **ctx.model_event("generate"))
     tokens.select(alternatives, [state], [index, alt_table, alt_choice, picked],
                   api_visibility="private")
     here_event = from_here.click(regenerate_from, [state, index, alt_choice] + inputs, outputs,
-                                 api_visibility="private", **ctx.model_event())
+                                 api_visibility="private", **ctx.model_event("generate"))
     stop_btn.click(None, None, None, cancels=[event, again_event, here_event],
                    api_visibility="private")

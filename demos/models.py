@@ -82,7 +82,7 @@ def build(ctx: AppContext) -> None:
         load_btn = gr.Button("Load all now", variant="primary")
         refresh_btn = gr.Button("Refresh")
     info = gr.JSON(label="Kit (as the API returns it)", visible=False)
-    load_btn.click(load_all, outputs=models, api_name="load_all", **ctx.model_event())
+    load_btn.click(load_all, outputs=models, api_name="load_all", **ctx.model_event("long"))
     refresh_btn.click(kit_info, outputs=info, api_name="kit_info").then(
         lambda: (table(ctx), memory_md(ctx)), outputs=[models, memory],
         api_visibility="private")

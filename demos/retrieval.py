@@ -249,11 +249,11 @@ def build(ctx: AppContext) -> None:
 
     embed_events = [
         demo_btn.click(load_demo, [state, model], [state, status], api_name="load_demo_gallery",
-                       **ctx.model_event()),
+                       **ctx.model_event("long")),
         upload_btn.click(upload, [state, files, model], [state, status], api_name="add_images",
-                         preprocess=False, **ctx.model_event()),
+                         preprocess=False, **ctx.model_event("long")),
         folder_btn.click(server_folder, [state, model], [state, status], api_visibility="private",
-                         **ctx.model_event()),
+                         **ctx.model_event("long")),
     ]
     stop_btn.click(None, None, None, cancels=embed_events, api_visibility="private")
     go.click(search, [state, query, image, negative, k], [gallery, state], api_name="search",
@@ -266,4 +266,4 @@ def build(ctx: AppContext) -> None:
     load_btn.click(load, [state, load_file, model], [state, status], api_name="load_index",
                    preprocess=False)
     export_btn.click(export, [state, fmt], download, api_name="export_embeddings")
-    recall_btn.click(recall, [state], recall_out, api_name="recall", **ctx.model_event())
+    recall_btn.click(recall, [state], recall_out, api_name="recall", **ctx.model_event("long"))

@@ -151,5 +151,5 @@ def build(ctx: AppContext) -> None:
         batch = go_batch.click(zero_shot_batch, [files, labels, template, ensemble, score,
                                                  threshold, model],
                                [batch_table, batch_csv, batch_note], api_name="zero_shot_batch",
-                               preprocess=False, **ctx.model_event())
+                               preprocess=False, **ctx.model_event("long"))
         stop_batch.click(None, None, None, cancels=[batch], api_visibility="private")

@@ -97,7 +97,10 @@ def attention_maps(kit, key: str, text) -> AttentionMaps:
     enc = tok(text, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
     device = next(module.parameters()).device
     inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    out = module(**inputs, output_attentions=True)
+    from .lanes import PRIORITY
+
+    with PRIORITY.short():          # short work: generation pauses between its steps meanwhile
+        out = module(**inputs, output_attentions=True)
     if not out.attentions:
         raise InputError("This model does not report its attention weights.")
     weights = torch.stack([a[0].float().cpu() for a in out.attentions])      # (L, H, T, T)

@@ -47,14 +47,35 @@ class DualEncoder:
     def __init__(self):
         # prompt text -> (D,) embedding; bounded by bytes: labels come from strangers
         self._text_cache = BytesLRU(TEXT_CACHE_BYTES)
+        self._batchers: dict = {}                         # "images"/"texts" -> MicroBatcher
 
     @property
     def device(self) -> torch.device:
         raise NotImplementedError
 
-    @torch.inference_mode()
+    def micro_batch(self, max_batch: int = BATCH, max_wait: float = 0.002) -> None:
+        """Serve many users: small encode calls from concurrent requests share a forward."""
+        from .microbatch import MicroBatcher
+
+        self._batchers = {"images": MicroBatcher(self._encode_images, max_batch, max_wait),
+                          "texts": MicroBatcher(self._encode_texts, max_batch, max_wait)}
+
     def encode_images(self, images) -> torch.Tensor:
         """(N, D) L2-normalised; images are PIL images or paths (checked by the safe loader)."""
+        images = list(images)
+        if "images" in self._batchers and 0 < len(images) < BATCH:
+            return self._batchers["images"](images)
+        return self._encode_images(images)
+
+    def encode_texts(self, texts) -> torch.Tensor:
+        """(N, D) L2-normalised."""
+        texts = list(texts)
+        if "texts" in self._batchers and 0 < len(texts) < BATCH:
+            return self._batchers["texts"](texts)
+        return self._encode_texts(texts)
+
+    @torch.inference_mode()
+    def _encode_images(self, images) -> torch.Tensor:
         out = []
         for start in range(0, len(images), BATCH):
             pils = [load_image(im) for im in images[start:start + BATCH]]
@@ -62,7 +83,7 @@ class DualEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     @torch.inference_mode()
-    def encode_texts(self, texts) -> torch.Tensor:
+    def _encode_texts(self, texts) -> torch.Tensor:
         out = []
         for start in range(0, len(texts), BATCH * 4):
             out.append(F.normalize(self._texts(list(texts[start:start + BATCH * 4])).float(),

@@ -244,7 +244,10 @@ class Index:
         to move away from. Each may also be a list of terms or (term, weight) pairs."""
         if len(self) == 0:
             raise InputError("The index is empty.")
-        q = self.query_vector(text, image, vector, negative)
+        from .lanes import PRIORITY
+
+        with PRIORITY.short():            # a search goes before long work (generation)
+            q = self.query_vector(text, image, vector, negative)
         return [(self.ids[i], s) for i, s in self.nearest(q, k)]
 
     def faiss(self, nprobe: int = 64):

@@ -6,6 +6,7 @@ sentence) share one loaded model. Loaded models live in a process-wide registry 
 (loader, source, device), so two kits naming the same checkpoint never load it twice.
 """
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from .errors import InputError, ModelUnavailable
 
 ROLES = ("masked_lm", "next_sentence", "causal_lm", "dual_encoder")
 KIT_NAMES = ("offline", "hub", "tiny")
+SHORT_ITEMS = 4      # a call on at most this many images is short work (goes before generation)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ _registry: dict = {}                 # (loader, source, role-class, device) -> L
 _registry_locks: dict = {}           # same key -> Lock, so different models load in parallel
 _registry_guard = threading.Lock()
 _encoder_guard = threading.Lock()
+_scheduler_guard = threading.Lock()
 _loading: set = set()                # keys being loaded right now, for status displays
 
 
@@ -163,6 +166,7 @@ class Kit:
     specs: dict
     device: object = field(default_factory=pick_device)
     errors: dict = field(default_factory=dict)        # role -> message of a failed load
+    serving: object = None       # a serving.ServingConfig: generation goes through a scheduler
 
     def spec(self, role: str) -> ModelSpec:
         if role not in ROLES:
@@ -221,14 +225,20 @@ class Kit:
     def fill_mask_details(self, text, top_k: int = 5, targets=None):
         """A `FillResult`: per-mask lists, joint fills, the backend used and any notices."""
         from .fill_mask import fill
+        from .lanes import PRIORITY
 
-        return fill(self.model("masked_lm"), text, top_k, targets)
+        loaded = self.model("masked_lm")
+        with PRIORITY.short():
+            return fill(loaded, text, top_k, targets)
 
     def next_sentence(self, first, second) -> float:
         """P(second follows first)."""
         from .nsp import next_sentence
+        from .lanes import PRIORITY
 
-        return next_sentence(self.model("next_sentence"), first, second)
+        loaded = self.model("next_sentence")
+        with PRIORITY.short():
+            return next_sentence(loaded, first, second)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed=None, stop=None,
@@ -239,6 +249,9 @@ class Kit:
 
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed,
                                 stop=stop or (), **options)
+        scheduler = self.scheduler()
+        if scheduler is not None:
+            return scheduler.generate(prompt, params, num_candidates)
         parts = self.model("causal_lm").parts
         return generate(parts["model"], parts["processor"], prompt, params, num_candidates)
 
@@ -250,8 +263,57 @@ class Kit:
 
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed,
                                 stop=stop or (), **options)
+        scheduler = self.scheduler()
+        if scheduler is not None:
+            return scheduler.stream(prompt, params, stop_event)
         parts = self.model("causal_lm").parts
         return stream(parts["model"], parts["processor"], prompt, params, stop_event)
+
+    def generate_tokens(self, prompt, params, stop_event=None, forced=None, run=None):
+        """`generation.generate_tokens` on this kit's causal LM (batched when serving)."""
+        from .generation import generate_tokens
+
+        scheduler = self.scheduler()
+        if scheduler is not None:
+            return scheduler.generate_tokens(prompt, params, stop_event, forced, run)
+        parts = self.model("causal_lm").parts
+        return generate_tokens(parts["model"], parts["processor"], prompt, params, stop_event,
+                               forced, run)
+
+    def serve(self, config=None) -> "Kit":
+        """Serve many users: generation decodes every stream together, in one scheduler per
+        causal LM (continuous batching). `config`: a `serving.ServingConfig` (None: defaults).
+        The app does this; plain Python use decodes each call on its own."""
+        from . import serving
+
+        self.serving = config or serving.ServingConfig()
+        return self
+
+    def stop_serving(self) -> None:
+        """Back to one call at a time; the scheduler's thread ends (running streams cancel)."""
+        self.serving = None
+        key = _load_key(self.spec("causal_lm"), "causal_lm", self.device)
+        loaded = _registry.get(key)
+        if loaded is not None:
+            with _scheduler_guard:
+                scheduler = loaded.parts.pop("scheduler", None)
+            if scheduler is not None:
+                scheduler.close()
+
+    def scheduler(self):
+        """The causal LM's scheduler when serving (made on first use), else None."""
+        if self.serving is None:
+            return None
+        from . import serving
+
+        loaded = self.model("causal_lm")
+        with _scheduler_guard:
+            if "scheduler" not in loaded.parts:
+                model, tok = loaded.parts["model"], loaded.parts["processor"]
+                if not serving.Scheduler.supports(model):
+                    return None
+                loaded.parts["scheduler"] = serving.Scheduler(model, tok, self.serving)
+            return loaded.parts["scheduler"]
 
     def encoder(self):
         """The dual encoder (CLIP, or ConSE on the offline kit), built once per model."""
@@ -277,6 +339,8 @@ class Kit:
                     enc = de.ClipEncoder(loaded.parts["model"], loaded.parts["processor"],
                                          loaded.spec.source)
                 loaded.parts["encoder"] = enc
+            if self.serving is not None and not loaded.parts["encoder"]._batchers:
+                loaded.parts["encoder"].micro_batch()       # requests share forwards
         return loaded.parts["encoder"]
 
     def encode_images(self, images):
@@ -289,15 +353,21 @@ class Kit:
 
     def zero_shot(self, image, labels, template: str = "a photo of {}.", **options) -> list:
         """[(label, probability)] best first. options: ensemble, score, threshold."""
+        from .lanes import PRIORITY
         from .zero_shot import zero_shot
 
-        return zero_shot(self.encoder(), image, labels, template, **options).ranked
+        encoder = self.encoder()
+        with PRIORITY.short():
+            return zero_shot(encoder, image, labels, template, **options).ranked
 
     def zero_shot_details(self, images, labels, template: str = "a photo of {}.", **options):
         """A ZeroShotResult per image (scores, cosines, notices)."""
+        from .lanes import PRIORITY
         from .zero_shot import zero_shot_batch
 
-        return zero_shot_batch(self.encoder(), list(images), labels, template, **options)
+        images, encoder = list(images), self.encoder()
+        with PRIORITY.short() if len(images) <= SHORT_ITEMS else contextlib.nullcontext():
+            return zero_shot_batch(encoder, images, labels, template, **options)
 
     def describe(self) -> list:
         """One dict per role for headers and the API: name, licence, source and status."""

@@ -316,10 +316,13 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> F
     orders = [torch.randperm(len(train), generator=generator) for _ in range(opts.epochs)]
     stopped, done = False, start_step
     started = time.perf_counter()
+    from .lanes import PRIORITY
+
     for step in range(start_step, total):
         if stop_event is not None and stop_event.is_set():
             stopped = True
             break
+        PRIORITY.wait_turn()      # a short request (fill-mask, a search) runs between steps
         epoch, k = divmod(step, steps_per_epoch)
         idx = orders[epoch][k * opts.batch_size * world:(k + 1) * opts.batch_size * world]
         idx = idx[rank::world] if world > 1 else idx

@@ -1,6 +1,7 @@
 """The app shell, launched in-process on the tiny kit and driven through gradio_client."""
 
 import html
+import time
 
 import gradio as gr
 import httpx
@@ -22,6 +23,7 @@ def served(tiny_kit, tmp_path_factory):
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
     yield demo, ctx, url
     demo.close()
+    ctx.kit.stop_serving()          # the kit is shared with other tests: one call at a time
 
 
 def test_app_answers_through_gradio_client(served):
@@ -270,3 +272,47 @@ def test_training_tab_through_the_client(served):
     assert tuned.encoder().identity != ctx.kit.encoder().identity
     with pytest.raises(Exception, match="batch_size must be between"):
         client.predict(None, True, 2, 1, 1e-3, 0.05, 0.1, "projections", 1, 0, api_name="/train")
+
+
+def lanes_of(demo) -> dict:
+    return {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in demo.fns.values()
+            if isinstance(fn.api_name, str)}
+
+
+def test_long_and_short_work_run_in_separate_lanes(served):
+    demo, ctx, url = served
+    lanes = lanes_of(demo)
+    assert ctx.kit.scheduler() is not None                    # generation is batched
+    assert lanes["generate"] == ("generate", ctx.kit.serving.max_batch)
+    for name in ("fill_mask", "next_sentence", "zero_shot", "search", "attention"):
+        assert lanes[name][0] == "short", name
+    for name in ("fill_mask_batch", "zero_shot_batch", "add_images", "load_demo_gallery"):
+        assert lanes[name][0] == "long", name
+    assert lanes["train"][0] == "train"
+
+
+def test_batching_off_is_one_slot_for_every_model_event(tiny_kit):
+    was = tiny_kit.serving
+    args = app_module.parse_args(["--kit", "tiny", "--batching", "off"])
+    try:
+        demo, ctx = app_module.create(args)
+        assert tiny_kit.scheduler() is None
+    finally:
+        if was is not None:
+            tiny_kit.serve(was)                 # the served app of this module goes on
+    groups = {lane for name, lane in lanes_of(demo).items()
+              if name in ("generate", "fill_mask", "fill_mask_batch", "zero_shot", "search")}
+    assert groups == {(context.MODEL_GROUP, 1)}
+
+
+def test_a_short_request_is_answered_while_a_long_generation_runs(served):
+    demo, ctx, url = served
+    client = Client(url, verbose=False)
+    job = client.submit("the cat sat", 1000, 0, 0, 1, 1, "", "", "auto", api_name="/generate")
+    while not job.status().code.name == "ITERATING":        # it is streaming now
+        assert not job.done()
+        time.sleep(0.01)
+    chart, *_ = client.predict("The capital of France is [MASK].", 5, "", api_name="/fill_mask")
+    assert chart["label"] and not job.done()
+    assert ctx.kit.scheduler().load()["active"] == 1
+    job.cancel()

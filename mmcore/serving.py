@@ -1,0 +1,433 @@
+"""Serving many users: continuous batching for generation, and short work first.
+
+`Scheduler` runs one thread per causal LM that decodes every active stream in one forward
+per step (as text-generation-inference and vLLM do). A stream's prompt (plus any forced
+tokens) is prefilled alone, at batch 1, exactly as `generation.generate_tokens` does it; its
+KV cache then joins the batch between two decode steps. The batch is one `DynamicCache`,
+left-padded: each row has its own attention mask and explicit position ids, so a row reads
+the same keys at the same positions as it would alone. A stream leaves the batch on EOS, a
+stop sequence, `max_new_tokens`, its own stop event, or when its consumer closes the
+generator (Gradio's Stop, a dropped client); its row is removed before the next step and
+columns that only padding still uses are trimmed.
+
+Everything about a token stays per stream: sampling parameters, repetition penalty, its own
+`torch.Generator` (so a seed gives the same text whatever the batch holds), stop sequences,
+forced tokens, and the `TokenInfo` records with probabilities and top-5 alternatives that
+`generate_tokens` yields.
+
+transformers' own continuous-batching manager (`generation/continuous_batching`) was not
+used: it takes one generation config for every request, reports only the chosen token's
+log-probability (no alternatives) and has no forced tokens; its paged cache targets GPUs.
+
+Short work (fill-mask, a search, zero-shot) cuts in through `lanes.PRIORITY`: while one
+runs, the scheduler pauses between steps, so a short request waits at most one decode step
+for the machine instead of sharing its cores with the whole batch.
+"""
+
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import lm_scoring
+from .errors import InputError
+from .lanes import PRIORITY
+from .generation import (Generation, SamplingParams, TokenInfo, _alternatives, _Detokenizer,
+                         _process, context_length, eos_ids, prompt_ids, use_chat)
+from .generation import MAX_CANDIDATES, TOP_ALTERNATIVES
+from .text import clean_text
+
+
+@dataclass
+class ServingConfig:
+    max_batch: int = 8              # streams decoded together; more wait to join
+    token_budget: int = 0           # prompt + max_new_tokens over the batch (0 = no bound)
+    idle_seconds: float = 30.0      # the scheduler thread exits after this long without work
+    max_pause: float = 1.0          # longest pause for short work before the next step
+
+
+class _Stream:
+    """One request's state; the scheduler thread alone advances it."""
+
+    def __init__(self, ids, forced, params, stop_event, eos, strings, tok, device):
+        self.ids, self.forced, self.params = ids, forced, params
+        self.stop_event, self.eos, self.strings = stop_event, eos, strings
+        self.generator = torch.Generator(device=device).manual_seed(params.seed)
+        self.detok = _Detokenizer(tok)
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.generated: list = []
+        self.text = ""
+        self.closed = False          # the consumer went away
+        self.finish = ""
+        self.start = time.perf_counter()
+        self.cost = len(ids) + len(forced) + params.max_new_tokens
+
+    @property
+    def cancelled(self) -> bool:
+        return self.closed or (self.stop_event is not None and self.stop_event.is_set())
+
+    def _choose(self, row: torch.Tensor) -> int:
+        p = self.params
+        if p.temperature == 0 and p.repetition_penalty == 1.0:
+            return int(row.argmax())
+        seen = torch.tensor(self.ids + self.generated, device=row.device) \
+            if p.repetition_penalty != 1.0 else None
+        final = _process(row, seen, p)
+        if p.temperature == 0:
+            return int(final.argmax())
+        return int(torch.multinomial(final.softmax(-1), 1, generator=self.generator))
+
+    def advance(self, row: torch.Tensor, probs: torch.Tensor, forced_token=None,
+                alternatives=None) -> bool:
+        """One token from (V,) float logits (or the forced one); True when the stream ends.
+        The same rules as `generation.generate_tokens`, token for token."""
+        is_forced = forced_token is not None
+        token = forced_token if is_forced else self._choose(row)
+        self.generated.append(token)
+        ttft = time.perf_counter() - self.start
+        if token in self.eos and not is_forced:
+            return self.end("eos")
+        piece = self.detok.push(token)
+        if alternatives is None:
+            alternatives = _alternatives(self.strings, probs)
+        info = TokenInfo(token, piece, float(probs[token]), alternatives, is_forced)
+        stops = self.params.stop
+        tail = max(0, len(self.text) - max((len(s) for s in stops), default=0))
+        self.text += piece
+        hit = min((i for i in (self.text.find(s, tail) for s in stops) if i >= 0), default=-1)
+        if hit >= 0 and not is_forced:
+            info.text = piece[:max(0, hit - (len(self.text) - len(piece)))]
+            self.text = self.text[:hit]
+            self.out.put((info, self.text, ttft))
+            return self.end("stop")
+        self.out.put((info, self.text, ttft))
+        if not is_forced and len(self.generated) - len(self.forced) >= self.params.max_new_tokens:
+            return self.end("length")
+        return False
+
+    def end(self, finish: str, error: BaseException | None = None) -> bool:
+        self.finish = self.finish or finish
+        self.out.put(error if error is not None else None)
+        return True
+
+
+class Scheduler:
+    """Continuous batching for one causal LM. Thread-safe; its thread starts on demand."""
+
+    def __init__(self, model, tok, config: ServingConfig | None = None):
+        self.model, self.tok = model, tok
+        self.config = config or ServingConfig()
+        self.device = next(model.parameters()).device
+        self.eos = eos_ids(model, tok)
+        self._cond = threading.Condition()
+        self._waiting: list = []            # streams not yet prefilled
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        # the batch; only the scheduler thread touches it
+        self._active: list = []             # _Stream per row
+        self._cache = None                  # DynamicCache, (B, heads, T, head_dim) per layer
+        self._mask = None                   # (B, T) 1 = a real token
+        self._pos = None                    # (B,) position of each row's next token
+        self._next = None                   # (B,) token each row feeds next
+        self.steps = 0                      # decode steps run (for tests and stats)
+        self.admitted = 0                   # streams taken from the waiting list
+        self.peak_batch = 0
+
+    @staticmethod
+    def supports(model) -> bool:
+        """True for models whose KV cache is full attention in every layer (GPT-2, Llama,
+        ...): rows of such a cache can be padded, stacked and dropped."""
+        from transformers import DynamicCache
+
+        try:
+            layers = DynamicCache(config=model.config).layers
+        except Exception:  # noqa: BLE001 - an exotic config: serve it one call at a time
+            return False
+        return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+    # ---------------------------------------------------------------- public API
+
+    def generate_tokens(self, prompt, params: SamplingParams, stop_event=None,
+                        forced: list | None = None, run: Generation | None = None):
+        """As `generation.generate_tokens(model, tok, ...)`, decoded in the shared batch."""
+        stream, run = self._make_stream(prompt, params, stop_event, forced, run)
+        self._submit([stream])
+        yield from self._drain(stream, run)
+
+    def generate(self, prompt, params: SamplingParams, num_candidates: int = 1):
+        """As `generation.generate`; the candidates decode side by side in the batch."""
+        n = int(num_candidates)
+        if not 1 <= n <= MAX_CANDIDATES:
+            raise InputError(f"num_candidates must be between 1 and {MAX_CANDIDATES}, not {n}.")
+        params = params.check()
+        made = [self._make_stream(prompt, SamplingParams(**{**asdict(params),
+                                                            "seed": params.seed + i}))
+                for i in range(n)]
+        self._submit([s for s, _ in made])
+        outs = []
+        for stream, run in made:
+            for _ in self._drain(stream, run):
+                pass
+            outs.append(run.text)
+        return outs[0] if n == 1 else outs
+
+    def stream(self, prompt, params: SamplingParams, stop_event=None):
+        """Text pieces, holding back any tail that could still become a stop sequence."""
+        run = Generation(params)
+        sent = 0
+        for _ in self.generate_tokens(prompt, params, stop_event, run=run):
+            safe = _safe_end(run.text, run.params.stop)
+            if safe > sent:
+                yield run.text[sent:safe]
+                sent = safe
+        if len(run.text) > sent and run.finish != "cancelled":
+            yield run.text[sent:]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread; streams still running or waiting end as "cancelled"."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        PRIORITY.wake()
+        if thread is not None:
+            thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def load(self) -> dict:
+        """What the batch holds now: {"active", "waiting"}."""
+        with self._cond:
+            return {"active": len(self._active), "waiting": len(self._waiting)}
+
+    # ---------------------------------------------------------------- the caller's side
+
+    def _make_stream(self, prompt, params, stop_event=None, forced=None, run=None):
+        prompt = clean_text(prompt, "Prompt")
+        params = params.check()
+        run = run if run is not None else Generation(params)
+        run.params = params
+        ids = prompt_ids(self.tok, prompt, use_chat(self.tok, params.chat))
+        forced = [int(t) for t in (forced or [])]
+        limit = context_length(self.model)
+        run.prompt_tokens = len(ids)
+        if len(ids) + len(forced) + params.max_new_tokens > limit:
+            raise InputError(f"inputs ({len(ids) + len(forced)} tokens) + max_new_tokens "
+                             f"({params.max_new_tokens}) must be <= {limit}, the model's "
+                             "context.")
+        stream = _Stream(ids, forced, params, stop_event, self.eos,
+                         lm_scoring.token_strings(self.tok), self.tok, self.device)
+        return stream, run
+
+    def _submit(self, streams: list) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._waiting.extend(streams)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="mmcore-scheduler",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _drain(self, stream: _Stream, run: Generation):
+        """Hand the stream's tokens to the caller; `run` is filled with what was yielded."""
+        try:
+            while True:
+                if stream.stop_event is not None and stream.stop_event.is_set():
+                    run.finish = "cancelled"
+                    break
+                item = stream.out.get()
+                if item is None:
+                    run.finish = stream.finish
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                info, text, ttft = item
+                if not run.tokens:
+                    run.ttft = ttft
+                run.tokens.append(info)
+                run.text = text
+                yield info
+        finally:
+            stream.closed = True            # the scheduler drops it before its next step
+            with self._cond:
+                self._cond.notify_all()
+            run.finish = run.finish or "cancelled"
+            run.seconds = time.perf_counter() - stream.start
+
+    # ---------------------------------------------------------------- the scheduler thread
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._closed or self._waiting or self._active):
+                        if not self._cond.wait(self.config.idle_seconds) and \
+                                not (self._waiting or self._closed):
+                            self._thread = None           # idle: a later submit restarts it
+                            return
+                    if self._closed:
+                        for s in self._waiting + self._active:
+                            s.end("cancelled")
+                        self._waiting, self._active = [], []
+                        self._cache = None
+                        return
+                    joining = self._admit()
+                PRIORITY.wait_turn(self.config.max_pause, lambda: self._closed)
+                if self._closed:
+                    for stream in joining:
+                        stream.end("cancelled")
+                    continue
+                for stream in joining:
+                    try:
+                        self._prefill(stream)
+                    except Exception as exc:  # noqa: BLE001 - that stream's own failure
+                        self._fail([stream], exc)
+                try:
+                    self._leave([s for s in self._active if s.cancelled], "cancelled")
+                    if self._active:
+                        self._step()
+                except Exception as exc:  # noqa: BLE001 - every stream in the batch hears
+                    self._fail(self._active, exc)
+                    self._active = []
+                    self._cache = self._mask = self._pos = self._next = None
+
+    def _fail(self, streams: list, exc: BaseException) -> None:
+        for s in streams:
+            if not s.finish:
+                s.end("error", exc)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _admit(self) -> list:
+        """Waiting streams that fit in the batch now (under the lock), first come first."""
+        room = self.config.max_batch - len(self._active)
+        budget = self.config.token_budget or float("inf")
+        used = sum(s.cost for s in self._active)
+        joining = []
+        for stream in list(self._waiting):
+            if stream.cancelled:
+                self._waiting.remove(stream)
+                stream.end("cancelled")
+                continue
+            if len(joining) >= room or (used + stream.cost > budget and (self._active or joining)):
+                break
+            self._waiting.remove(stream)
+            joining.append(stream)
+            self.admitted += 1
+            used += stream.cost
+        return joining
+
+    def _prefill(self, s: _Stream) -> None:
+        """Prompt + forced tokens at batch 1; report the forced tokens; join the batch."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        seq = torch.tensor([s.ids + s.forced], device=self.device)
+        logits = self.model(input_ids=seq, cache=cache, use_cache=True,
+                            logits_to_keep=len(s.forced) + 1).logits[0]          # (F+1, V)
+        for step in range(len(s.forced) + 1):
+            if s.cancelled:
+                s.end("cancelled")
+                return
+            row = logits[step].float()
+            forced = s.forced[step] if step < len(s.forced) else None
+            if s.advance(row, row.softmax(-1), forced):
+                return
+        self._join(s, cache, seq.shape[1])
+
+    def _join(self, s: _Stream, cache, length: int) -> None:
+        from transformers import DynamicCache
+
+        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            raise NotImplementedError("continuous batching needs a full-attention KV cache")
+        token = torch.tensor([s.generated[-1]], device=self.device)
+        if not self._active:
+            self._cache = cache
+            self._mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+            self._pos = torch.tensor([length], device=self.device)
+            self._next = token
+        else:
+            width = max(self._mask.shape[1], length)
+            layers = [(torch.cat([_pad_left(bk, width), _pad_left(k, width)]),
+                       torch.cat([_pad_left(bv, width), _pad_left(v, width)]))
+                      for (bk, bv, _), (k, v, _) in zip(self._cache, cache)]
+            self._cache = DynamicCache(ddp_cache_data=layers)
+            mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+            self._pos = torch.cat([self._pos, torch.tensor([length], device=self.device)])
+            self._next = torch.cat([self._next, token])
+        self._active.append(s)
+        self.peak_batch = max(self.peak_batch, len(self._active))
+
+    def _step(self) -> None:
+        """One decode step for every active stream."""
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._active), 1)], dim=1)
+        out = self.model(input_ids=self._next[:, None], attention_mask=mask,
+                         position_ids=self._pos[:, None], cache=self._cache, use_cache=True)
+        self._mask, self._pos = mask, self._pos + 1
+        self.steps += 1
+        logits = out.logits[:, -1].float()                                         # (B, V)
+        probs = logits.softmax(-1)
+        values, ids = probs.topk(TOP_ALTERNATIVES)             # one call for the whole batch
+        values, ids = values.tolist(), ids.tolist()
+        strings = self._active[0].strings
+        done = []
+        for i, s in enumerate(self._active):
+            alternatives = [(strings[j] if j < len(strings) else "", v, j)
+                            for v, j in zip(values[i], ids[i])]
+            if s.cancelled:
+                done.append(s)
+            elif s.advance(logits[i], probs[i], alternatives=alternatives):
+                done.append(s)
+            else:
+                self._next[i] = s.generated[-1]
+        self._leave(done, "cancelled")
+
+    def _leave(self, streams: list, finish: str) -> None:
+        if not streams:
+            return
+        for s in streams:
+            if not s.finish:
+                s.end(finish)
+        keep = [i for i, s in enumerate(self._active) if s not in streams]
+        self._active = [self._active[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._pos = self._next = None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(idx)
+        self._mask, self._pos, self._next = self._mask[idx], self._pos[idx], self._next[idx]
+        first = int(self._mask.any(0).int().argmax())      # columns only padding uses
+        if first > 0:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self._mask = self._mask[:, first:]
+
+
+def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before x along its sequence axis (-2 for K/V (B, H, T, D), -1 for a mask)."""
+    axis = -1 if x.dim() == 2 else -2
+    missing = width - x.shape[axis]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[axis] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=axis)
+
+
+def _safe_end(text: str, stops) -> int:
+    """How much of `text` can be shown: up to any tail that starts a stop sequence."""
+    end = len(text)
+    for s in stops or ():
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                end = min(end, len(text) - n)
+                break
+    return end

@@ -1,0 +1,294 @@
+"""Continuous batching: every stream in the shared batch gets token for token what it would
+get alone (greedy and seeded), streams join mid-flight and leave on their own, and the
+scheduler leaves no thread behind."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from mmcore import generation as G
+from mmcore import serving as S
+from mmcore.lanes import PRIORITY
+
+PROMPTS = ["the cat sat on the", "a photo of a rocket over the sea at night", "hello",
+           "once upon a time in a land far away there lived"]
+
+
+def parts(kit):
+    p = kit.model("causal_lm").parts
+    return p["model"], p["processor"]
+
+
+def alone(kit, prompt, forced=None, **kw):
+    """The batch-1 reference: generation.generate_tokens."""
+    model, tok = parts(kit)
+    run = G.Generation(G.SamplingParams())
+    list(G.generate_tokens(model, tok, prompt, G.SamplingParams(**kw), forced=forced, run=run))
+    return run
+
+
+def together(scheduler, jobs):
+    """Run (prompt, kwargs) jobs as concurrent users of one scheduler; their Generations."""
+    runs = [G.Generation(G.SamplingParams()) for _ in jobs]
+    errors = []
+
+    def user(i, prompt, kw):
+        try:
+            forced = kw.pop("forced", None)
+            list(scheduler.generate_tokens(prompt, G.SamplingParams(**kw), forced=forced,
+                                           run=runs[i]))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=(i, p, dict(kw)))
+               for i, (p, kw) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return runs
+
+
+def same_run(ours, ref):
+    assert [t.token_id for t in ours.tokens] == [t.token_id for t in ref.tokens]
+    assert ours.text == ref.text and ours.finish == ref.finish
+    assert [t.text for t in ours.tokens] == [t.text for t in ref.tokens]
+    for a, b in zip(ours.tokens, ref.tokens):
+        assert abs(a.prob - b.prob) < 1e-5
+        assert [x[2] for x in a.alternatives[:2]] == [x[2] for x in b.alternatives[:2]]
+
+
+def wait_until(condition, limit=120.0):
+    """Poll for a state of the scheduler (never asserts on time, only avoids a hang)."""
+    end = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < end, "the scheduler never got there"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def scheduler(tiny_kit):
+    model, tok = parts(tiny_kit)
+    sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=8, max_pause=600))
+    yield sched
+    sched.close()
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_batched_greedy_equals_batch_one_tiny(tiny_kit, scheduler, penalty):
+    jobs = [(p, dict(max_new_tokens=n, repetition_penalty=penalty))
+            for p, n in zip(PROMPTS, (40, 25, 33, 40))]
+    runs = together(scheduler, jobs)
+    for (prompt, kw), run in zip(jobs, runs):
+        same_run(run, alone(tiny_kit, prompt, **kw))
+    assert scheduler.peak_batch >= 2
+
+
+def test_batched_greedy_equals_batch_one_offline(offline_kit):
+    model, tok = parts(offline_kit)
+    sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=4))
+    jobs = [("Write one sentence about the sea.", dict(max_new_tokens=24, chat=True)),
+            ("The sea is", dict(max_new_tokens=24, chat=False)),
+            ("Count from 1 to 10, one number per line.", dict(max_new_tokens=24)),
+            ("Hi", dict(max_new_tokens=24, stop=("!",)))]
+    try:
+        runs = together(sched, jobs)
+    finally:
+        sched.close()
+    for (prompt, kw), run in zip(jobs, runs):
+        same_run(run, alone(offline_kit, prompt, **kw))
+
+
+def test_streams_join_mid_flight(tiny_kit, scheduler):
+    first = dict(max_new_tokens=60)
+    results = {}
+
+    def user(name, prompt, kw):
+        run = G.Generation(G.SamplingParams())
+        list(scheduler.generate_tokens(prompt, G.SamplingParams(**kw), run=run))
+        results[name] = run
+
+    with PRIORITY.short():               # hold the scheduler between two steps
+        a = threading.Thread(target=user, args=("a", PROMPTS[0], first))
+        a.start()
+        wait_until(lambda: scheduler.admitted == 1)      # a admitted, not yet run
+        b = threading.Thread(target=user, args=("b", PROMPTS[1], dict(max_new_tokens=20)))
+        b.start()
+        wait_until(lambda: scheduler.load()["waiting"] == 1)
+    # a is prefilled and decodes a step alone; b joins it at the next step
+    c = threading.Thread(target=user, args=("c", PROMPTS[3], dict(max_new_tokens=30)))
+    c.start()
+    for t in (a, b, c):
+        t.join()
+    assert scheduler.peak_batch >= 2
+    same_run(results["a"], alone(tiny_kit, PROMPTS[0], **first))
+    same_run(results["b"], alone(tiny_kit, PROMPTS[1], max_new_tokens=20))
+    same_run(results["c"], alone(tiny_kit, PROMPTS[3], max_new_tokens=30))
+
+
+def test_one_streams_stop_does_not_touch_the_others(tiny_kit, scheduler):
+    mine = threading.Event()
+    runs = {}
+
+    def stopper():
+        run = G.Generation(G.SamplingParams())
+        for info in scheduler.generate_tokens(PROMPTS[0], G.SamplingParams(max_new_tokens=200),
+                                              mine, run=run):
+            if len(run.tokens) == 3:
+                mine.set()
+        runs["stopped"] = run
+
+    def closer():                     # a client that goes away: the generator is closed
+        gen = scheduler.generate_tokens(PROMPTS[2], G.SamplingParams(max_new_tokens=200))
+        next(gen)
+        gen.close()
+
+    with PRIORITY.short():          # all four start in the same batch
+        threads = [threading.Thread(target=stopper), threading.Thread(target=closer)]
+        for t in threads:
+            t.start()
+        others = {}
+
+        def other(i):
+            run = G.Generation(G.SamplingParams())
+            list(scheduler.generate_tokens(PROMPTS[i], G.SamplingParams(max_new_tokens=40),
+                                           run=run))
+            others[i] = run
+
+        threads += [threading.Thread(target=other, args=(i,)) for i in (1, 3)]
+        for t in threads[2:]:
+            t.start()
+        wait_until(lambda: scheduler.admitted + scheduler.load()["waiting"] == 4)
+    for t in threads:
+        t.join()
+    assert len(runs["stopped"].tokens) == 3 and runs["stopped"].finish == "cancelled"
+    for i in (1, 3):
+        same_run(others[i], alone(tiny_kit, PROMPTS[i], max_new_tokens=40))
+    wait_until(lambda: scheduler.load()["active"] == 0)       # the stopped rows left
+
+
+def test_seeded_sampling_is_the_same_whatever_the_batch(tiny_kit, scheduler):
+    kw = dict(max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    ref = alone(tiny_kit, "the cat", **kw)
+    company = [(p, dict(max_new_tokens=30, temperature=1.2, seed=i, repetition_penalty=1.2))
+               for i, p in enumerate(PROMPTS)]
+    runs = together(scheduler, [("the cat", kw)] + company)
+    same_run(runs[0], ref)
+    for (prompt, kw2), run in zip(company, runs[1:]):
+        same_run(run, alone(tiny_kit, prompt, **kw2))
+
+
+def test_forced_tokens_continue_like_model_generate(tiny_kit, scheduler):
+    model, tok = parts(tiny_kit)
+    ref = alone(tiny_kit, "the cat sat", max_new_tokens=10)
+    forced = [t.token_id for t in ref.tokens[:3]] + [ref.tokens[3].alternatives[1][2]]
+    run = together(scheduler, [("the cat sat", dict(max_new_tokens=6, forced=forced)),
+                               (PROMPTS[1], dict(max_new_tokens=12))])[0]
+    got = [t.token_id for t in run.tokens]
+    assert got[:4] == forced and [t.forced for t in run.tokens] == [True] * 4 + [False] * 6
+    assert abs(run.tokens[3].prob - ref.tokens[3].alternatives[1][1]) < 1e-5
+    # the continuation is model.generate's on prompt + forced (the last forced token is
+    # in the prefill and is not fed again)
+    ids = torch.tensor([G.prompt_ids(tok, "the cat sat", False) + forced])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=6, pad_token_id=tok.eos_token_id)
+    assert got[4:] == out[0, ids.shape[1]:].tolist()
+
+
+def test_closing_the_scheduler_leaves_no_thread(tiny_kit):
+    def schedulers():
+        return [t for t in threading.enumerate() if t.name == "mmcore-scheduler"]
+
+    before = len(schedulers())
+    model, tok = parts(tiny_kit)
+    sched = S.Scheduler(model, tok, S.ServingConfig(max_pause=600))
+    assert sched.generate("the cat", G.SamplingParams(max_new_tokens=5)) == \
+        G.generate(model, tok, "the cat", G.SamplingParams(max_new_tokens=5))
+    assert sched.running and len(schedulers()) == before + 1
+    with PRIORITY.short():          # a stream still waiting when it closes is cancelled
+        run = G.Generation(G.SamplingParams())
+        gen = sched.generate_tokens("the cat", G.SamplingParams(max_new_tokens=50), run=run)
+        waiting = threading.Thread(target=lambda: list(gen))
+        waiting.start()
+        wait_until(lambda: sched.admitted == 2)      # admitted, parked before its prefill
+        sched.close()
+    waiting.join()
+    assert run.finish == "cancelled"
+    assert not sched.running and len(schedulers()) == before
+    with pytest.raises(RuntimeError, match="closed"):
+        list(sched.generate_tokens("the cat", G.SamplingParams(max_new_tokens=5)))
+
+
+def test_kit_serves_through_the_scheduler(tiny_kit):
+    plain = tiny_kit.generate("the cat sat", max_new_tokens=20)
+    many = tiny_kit.generate("the cat", max_new_tokens=20, temperature=0.9, seed=3,
+                             num_candidates=3)
+    pieces = list(tiny_kit.stream("the cat sat", max_new_tokens=20))
+    tiny_kit.serve(S.ServingConfig(max_batch=4))
+    try:
+        sched = tiny_kit.scheduler()
+        assert sched is not None and tiny_kit.scheduler() is sched
+        assert tiny_kit.generate("the cat sat", max_new_tokens=20) == plain
+        assert tiny_kit.generate("the cat", max_new_tokens=20, temperature=0.9, seed=3,
+                                 num_candidates=3) == many
+        assert "".join(tiny_kit.stream("the cat sat", max_new_tokens=20)) == "".join(pieces)
+        assert sched.steps > 0 and sched.peak_batch == 3
+    finally:
+        tiny_kit.stop_serving()
+    assert tiny_kit.scheduler() is None and not sched.running
+
+
+def test_stream_holds_back_what_could_become_a_stop_sequence():
+    assert S._safe_end("count 1 2 3", ["3 4"]) == len("count 1 2 ")
+    assert S._safe_end("count 1 2 3", ["9"]) == len("count 1 2 3")
+    assert S._safe_end("ab", ["abc", "bx"]) == 0
+    assert S._safe_end("", ["x"]) == 0
+
+
+def test_bad_requests_fail_in_the_callers_thread(tiny_kit, scheduler):
+    import mmcore
+
+    with pytest.raises(mmcore.InputError, match="empty"):
+        list(scheduler.generate_tokens("  ", G.SamplingParams()))
+    with pytest.raises(mmcore.InputError, match="max_new_tokens"):
+        scheduler.generate("the cat", G.SamplingParams(max_new_tokens=0))
+    # the scheduler still serves
+    assert scheduler.generate("the cat", G.SamplingParams(max_new_tokens=5)) == \
+        tiny_kit.generate("the cat", max_new_tokens=5)
+
+
+def test_short_work_pauses_the_scheduler_between_steps(tiny_kit, scheduler):
+    done = threading.Event()
+
+    def user():
+        list(scheduler.generate_tokens("the cat", G.SamplingParams(max_new_tokens=200)))
+        done.set()
+
+    t = threading.Thread(target=user)
+    t.start()
+    wait_until(lambda: scheduler.steps > 2)
+    with PRIORITY.short():
+        wait_until(lambda: PRIORITY.waiting == 1)    # parked between two steps
+        held = scheduler.steps
+        time.sleep(0.05)
+        assert scheduler.steps == held and not done.is_set()
+    t.join()
+    assert PRIORITY.waiting == 0
+
+
+def test_token_budget_holds_streams_back_until_they_fit(tiny_kit):
+    model, tok = parts(tiny_kit)
+    sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=8, token_budget=60))
+    jobs = [(PROMPTS[0], dict(max_new_tokens=40)), (PROMPTS[1], dict(max_new_tokens=40)),
+            (PROMPTS[2], dict(max_new_tokens=1))]     # one token: done at its prefill
+    try:
+        runs = together(sched, jobs)
+    finally:
+        sched.close()
+    assert sched.peak_batch == 1                       # 2 x ~46 tokens never fit in 60
+    for (prompt, kw), run in zip(jobs, runs):
+        same_run(run, alone(tiny_kit, prompt, **kw))
+    assert len(runs[2].tokens) == 1 and runs[2].finish == "length"
