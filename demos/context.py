@@ -59,7 +59,8 @@ class AppContext:
             raise InputError(f"No fine-tuned model named {choice!r} on this server.")
         import mmcore
 
-        return mmcore.load_kit(self.kit.name, dual_encoder=self.checkpoints[choice])
+        return mmcore.load_kit(self.kit.name, dual_encoder=self.checkpoints[choice],
+                               precision=self.kit.precision)
 
     @property
     def warming(self) -> bool:
