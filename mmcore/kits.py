@@ -290,6 +290,9 @@ class Kit:
                 else:
                     enc = de.ClipEncoder(loaded.parts["model"], loaded.parts["processor"],
                                          loaded.spec.source)
+                first = next(enc.image_model.parameters()) if loaded.spec.backend == "conse" \
+                    else next(enc.model.parameters())
+                enc.image_batch = prec.image_batch(loaded.spec.backend, first.dtype)
                 loaded.parts["encoder"] = enc
         return loaded.parts["encoder"]
 

@@ -10,8 +10,10 @@ Two settings, chosen once at the edge (`load_kit(..., precision=)`, `app.py --pr
     kernel computes w = (q - 8)*scale + zero, so scale = d and zero = m + 8d represent the
     GGUF weights exactly (fp32 scales; checked against gguf's own dequantisation);
   * other causal LMs quantise per output channel to int8 at load (`_weight_int8pack_mm`);
-  * encoders (BERT, MiniLM, CLIP, EfficientNet) run in bf16 where the CPU has native bf16
-    (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slower, so they stay fp32.
+  * encoders (BERT, MiniLM, CLIP, EfficientNet) are compute-bound: bf16 pays only where
+    bf16 GEMMs beat fp32 (`encoders_bf16`): AMX tiles, or AVX-512 BF16 on AMD (Zen 4/5:
+    3.6-5.4x measured for issue 17). On an Intel CPU without AMX a bf16 GEMM measured
+    0.6-1.0x of fp32, so there they stay fp32 (batch size still chosen per model).
 
 Tasks keep reading logits and attention weights of the same module, so token probabilities,
 alternatives and the attention view work in every mode.
@@ -113,11 +115,13 @@ def resolve(precision, device) -> str:
     return "fast" if (cap.bf16 or cap.int8_kernel or cap.int4_kernel) else "exact"
 
 
-def encoder_dtype(device, precision: str) -> torch.dtype:
-    """The weight dtype of an encoder (BERT, MiniLM, CLIP, EfficientNet) in `precision`."""
-    if precision == "fast" and torch.device(device).type == "cpu" and capability().bf16:
-        return torch.bfloat16
-    return torch.float32
+def encoders_bf16() -> bool:
+    """Do bf16 encoder weights pay on this CPU? ($MMCORE_ENCODER_BF16=1/0 overrides.)"""
+    forced = os.environ.get("MMCORE_ENCODER_BF16", "").strip().lower()
+    if forced in ("1", "true", "yes", "0", "false", "no"):
+        return forced in ("1", "true", "yes")
+    cap = capability()
+    return cap.bf16 and (cap.amx or cap.vendor == "AuthenticAMD")
 
 
 # ------------------------------------------------------------------ weight-only linears
@@ -220,6 +224,17 @@ def weight_bytes(module: nn.Module) -> int:
 
 # ------------------------------------------------------------------ per role, at load
 
+# Images per forward, per image tower and weight dtype, chosen by measuring
+# (bench/bench_gallery.py, 2 cores): bigger is not better on a CPU once a batch's
+# activations leave the caches.
+IMAGE_BATCH = {("conse", torch.float32): 8, ("conse", torch.bfloat16): 16,
+               ("clip", torch.float32): 16, ("clip", torch.bfloat16): 16}
+
+
+def image_batch(backend: str, dtype: torch.dtype) -> int:
+    return IMAGE_BATCH.get((backend, dtype), 16)
+
+
 def prepare(parts: dict, loader: str, role: str, precision: str) -> str:
     """Convert a role's freshly loaded fp32 parts to `precision`, in place, once.
     Returns what runs, in words, for the Models tab and the header."""
@@ -241,8 +256,8 @@ def prepare(parts: dict, loader: str, role: str, precision: str) -> str:
 
         quantized_lm.int8_weights(model, LM_ACTIVATIONS)
         return "fast: int8 weights per channel, bf16 matmuls"
-    if not cap.bf16:
-        return "exact (fp32; this CPU has no native bf16)"
+    if not encoders_bf16():
+        return "fp32 (bf16 GEMMs are no faster than fp32 on this CPU)"
     if loader == "hf":
         model.to(torch.bfloat16)
         return "fast: bf16"
