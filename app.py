@@ -40,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="mmcore: use and look inside multimodal models.")
     p.add_argument("--kit", choices=KITS, default=default_kit(),
                    help="model kit (default: $MMCORE_KIT, else hub on a Space, else offline)")
+    p.add_argument("--precision", choices=("auto", "exact", "fast"),
+                   default=os.environ.get("MMCORE_PRECISION", "auto"),
+                   help="exact: fp32, as transformers; fast: bf16/int8/4-bit weights where this "
+                        "CPU accelerates them; auto (default): fast where it helps")
     p.add_argument("--host", default=default_host(),
                    help="address to bind (default: $GRADIO_SERVER_NAME, else 127.0.0.1; "
                         "0.0.0.0 exposes it to the network)")
@@ -104,7 +108,7 @@ def check_kit(args: argparse.Namespace):
     """The kit, checked fast (packages present, hub reachable or cached). Raises MmcoreError."""
     import mmcore
 
-    kit = mmcore.load_kit(args.kit)
+    kit = mmcore.load_kit(args.kit, precision=getattr(args, "precision", None))
     kit.preflight()
     return kit
 

@@ -130,7 +130,8 @@ class AppContext:
             if choice in self._extra:
                 self._extra.move_to_end(choice)
                 return self._extra[choice]
-            kit = mmcore.load_kit(self.kit.name, dual_encoder=self.checkpoints[choice])
+            kit = mmcore.load_kit(self.kit.name, dual_encoder=self.checkpoints[choice],
+                                  precision=self.kit.precision)
             self._extra[choice] = kit
             while len(self._extra) > max(1, int(self.max_extra_kits)):
                 _, old = self._extra.popitem(last=False)

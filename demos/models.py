@@ -16,7 +16,8 @@ def header_markdown(ctx: AppContext) -> str:
     rows = ctx.kit.describe()
     parts = [f"**{r['role'].replace('_', ' ')}**: {r['name']} <small>({r['licence']}) · "
              f"{BADGES[r['status']]}</small>" for r in rows]
-    return f"### mmcore · kit `{ctx.kit.name}` · {ctx.kit.device}\n" + " &nbsp;|&nbsp; ".join(parts)
+    return (f"### mmcore · kit `{ctx.kit.name}` · {ctx.kit.device} · precision "
+            f"`{ctx.kit.precision}`\n" + " &nbsp;|&nbsp; ".join(parts))
 
 
 def busy(ctx: AppContext) -> bool:
@@ -32,8 +33,8 @@ def describe(ctx: AppContext) -> list:
 
 
 def table(ctx: AppContext) -> list:
-    return [[r["role"], r["name"], r["licence"], r["source"], r["status"], r["error"]]
-            for r in describe(ctx)]
+    return [[r["role"], r["name"], r["licence"], r["source"], r["status"], r["error"],
+             r["precision"]] for r in describe(ctx)]
 
 
 def memory_md(ctx: AppContext) -> str:
@@ -48,11 +49,14 @@ def memory_md(ctx: AppContext) -> str:
 def build(ctx: AppContext) -> None:
     @guarded
     def kit_info() -> dict:
-        """The kit's name, device, each role's model, licence and status; the fine-tuned
-        models, runs that can resume, and memory in use."""
-        return {"kit": ctx.kit.name, "device": str(ctx.kit.device), "roles": describe(ctx),
-                "finetuned": sorted(ctx.checkpoints), "resumable": ctx.resumable(),
-                "memory": ctx.memory()}
+        """The kit's name, device, precision, each role's model, licence and status; the
+        fine-tuned models, runs that can resume, and memory in use."""
+        from mmcore.precision import capability
+
+        return {"kit": ctx.kit.name, "device": str(ctx.kit.device),
+                "precision": ctx.kit.precision, "cpu": capability().line(),
+                "roles": describe(ctx), "finetuned": sorted(ctx.checkpoints),
+                "resumable": ctx.resumable(), "memory": ctx.memory()}
 
     @guarded
     def load_all() -> list:
@@ -65,9 +69,10 @@ def build(ctx: AppContext) -> None:
         "Each role is played by one model. Models load on first use, or in the background "
         "when the app starts; the header above shows their status.")
     models = gr.Dataframe(value=table(ctx),
-                          headers=["role", "model", "licence", "source", "status", "error"],
+                          headers=["role", "model", "licence", "source", "status", "error",
+                                   "precision"],
                           interactive=False, wrap=True, label="Models in this kit",
-                          column_widths=["12%", "22%", "10%", "26%", "10%", "20%"])
+                          column_widths=["10%", "18%", "8%", "20%", "10%", "18%", "16%"])
     timer = gr.Timer(2.0)
 
     memory = gr.Markdown(memory_md(ctx))

@@ -71,3 +71,24 @@ def cached_tensor(name: str, key: str, compute):
     with atomic_folder(folder, key) as tmp:
         save_file({"value": value.contiguous()}, str(tmp / "tensor.safetensors"))
     return value
+
+
+def cached_tensors(name: str, key: str, compute) -> dict:
+    """A dict of tensors computed once and kept as safetensors under the cache (atomic, and
+    locked so two processes compute it once; a broken or stale file is recomputed)."""
+    from filelock import FileLock
+    from safetensors.torch import load_file, save_file
+
+    folder = models_dir() / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if is_complete(folder, key):
+            try:
+                return load_file(str(folder / "tensors.safetensors"))
+            except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt
+                pass
+        value = compute()
+        with atomic_folder(folder, key) as tmp:
+            save_file({k: v.contiguous() for k, v in value.items()},
+                      str(tmp / "tensors.safetensors"))
+    return value

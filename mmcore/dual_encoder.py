@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from .images import load_image
 from .lru import BytesLRU
 
-BATCH = 32
+BATCH = 32                  # texts per forward = 4 x this; images: each encoder's image_batch
 TEXT_CACHE_BYTES = 64 * 2**20      # per encoder
 
 
@@ -43,6 +43,7 @@ class DualEncoder:
     logit_scale: float = 100.0
     logit_bias: float | None = None          # SigLIP-style models only
     max_text_tokens: int = 77
+    image_batch: int = BATCH        # images per forward: chosen per model by measuring
 
     def __init__(self):
         # prompt text -> (D,) embedding; bounded by bytes: labels come from strangers
@@ -77,8 +78,8 @@ class DualEncoder:
     @torch.inference_mode()
     def _encode_images(self, images) -> torch.Tensor:
         out = []
-        for start in range(0, len(images), BATCH):
-            pils = [load_image(im) for im in images[start:start + BATCH]]
+        for start in range(0, len(images), self.image_batch):
+            pils = [load_image(im) for im in images[start:start + self.image_batch]]
             out.append(F.normalize(self._images(pils).float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
@@ -134,7 +135,8 @@ class ClipEncoder(DualEncoder):
         return next(self.model.parameters()).device
 
     def _images(self, pils):
-        pixels = self.processor(images=pils, return_tensors="pt")["pixel_values"].to(self.device)
+        pixels = self.processor(images=pils, return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, next(self.model.parameters()).dtype)
         return self.model.get_image_features(pixel_values=pixels).pooler_output
 
     def _texts(self, texts):
@@ -189,7 +191,12 @@ class TowerDualEncoder(nn.Module, DualEncoder):
         return self.image_projection.weight.device
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.image_model(pixels)                                  # (B, image_dim)
+        # the tower's own dtype and layout in (bf16 / channels-last under `fast`), fp32 out
+        first = next(self.image_model.parameters())
+        layout = torch.channels_last if first.dim() == 4 and \
+            first.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        pixels = pixels.to(dtype=first.dtype, memory_format=layout)
+        feats = self.image_model(pixels).float()                          # (B, image_dim)
         if self.cfg.conse_top_t > 0:
             probs = (feats / self.cfg.conse_temperature).softmax(-1)
             top = probs.topk(self.cfg.conse_top_t, dim=-1)
@@ -198,7 +205,7 @@ class TowerDualEncoder(nn.Module, DualEncoder):
         return feats
 
     def text_features(self, enc: dict) -> torch.Tensor:
-        hidden = self.text_model(**enc).last_hidden_state                 # (B, T, text_dim)
+        hidden = self.text_model(**enc).last_hidden_state.float()         # (B, T, text_dim)
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)          # masked mean
 
@@ -216,9 +223,11 @@ class TowerDualEncoder(nn.Module, DualEncoder):
         """A new encoder with its own head; towers shared (frozen use) or copied (to train)."""
         import copy
 
-        twin = TowerDualEncoder(self.cfg, copy.deepcopy(self.image_model) if copy_image
+        # copies are trained: in fp32 even when the shared tower runs bf16 (`fast`)
+        twin = TowerDualEncoder(self.cfg, copy.deepcopy(self.image_model).float() if copy_image
                                 else self.image_model, self.transform,
-                                copy.deepcopy(self.text_model) if copy_text else self.text_model,
+                                copy.deepcopy(self.text_model).float() if copy_text
+                                else self.text_model,
                                 self.tokenizer, name or self.name)
         twin.load_state_dict({k: v for k, v in self.state_dict().items()
                               if not k.startswith(("image_model.", "text_model."))}, strict=False)

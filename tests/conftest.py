@@ -13,6 +13,9 @@ os.environ.setdefault("MMCORE_CACHE", tempfile.mkdtemp(prefix="mmcore-test-cache
 os.environ["MMCORE_DATA_DIR"] = tempfile.mkdtemp(prefix="mmcore-test-data-")
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+# Kits load at exact (fp32) precision in tests, so they compare token for token with
+# transformers; tests/test_precision.py loads `fast` kits itself and gates them against these.
+os.environ.setdefault("MMCORE_PRECISION", "exact")
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mmcore-test-gradio-"))
 
 

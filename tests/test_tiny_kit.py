@@ -78,10 +78,10 @@ def test_kit_is_memoised_and_roles_load_once_under_concurrency(monkeypatch):
     calls = []
     real = kits._load
 
-    def slow_load(spec, role, device):
+    def slow_load(spec, role, device, precision="exact"):
         calls.append(role)
         time.sleep(0.2)
-        return real(spec, role, device)
+        return real(spec, role, device, precision)
 
     monkeypatch.setattr(kits, "_registry", {})
     monkeypatch.setattr(kits, "_load", slow_load)

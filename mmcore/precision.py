@@ -1,0 +1,268 @@
+"""Precision per role: what this CPU accelerates, and the weight forms that use it.
+
+Two settings, chosen once at the edge (`load_kit(..., precision=)`, `app.py --precision`):
+
+- `exact`: fp32 weights and activations, token for token what transformers gives.
+- `fast`: the lowest-byte weights this machine runs well where quality holds (tested on
+  real weights: the fill-mask probes, the zero-shot photos, greedy tokens, perplexity):
+  * the offline causal LM runs from its own Q4_1 GGUF blocks in torch's 4-bit groupwise
+    kernel (`_weight_int4pack_mm_for_cpu`): Q4_1 stores w = d*q + m per block of 32, the
+    kernel computes w = (q - 8)*scale + zero, so scale = d and zero = m + 8d represent the
+    GGUF weights exactly (fp32 scales; checked against gguf's own dequantisation);
+  * other causal LMs quantise per output channel to int8 at load (`_weight_int8pack_mm`);
+  * encoders (BERT, MiniLM, CLIP, EfficientNet) are compute-bound: bf16 pays only where
+    bf16 GEMMs beat fp32 (`encoders_bf16`): AMX tiles, or AVX-512 BF16 on AMD (Zen 4/5:
+    3.6-5.4x measured for issue 17). On an Intel CPU without AMX a bf16 GEMM measured
+    0.6-1.0x of fp32, so there they stay fp32 (batch size still chosen per model).
+
+Tasks keep reading logits and attention weights of the same module, so token probabilities,
+alternatives and the attention view work in every mode.
+"""
+
+import functools
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PRECISIONS = ("exact", "fast")
+Q4_GROUP = 32                     # elements per Q4_1 block (GGUF), = the int4 kernel's group
+LM_ACTIVATIONS = torch.bfloat16   # what the low-bit LM kernels multiply in (fp32 paths are slow)
+
+
+# ------------------------------------------------------------------ what the CPU has
+
+@dataclass(frozen=True)
+class Capability:
+    vendor: str          # "GenuineIntel", "AuthenticAMD", ... ("" if unknown)
+    model: str           # the CPU's model name
+    isa: str             # torch's dispatch level: "AVX512", "AVX2", "DEFAULT", ...
+    bf16: bool           # native bf16 dot products (AVX-512 BF16 / AMX): oneDNN bf16 is fast
+    vnni: bool           # int8 dot products (AVX-512 VNNI)
+    amx: bool            # AMX tiles (Sapphire Rapids and later)
+    threads: int         # torch intra-op threads
+    int8_kernel: bool    # torch has the weight-only int8 linear
+    int4_kernel: bool    # torch has the 4-bit groupwise linear for CPU
+
+    def line(self) -> str:
+        yes = lambda b: "yes" if b else "no"  # noqa: E731
+        return (f"CPU {self.model or '?'} ({self.vendor or '?'}), ISA {self.isa}, "
+                f"bf16 {yes(self.bf16)}, VNNI {yes(self.vnni)}, AMX {yes(self.amx)}, "
+                f"{self.threads} threads, torch {torch.__version__}")
+
+
+def _cpuinfo() -> tuple:
+    vendor = model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "model name" and not model:
+                    model = value.strip()
+                if vendor and model:
+                    break
+    except OSError:
+        pass
+    return vendor, model or platform.processor()
+
+
+def _probe(name: str) -> bool:
+    fn = getattr(torch.cpu, name, None)
+    try:
+        return bool(fn()) if fn else False
+    except Exception:  # noqa: BLE001 - a probe that fails means "not available"
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _static_capability() -> tuple:
+    vendor, model = _cpuinfo()
+    bf16 = _probe("_is_avx512_bf16_supported") or _probe("_is_amx_tile_supported")
+    try:
+        bf16 = bf16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001
+        bf16 = False
+    return (vendor, model, torch.backends.cpu.get_cpu_capability(), bf16,
+            _probe("_is_vnni_supported"), _probe("_is_amx_tile_supported"),
+            hasattr(torch.ops.aten, "_weight_int8pack_mm"),
+            hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+def capability() -> Capability:
+    """What this CPU and this torch build accelerate (threads read now: they can change)."""
+    vendor, model, isa, bf16, vnni, amx, int8, int4 = _static_capability()
+    return Capability(vendor, model, isa, bf16, vnni, amx, torch.get_num_threads(), int8, int4)
+
+
+def resolve(precision, device) -> str:
+    """"exact" or "fast" from a user's choice (None/"auto": $MMCORE_PRECISION, else "fast"
+    where this machine has something faster than fp32, else "exact")."""
+    choice = (precision or os.environ.get("MMCORE_PRECISION") or "auto").strip().lower()
+    if choice not in PRECISIONS + ("auto",):
+        from .errors import InputError
+
+        raise InputError(f"Unknown precision {precision!r}; choose exact, fast or auto.")
+    if choice != "auto":
+        return choice
+    if torch.device(device).type != "cpu":
+        return "exact"         # GPU precision is autocast's job (device.autocast)
+    cap = capability()
+    return "fast" if (cap.bf16 or cap.int8_kernel or cap.int4_kernel) else "exact"
+
+
+def encoders_bf16() -> bool:
+    """Do bf16 encoder weights pay on this CPU? ($MMCORE_ENCODER_BF16=1/0 overrides.)"""
+    forced = os.environ.get("MMCORE_ENCODER_BF16", "").strip().lower()
+    if forced in ("1", "true", "yes", "0", "false", "no"):
+        return forced in ("1", "true", "yes")
+    cap = capability()
+    return cap.bf16 and (cap.amx or cap.vendor == "AuthenticAMD")
+
+
+# ------------------------------------------------------------------ weight-only linears
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + b, q int8 per output channel (symmetric), in one kernel."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight.contiguous())            # (N, K) int8
+        self.register_buffer("scales", scales.contiguous())              # (N,) activation dtype
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(scales.dtype),
+                                                           requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype=torch.bfloat16) -> "Int8Linear":
+        q, scales = quantize_int8(linear.weight.detach().float())
+        return cls(q, scales.to(dtype), linear.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight, for code that reads it (e.g. the tied embedding check)."""
+        return self.qweight.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype),
+                                               self.qweight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple:
+    """(int8 (N, K), fp32 scales (N,)): symmetric per output channel, max |w| -> 127."""
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T with W in 4-bit groups of 32 along the input: w = (q - 8)*scale + zero."""
+
+    def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, in_features: int,
+                 out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", packed)                # the kernel's own packed layout
+        self.register_buffer("scale_zero", scale_zero)        # (K/32, N, 2) activation dtype
+        self.bias = None
+
+    @classmethod
+    def from_q4_1(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                  dtype=torch.float32) -> "Int4Linear":
+        """From GGUF Q4_1 blocks: q (N, K) in 0..15, d and m (N, K/32): w = d*q + m."""
+        n, k = q.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        scale_zero = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous()
+        return cls(packed, scale_zero.to(dtype), k, n)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight the kernel uses, (N, K): recovered by multiplying the identity."""
+        eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
+        return self(eye).T.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).to(self.scale_zero.dtype).contiguous(), self.packed,
+            Q4_GROUP, self.scale_zero)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def replace_linears(module: nn.Module, make, skip=()) -> int:
+    """Swap every nn.Linear under `module` (names not in `skip`) for `make(name, linear)`;
+    `make` may return None to keep one. Returns how many were swapped."""
+    swapped = 0
+    for name, child in list(module.named_modules()):
+        for attr, sub in list(child.named_children()):
+            full = f"{name}.{attr}" if name else attr
+            if isinstance(sub, nn.Linear) and full not in skip:
+                new = make(full, sub)
+                if new is not None:
+                    setattr(child, attr, new)
+                    swapped += 1
+    return swapped
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer (the weights a forward reads, at most)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------ per role, at load
+
+# Images per forward, per image tower and weight dtype, chosen by measuring
+# (bench/bench_gallery.py, 2 cores): bigger is not better on a CPU once a batch's
+# activations leave the caches.
+IMAGE_BATCH = {("conse", torch.float32): 8, ("conse", torch.bfloat16): 16,
+               ("clip", torch.float32): 16, ("clip", torch.bfloat16): 16}
+
+
+def image_batch(backend: str, dtype: torch.dtype) -> int:
+    return IMAGE_BATCH.get((backend, dtype), 16)
+
+
+def prepare(parts: dict, loader: str, role: str, precision: str) -> str:
+    """Convert a role's freshly loaded fp32 parts to `precision`, in place, once.
+    Returns what runs, in words, for the Models tab and the header."""
+    if precision != "fast":
+        return "exact (fp32)"
+    cap = capability()
+    model = parts.get("model")
+    if model is not None and next(model.parameters()).device.type != "cpu":
+        return "exact (fp32; GPU precision is autocast's)"
+    if loader == "smollm2-gguf" and cap.int4_kernel and cap.bf16:
+        from . import offline, quantized_lm
+
+        quantized_lm.from_gguf_q4_1(model, offline.smollm2_gguf(), LM_ACTIVATIONS)
+        return "fast: 4-bit Q4_1 blocks (the GGUF's own), int8 head, bf16 matmuls"
+    if loader == "hf" and role == "causal_lm":
+        if not (cap.int8_kernel and cap.bf16):
+            return "exact (fp32; no fast int8 path on this CPU)"
+        from . import quantized_lm
+
+        quantized_lm.int8_weights(model, LM_ACTIVATIONS)
+        return "fast: int8 weights per channel, bf16 matmuls"
+    if not encoders_bf16():
+        return "fp32 (bf16 GEMMs are no faster than fp32 on this CPU)"
+    if loader == "hf":
+        model.to(torch.bfloat16)
+        return "fast: bf16"
+    if loader == "conse":
+        parts["classifier"].to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+        parts["text_model"].to(torch.bfloat16)
+        return "fast: bf16 (image tower channels-last)"
+    return "exact (fp32)"

@@ -1,0 +1,165 @@
+"""Causal LMs in low-byte weight forms, for the `fast` precision.
+
+- `from_gguf_q4_1(model, gguf)`: the offline SmolLM2 runs from the Q4_1 blocks it ships in
+  (4-bit groups of 32, the GGUF's own numbers: no second rounding), its tied vocabulary
+  head (Q8_0 in the GGUF) in per-channel int8.
+- `int8_weights(model)`: any causal LM, every linear per-channel int8 at load.
+
+Both keep the model an ordinary transformers model (same forward, cache, attention
+switch), so everything that reads its logits or attention weights works unchanged.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .precision import Int4Linear, Int8Linear, quantize_int8, replace_linears
+
+# GGUF tensor name (per block) -> transformers Llama module name (per layer)
+_LLAMA_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_Q4_1_BYTES = 20                  # per block: fp16 d, fp16 m, 16 bytes of nibbles
+
+
+def q4_1_blocks(raw: np.ndarray) -> tuple:
+    """GGUF Q4_1 rows (N, blocks*20 bytes) -> q (N, K) uint8 in 0..15, d, m (N, K/32) fp32.
+    Element j of a block is the low nibble of byte j (j < 16), else the high nibble of j-16."""
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, -1, _Q4_1_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., 4:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, -1)
+    return q, d, m
+
+
+def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's rotary permutation of q/k (as transformers does)."""
+    rows = np.arange(n_rows)
+    return rows.reshape(n_head, n_rows // n_head // 2, 2).swapaxes(2, 1).reshape(-1)
+
+
+def read_q4_1(gguf_path, config) -> dict:
+    """{HF module name: raw Q4_1 rows (N, blocks*20) uint8} of every Q4_1 linear in a Llama
+    GGUF, rows in transformers' order. Cached under $MMCORE_CACHE: parsing the GGUF's
+    metadata (its whole vocabulary) takes seconds, reading the cache well under one."""
+    from filelock import FileLock
+    from safetensors.numpy import load_file, save_file
+
+    from . import cache
+
+    stat = Path(gguf_path).stat()
+    key = f"{Path(gguf_path).name}:{stat.st_size}:{int(stat.st_mtime)}:q4_1-rows-v1"
+    folder = cache.models_dir() / f"{Path(gguf_path).stem.lower()}-q4_1-rows"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if cache.is_complete(folder, key):
+            try:
+                return load_file(str(folder / "rows.safetensors"))
+            except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
+                pass
+        rows = _parse_q4_1(gguf_path, config)
+        with cache.atomic_folder(folder, key) as tmp:
+            save_file(rows, str(tmp / "rows.safetensors"))
+    return rows
+
+
+def _parse_q4_1(gguf_path, config) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    out = {}
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")            # blk.{i}.{kind}.weight
+        if (tensor.tensor_type != gguf.GGMLQuantizationType.Q4_1 or len(parts) != 4
+                or parts[0] != "blk" or parts[2] not in _LLAMA_NAMES):
+            continue
+        raw = np.ascontiguousarray(tensor.data)
+        if parts[2] in ("attn_q", "attn_k"):     # a block is part of one row: permute rows
+            heads = config.num_attention_heads if parts[2] == "attn_q" else \
+                config.num_key_value_heads
+            raw = np.ascontiguousarray(raw[_unpermute_rows(raw.shape[0], heads)])
+        out[f"model.layers.{parts[1]}.{_LLAMA_NAMES[parts[2]]}"] = raw
+    return out
+
+
+def _int8_head(model, dtype) -> None:
+    """The vocabulary head in per-channel int8; a tied embedding keeps its own table."""
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        if head.weight is model.get_input_embeddings().weight:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.set_output_embeddings(Int8Linear.from_linear(head, dtype))
+        model.config.tie_word_embeddings = False
+
+
+@torch.no_grad()
+def from_gguf_q4_1(model, gguf_path: Path, dtype=torch.float32) -> int:
+    """Swap the Q4_1 linears of a GGUF-converted Llama for 4-bit ones built from its blocks,
+    and the head for int8. Returns the number of 4-bit linears."""
+    tensors = _int4_tensors(gguf_path, model.config, dtype)
+
+    def make(name, linear):
+        if f"{name}.packed" not in tensors:
+            return None
+        out_features, in_features = linear.weight.shape
+        sz = tensors[f"{name}.scale_zero"]
+        if tuple(sz.shape) != (in_features // 32, out_features, 2):
+            raise ValueError(f"{name}: GGUF {tuple(sz.shape)} does not fit {tuple(linear.weight.shape)}")
+        return Int4Linear(tensors[f"{name}.packed"], sz, in_features, out_features)
+
+    swapped = replace_linears(model, make)
+    _int8_head(model, dtype)
+    return swapped
+
+
+def _int4_tensors(gguf_path, config, dtype) -> dict:
+    """{name.packed, name.scale_zero} in the int4 kernel's layout, packed once and cached
+    (the layout belongs to this torch build: the key names it)."""
+    from . import cache
+
+    stat = Path(gguf_path).stat()
+    key = (f"{Path(gguf_path).name}:{stat.st_size}:{int(stat.st_mtime)}:torch {torch.__version__}"
+           f":{torch.backends.cpu.get_cpu_capability()}:{dtype}:int4-v1")
+
+    def build() -> dict:
+        out = {}
+        for name, raw in read_q4_1(gguf_path, config).items():
+            q, d, m = (torch.from_numpy(a) for a in q4_1_blocks(raw))
+            layer = Int4Linear.from_q4_1(q, d, m, dtype)
+            out[f"{name}.packed"], out[f"{name}.scale_zero"] = layer.packed, layer.scale_zero
+        return out
+
+    return cache.cached_tensors(f"{Path(gguf_path).stem.lower()}-int4-{str(dtype)[6:]}", key, build)
+
+
+@torch.no_grad()
+def int8_weights(model, dtype=torch.float32) -> int:
+    """Every linear (and the head) per-channel int8, multiplied in `dtype`. GPT-2's Conv1D
+    (a linear stored transposed) included."""
+    from transformers.pytorch_utils import Conv1D
+
+    swapped = replace_linears(model, lambda name, lin: Int8Linear.from_linear(lin, dtype),
+                              skip={"lm_head"})
+    for module in list(model.modules()):
+        for attr, sub in list(module.named_children()):
+            if isinstance(sub, Conv1D):                       # weight (K, N): y = x @ W + b
+                q, scales = quantize_int8(sub.weight.detach().float().T)
+                setattr(module, attr, Int8Linear(q, scales.to(dtype), sub.bias))
+                swapped += 1
+    _int8_head(model, dtype)
+    return swapped
+
+
+def dequantized(raw: np.ndarray) -> torch.Tensor:
+    """(N, K) fp32 weight of raw Q4_1 rows, w = d*q + m (for checks)."""
+    q, d, m = (torch.as_tensor(a) for a in q4_1_blocks(raw))
+    n, k = q.shape
+    return (q.float().reshape(n, -1, 32) * d[..., None] + m[..., None]).reshape(n, k)
+
+
+__all__ = ["from_gguf_q4_1", "int8_weights", "read_q4_1", "q4_1_blocks", "dequantized",
+           "quantize_int8"]

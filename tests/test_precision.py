@@ -1,0 +1,239 @@
+"""Precision: the weight forms are what they claim, and `fast` keeps quality on real weights.
+
+The quality gates compare the offline kit at `fast` against the same kit at `exact` (fp32,
+the GGUF dequantised: the Q4_1 reference model): the fill-mask probes, the zero-shot
+photos, greedy tokens on five prompts and perplexity on a packaged paragraph.
+"""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmcore
+from mmcore import generation as G
+from mmcore import kits, offline, precision, quantized_lm
+
+DATA = Path(__file__).parent / "data"
+CAP = precision.capability()
+needs_fast = pytest.mark.skipif(not (CAP.bf16 and CAP.int4_kernel and CAP.int8_kernel),
+                                reason="this CPU/torch has no fast bf16 / int4 / int8 path")
+PROMPTS = ["The history of the printing press begins in the fifteenth century, when a "
+           "goldsmith from Mainz named",
+           "Write a short poem about the sea.",
+           "What is the capital of France?",
+           "Explain photosynthesis to a child.",
+           "List three uses of copper."]
+NEAR_TIE = 0.5        # logits: exact's best and second best closer than this are a coin toss
+
+
+@pytest.fixture(scope="module")
+def exact():
+    return mmcore.load_kit("offline", precision="exact")
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return mmcore.load_kit("offline", precision="fast")
+
+
+# ---------------------------------------------------------------- the forms themselves
+
+def test_capability_is_detected_and_printable():
+    line = CAP.line()
+    assert CAP.isa and CAP.threads == torch.get_num_threads()
+    for word in ("bf16", "VNNI", "AMX", "threads", CAP.isa):
+        assert word in line
+
+
+def test_precision_choice():
+    assert precision.resolve("exact", "cpu") == "exact"
+    assert precision.resolve("FAST", "cpu") == "fast"
+    assert precision.resolve("auto", "cpu") in precision.PRECISIONS
+    with pytest.raises(mmcore.InputError, match="exact, fast or auto"):
+        precision.resolve("int3", "cpu")
+
+
+def test_q4_1_blocks_decode_as_gguf_does():
+    import gguf
+
+    reader = gguf.GGUFReader(str(offline.smollm2_gguf()))
+    tensor = next(t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1)
+    ours = quantized_lm.dequantized(tensor.data).numpy()
+    theirs = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(ours.shape)
+    assert (ours == theirs).all()
+
+
+@needs_fast
+def test_int4_layers_hold_the_gguf_weights_exactly(exact):
+    """Every 4-bit linear's weight is the fp32 weight transformers dequantised, bit for bit,
+    and the kernel with fp32 scales reproduces it exactly."""
+    model = exact.model("causal_lm").parts["model"]
+    rows = quantized_lm.read_q4_1(offline.smollm2_gguf(), model.config)
+    state = model.state_dict()
+    assert len(rows) == 7 * model.config.num_hidden_layers
+    for name, raw in rows.items():
+        assert torch.equal(quantized_lm.dequantized(raw), state[f"{name}.weight"]), name
+    q, d, m = (torch.from_numpy(a) for a in quantized_lm.q4_1_blocks(rows["model.layers.0.mlp.up_proj"]))
+    layer = precision.Int4Linear.from_q4_1(q, d, m, torch.float32)
+    assert torch.equal(layer.weight, state["model.layers.0.mlp.up_proj.weight"])
+
+
+@needs_fast
+def test_int8_linear_is_close_and_conv1d_is_covered(tiny_kit):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    q = precision.Int8Linear.from_linear(linear, torch.bfloat16)
+    x = torch.randn(5, 64)
+    err = (q(x) - linear(x)).norm() / linear(x).norm()
+    assert q(x).dtype == torch.float32 and err < 0.02
+    fast_tiny = mmcore.load_kit("tiny", precision="fast")
+    model = fast_tiny.model("causal_lm").parts["model"]                    # GPT-2: Conv1D
+    assert not [m for m in model.modules() if type(m).__name__ in ("Conv1D", "Linear")]
+    assert fast_tiny.generate("hello", max_new_tokens=4, chat=False) is not None
+
+
+def test_registry_keys_on_precision(exact):
+    again = mmcore.load_kit("offline", precision="exact")
+    assert again is exact and again.model("causal_lm") is exact.model("causal_lm")
+    keys = [k for k in kits._registry if k[0] == "smollm2-gguf"]
+    assert len(keys) == len(set(keys))
+    assert all(k[-1] in precision.PRECISIONS for k in kits._registry)
+
+
+# ---------------------------------------------------------------- quality gates, real weights
+
+@needs_fast
+def test_fast_shares_one_quantized_lm_and_says_so(fast, exact):
+    lm = fast.model("causal_lm").parts["model"]
+    assert fast.model("masked_lm").parts["model"] is lm is fast.model("next_sentence").parts["model"]
+    assert lm is not exact.model("causal_lm").parts["model"]
+    assert sum(isinstance(m, precision.Int4Linear) for m in lm.modules()) == 210
+    rows = {r["role"]: r["precision"] for r in fast.describe()}
+    assert "4-bit" in rows["causal_lm"]
+    assert rows["dual_encoder"].startswith("fast: bf16" if precision.encoders_bf16() else "fp32")
+    assert all(r["precision"].startswith("exact") for r in exact.describe()
+               if r["status"] == "ready")
+
+
+@needs_fast
+def test_fill_mask_probes_score_the_same(fast, exact):
+    with open(DATA / "fill_mask_probes.tsv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+
+    def hits(kit):
+        return sum(kit.fill_mask(r["sentence"], top_k=1)[0][0]["token_str"].lower()
+                   == r["answer"].lower() for r in rows)
+
+    h_exact, h_fast = hits(exact), hits(fast)
+    print(f"fill-mask probes top-1: exact {h_exact}/{len(rows)}, fast {h_fast}/{len(rows)}")
+    assert abs(h_fast - h_exact) <= 1
+
+
+@needs_fast
+def test_zero_shot_photos_score_the_same(fast, exact, monkeypatch):
+    """The kit at `fast`, and the ConSE tower in bf16 (forced: on CPUs where bf16 does not
+    pay, `fast` keeps encoders fp32), against `exact`."""
+    from skimage import data as skdata
+    from PIL import Image
+
+    from mmcore import dual_encoder as de
+    from mmcore.zero_shot import zero_shot
+
+    monkeypatch.setenv("MMCORE_ENCODER_BF16", "1")
+    parts = kits._load(exact.spec("dual_encoder"), "dual_encoder", torch.device("cpu"), "fast")
+    assert next(parts["classifier"].parameters()).dtype == torch.bfloat16
+    bf16 = de.conse_encoder(parts, exact.encoder().image_projection.weight.detach().T)
+    cases = json.loads((DATA / "zero_shot_photos.json").read_text())
+    photos = {n: Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in cases}
+
+    def score(encoder):
+        return sum(zero_shot(encoder, photos[n], labels, ensemble=e).ranked[0][0] == labels[0]
+                   for n, labels in cases.items() for e in (False, True))
+
+    got = {name: score(enc) for name, enc in
+           (("exact", exact.encoder()), ("fast", fast.encoder()), ("bf16 tower", bf16))}
+    print(f"zero-shot photos (of {2 * len(cases)}): {got}")
+    assert abs(got["fast"] - got["exact"]) <= 1 and abs(got["bf16 tower"] - got["exact"]) <= 1
+    image = photos["chelsea"]
+    for enc in (fast.encoder(), bf16):
+        cos = torch.nn.functional.cosine_similarity(exact.encode_images([image]),
+                                                    enc.encode_images([image]))
+        assert float(cos) > 0.99
+
+
+def _greedy(kit, prompt, n=32):
+    run = G.Generation(G.SamplingParams())
+    for _ in G.generate_tokens(*_lm(kit), prompt, G.SamplingParams(max_new_tokens=n), run=run):
+        pass
+    return run
+
+
+def _lm(kit):
+    parts = kit.model("causal_lm").parts
+    return parts["model"], parts["processor"]
+
+
+@needs_fast
+def test_greedy_tokens_follow_the_q4_1_reference(fast, exact):
+    """On the reference's own 32 greedy tokens (teacher forcing, so one early coin toss does
+    not decide the rest), `fast` picks the same token wherever the reference is not at a
+    near-tie; and free-running it matches the reference until the first such tie."""
+    model_e, tok = _lm(exact)
+    model_f, _ = _lm(fast)
+    ties = 0
+    for prompt in PROMPTS:
+        ref = _greedy(exact, prompt)
+        ids = G.prompt_ids(tok, prompt, G.use_chat(tok, None)) + [t.token_id for t in ref.tokens]
+        start = len(ids) - len(ref.tokens) - 1
+        with torch.inference_mode():
+            le = model_e(input_ids=torch.tensor([ids])).logits[0, start:-1].float()
+            lf = model_f(input_ids=torch.tensor([ids])).logits[0, start:-1].float()
+        top2 = le.topk(2).values
+        margin = top2[:, 0] - top2[:, 1]
+        agree = lf.argmax(-1) == le.argmax(-1)
+        assert bool((agree | (margin < NEAR_TIE)).all()), (prompt, margin[~agree])
+        ties += int((~agree).sum())
+        mine = [t.token_id for t in _greedy(fast, prompt).tokens]
+        first = next((i for i, (a, b) in enumerate(zip(mine, ids[start + 1:])) if a != b),
+                     len(mine))
+        print(f"{prompt[:30]!r}: free-running match {first}/32, near-ties flipped "
+              f"{int((~agree).sum())}")
+        if first < len(mine):                       # a divergence must start at a near-tie
+            assert float(margin[first]) < NEAR_TIE
+    assert ties <= 3
+
+
+@needs_fast
+def test_perplexity_within_two_percent(fast, exact):
+    from mmcore import lm_scoring, tiny
+
+    text = " ".join(line.strip() for line in tiny.SENTENCES.splitlines() if line.strip())
+
+    def perplexity(kit):
+        model, tok = _lm(kit)
+        ids = [lm_scoring.start_id(tok)] + lm_scoring.encode(tok, text)
+        with torch.inference_mode():
+            logp = model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        return math.exp(-float(logp[torch.arange(len(ids) - 1), ids[1:]].mean()))
+
+    p_exact, p_fast = perplexity(exact), perplexity(fast)
+    print(f"perplexity: exact {p_exact:.3f}, fast {p_fast:.3f}")
+    assert abs(p_fast / p_exact - 1) < 0.02
+
+
+@needs_fast
+def test_probabilities_alternatives_and_attention_in_fast(fast):
+    from mmcore import attention
+
+    run = _greedy(fast, "The capital of France is", n=4)
+    for info in run.tokens:
+        assert 0 < info.prob <= 1 and len(info.alternatives) == G.TOP_ALTERNATIVES
+        assert info.alternatives[0][1] >= info.alternatives[-1][1]
+    for key in ("causal_lm", "text_tower"):
+        maps = attention.attention_maps(fast, key, "The cat sat on the mat.")
+        assert torch.allclose(maps.weights.sum(-1), torch.ones(()), atol=1e-2)
+    assert 0 <= fast.next_sentence("I was hungry.", "So I ate a sandwich.") <= 1
