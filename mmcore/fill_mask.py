@@ -18,6 +18,7 @@ approximation of BERT's task, and the UI says so.
 
 import math
 import re
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -67,7 +68,9 @@ def join(segments: list, fills: list) -> str:
     return out
 
 
-def fill(loaded, text, top_k: int = 5, targets=None) -> FillResult:
+def fill(loaded, text, top_k: int = 5, targets=None, batched: bool = False) -> FillResult:
+    """`batched`: the masked LM's forward may share a batch with concurrent requests
+    (micro-batching when serving many users; results equal up to float rounding)."""
     text = clean_text(text, "Text")
     top_k = int(top_k)
     if not 1 <= top_k <= 50:
@@ -75,7 +78,7 @@ def fill(loaded, text, top_k: int = 5, targets=None) -> FillResult:
     targets = parse_words(targets)
     model, tok = loaded.parts["model"], loaded.parts["processor"]
     if loaded.spec.backend == "masked_lm":
-        return _MaskedLM(model, tok).fill(text, top_k, targets)
+        return _MaskedLM(model, tok, batched).fill(text, top_k, targets)
     if loaded.spec.backend == "causal_lm":
         return _CausalLM(model, tok).fill(text, top_k, targets)
     raise InputError(f"{loaded.spec.name} cannot fill masks.")
@@ -102,9 +105,13 @@ def _whole_word_ids(tok, size: int | None = None) -> torch.Tensor:
     return allowed
 
 
+_batchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> MicroBatcher
+_batchers_guard = threading.Lock()
+
+
 class _MaskedLM:
-    def __init__(self, model, tok):
-        self.model, self.tok = model, tok
+    def __init__(self, model, tok, batched: bool = False):
+        self.model, self.tok, self.batched = model, tok, batched
         self.device = next(model.parameters()).device
         self.max_len = min(model.config.max_position_embeddings, tok.model_max_length or 10**9)
         # The vocabulary head costs more than the whole encoder on short inputs (bert-base:
@@ -113,9 +120,29 @@ class _MaskedLM:
         self.head = next((getattr(model, n) for n in ("cls", "lm_head") if hasattr(model, n)),
                          None)
 
-    @torch.inference_mode()
     def logits(self, rows: list, positions: list) -> torch.Tensor:
-        """(B, P, V) logits at `positions[b]` (P per row) of right-padded rows of token ids."""
+        """(B, P, V) logits at `positions[b]` (P per row) of right-padded rows of token ids.
+        A single row may share its forward with other requests' rows (micro-batching)."""
+        if not (self.batched and len(rows) == 1):
+            return self._logits(rows, positions)
+        from .microbatch import MicroBatcher
+
+        with _batchers_guard:
+            if self.model not in _batchers:
+                _batchers[self.model] = MicroBatcher(
+                    _MaskedLM(self.model, self.tok)._shared_forward, max_batch=16)
+            batcher = _batchers[self.model]
+        return batcher([(rows[0], positions[0])])[0][None]
+
+    def _shared_forward(self, items: list) -> list:
+        """[(row, positions)] of several requests -> [(P_i, V) logits], one forward."""
+        width = max(len(p) for _, p in items)
+        padded = [list(p) + [p[0]] * (width - len(p)) for _, p in items]
+        out = self._logits([r for r, _ in items], padded)                 # (B, P, V)
+        return [out[i, :len(p)] for i, (_, p) in enumerate(items)]
+
+    @torch.inference_mode()
+    def _logits(self, rows: list, positions: list) -> torch.Tensor:
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tok.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -241,7 +241,7 @@ class Kit:
 
         loaded = self.model("masked_lm")
         with PRIORITY.short():
-            return fill(loaded, text, top_k, targets)
+            return fill(loaded, text, top_k, targets, batched=self.serving is not None)
 
     def next_sentence(self, first, second) -> float:
         """P(second follows first)."""

@@ -107,3 +107,42 @@ def test_encoders_batched_across_requests_equal_unbatched(encoder, chelsea):
                                atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.cat([got_texts[i] for i in range(4)]), alone_texts,
                                atol=1e-5, rtol=1e-4)
+
+
+def test_fill_mask_forwards_batched_across_requests_equal_unbatched(tiny_kit):
+    from mmcore import fill_mask
+
+    loaded = tiny_kit.model("masked_lm")
+    texts = ["The capital of France is [MASK].", "A [MASK] runs across the green grass.",
+             "The opposite of hot is [MASK].", "She opened the [MASK] and walked in.",
+             "Water boils at one hundred [MASK] ."]
+    alone = [fill_mask.fill(loaded, t, 5) for t in texts]
+    fill_mask.fill(loaded, texts[0], 5, batched=True)              # makes the batcher
+    batcher = fill_mask._batchers[loaded.parts["model"]]
+    real, gate = batcher.fn, threading.Event()
+
+    def held(items):                       # hold the first batch so the rest gather
+        if not gate.is_set():
+            gate.wait(60)
+        return real(items)
+
+    batcher.fn, got, before = held, {}, batcher.batches
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(
+        i, fill_mask.fill(loaded, texts[i], 5, batched=True))) for i in range(len(texts))]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: batcher._open is not None and len(batcher._open.parts) == 4)
+        gate.set()
+        for t in threads:
+            t.join()
+    finally:
+        batcher.fn = real
+    assert batcher.batches - before == 2                # 1 alone, then 4 in one forward
+    for want, have in zip(alone, [got[i] for i in range(len(texts))]):
+        assert [[r["token_str"] for r in m] for m in have.per_mask] == \
+            [[r["token_str"] for r in m] for m in want.per_mask]
+        for m_have, m_want in zip(have.per_mask, want.per_mask):
+            for a, b in zip(m_have, m_want):
+                assert abs(a["score"] - b["score"]) < 1e-5
+        assert [j["tokens"] for j in have.joint] == [j["tokens"] for j in want.joint]
