@@ -1,12 +1,14 @@
 """Generation speed on the offline kit's model, greedy, a 20-token prompt, 128 new tokens.
 
-Side by side on this machine: (a) transformers.pipeline("text-generation") with its
-defaults, (b) model.generate at the dtype we use, (c) mmcore's decode loop. Prints tokens/s
-and time to first token of each, the ratios, whether (b) and (c) give the same tokens, and
-the fraction of the memory-bandwidth limit reached (weight bytes read per token x tokens/s
-over a measured copy bandwidth).
+Side by side on this machine, interleaved: (a) transformers.pipeline("text-generation") fp32
+with its defaults, (b) model.generate fp32, (c) mmcore's decode loop at `exact` (fp32, the
+GGUF dequantised), (d) mmcore at `fast` (the GGUF's own 4-bit blocks, int8 head, bf16
+matmuls). Prints tokens/s and time to first token of each, the ratios to (a), whether (b)
+and (c) give the same tokens and where (d) first differs, and beside each decode rate the
+roofline: weight bytes read per token, the measured read bandwidth, and the percent of the
+bandwidth limit reached. The first line is the CPU's capability (bf16/VNNI/AMX, threads).
 
-    .venv/bin/python bench/bench_generate.py [--new 128] [--rounds 2]
+    .venv/bin/python bench/bench_generate.py [--new 128] [--rounds 2] [--threads 2]
 """
 
 import argparse
@@ -23,35 +25,27 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 PROMPT = "The history of the printing press begins in the fifteenth century, when a goldsmith from Mainz named"
 
 
-def copy_bandwidth(megabytes: int = 512) -> float:
-    """Bytes moved per second (read + write) copying a large tensor."""
-    src = torch.ones(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = 0.0
-    for _ in range(5):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = max(best, 2 * src.numel() * 4 / (time.perf_counter() - start))
-    return best
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import roofline
+
+    print(roofline.header(args.threads))
     import mmcore
     from mmcore import generation as G
     from transformers import pipeline
 
-    parts = mmcore.load_kit("offline").model("causal_lm").parts
-    model, tok = parts["model"], parts["processor"]
+    exact = mmcore.load_kit("offline", precision="exact").model("causal_lm").parts
+    fast = mmcore.load_kit("offline", precision="fast").model("causal_lm").parts
+    model, tok = exact["model"], exact["processor"]
     ids = tok(PROMPT, return_tensors="pt")
     n_prompt = ids["input_ids"].shape[1]
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
-    params = dict(max_new_tokens=args.new, min_new_tokens=args.new)
 
     def run_pipeline(n):
         start = time.perf_counter()
@@ -63,36 +57,41 @@ def main() -> None:
         out = model.generate(**ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
         return time.perf_counter() - start, out[0, n_prompt:].tolist()
 
-    def run_ours(n):
+    def run_ours(parts, n):
         run = G.Generation(G.SamplingParams())
         sp = G.SamplingParams(max_new_tokens=n, temperature=0.0, chat=False)
-        # min_new_tokens for a like-for-like count: the bench prompt does not hit EOS early
-        for _ in G.generate_tokens(model, tok, PROMPT, sp, run=run):
+        for _ in G.generate_tokens(parts["model"], tok, PROMPT, sp, run=run):
             pass
         return run.seconds, [t.token_id for t in run.tokens], run.ttft
 
-    run_pipeline(4), run_generate(4), run_ours(4)                      # warm up
-    best = {"a": (1e9, 1e9), "b": (1e9, 1e9), "c": (1e9, 1e9)}
+    run_pipeline(4), run_generate(4), run_ours(exact, 4), run_ours(fast, 4)     # warm up
+    best = {k: (1e9, 1e9) for k in "abcd"}
     for _ in range(args.rounds):
         t_a, ttft_a = run_pipeline(args.new), run_pipeline(1)
         (t_b, toks_b), (ttft_b, _) = run_generate(args.new), run_generate(1)
-        t_c, toks_c, ttft_c = run_ours(args.new)
-        for key, t, ttft in (("a", t_a, ttft_a), ("b", t_b, ttft_b), ("c", t_c, ttft_c)):
+        t_c, toks_c, ttft_c = run_ours(exact, args.new)
+        t_d, toks_d, ttft_d = run_ours(fast, args.new)
+        for key, t, ttft in (("a", t_a, ttft_a), ("b", t_b, ttft_b), ("c", t_c, ttft_c),
+                             ("d", t_d, ttft_d)):
             best[key] = (min(best[key][0], t), min(best[key][1], ttft))
-    n_c = len(toks_c)
-    rate = {"a": args.new / best["a"][0], "b": args.new / best["b"][0], "c": n_c / best["c"][0]}
+    counts = {"a": args.new, "b": args.new, "c": len(toks_c), "d": len(toks_d)}
+    rate = {k: counts[k] / best[k][0] for k in "abcd"}
+    bandwidth = roofline.read_bandwidth()
+    weights = {"a": model, "b": model, "c": model, "d": fast["model"]}
     print(f"offline causal LM, {n_prompt}-token prompt, {args.new} new tokens, greedy, "
-          f"{torch.get_num_threads()} threads, dtype {model.dtype}")
-    for key, name in (("a", "pipeline (defaults)"), ("b", "model.generate"), ("c", "mmcore")):
-        print(f"  ({key}) {name:20s} {rate[key]:6.1f} tokens/s   first token {best[key][1] * 1000:5.0f} ms")
-    print(f"  ratio (c)/(a): {rate['c'] / rate['a']:.2f}x   ratio (c)/(b): {rate['c'] / rate['b']:.2f}x")
-    print(f"  (b) and (c) give the same tokens: {toks_b[:n_c] == toks_c}  ({n_c} compared)")
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = copy_bandwidth()
-    decode_rate = (n_c - 1) / (best["c"][0] - best["c"][1])
-    print(f"  weights {weight_bytes / 1e6:.0f} MB per token; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"decode {decode_rate:.1f} tokens/s = {weight_bytes * decode_rate / bandwidth:.0%} "
-          f"of the bandwidth limit")
+          f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    names = {"a": "pipeline fp32", "b": "model.generate fp32", "c": "mmcore exact",
+             "d": "mmcore fast"}
+    for key in "abcd":
+        per_token = roofline.bytes_per_token(weights[key])
+        decode = (counts[key] - 1) / max(best[key][0] - best[key][1], 1e-9)
+        roof = bandwidth / per_token
+        print(f"  ({key}) {names[key]:20s} {rate[key]:6.1f} tok/s ({rate[key] / rate['a']:4.2f}x)"
+              f"  first token {best[key][1] * 1000:5.0f} ms  |  {per_token / 1e6:4.0f} MB/token,"
+              f" roof {roof:5.0f} tok/s, decode {decode:5.1f} tok/s = {decode / roof:4.0%}")
+    same_d = next((i for i, (x, y) in enumerate(zip(toks_c, toks_d)) if x != y), len(toks_d))
+    print(f"  (b) and (c) give the same tokens: {toks_b[:len(toks_c)] == toks_c} "
+          f"({len(toks_c)} compared); (d) matches (c) for the first {same_d} tokens")
 
 
 if __name__ == "__main__":
