@@ -226,6 +226,60 @@ def _held_back(text: str, stops: tuple) -> int:
                 if text.endswith(s[:k])), default=0)
 
 
+class TokenText:
+    """What a caller sees of a run's tokens, one per run: each token's text piece (decoded
+    incrementally), stop sequences cut (never inside forced text), `shown` (the text safe to
+    show so far: a tail that could still grow into a stop sequence is held back), and the
+    held-back bytes flushed at the end. `generate_tokens` and the serving scheduler both use
+    it, so batched and unbatched runs show the same text."""
+
+    def __init__(self, tok, prompt_ids: list, stops: tuple):
+        self.detok = _Detokenizer(tok, prompt_ids)
+        self.stops = tuple(stops)
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.text, self.shown, self.forced_end = "", "", 0
+
+    def add(self, info: TokenInfo) -> bool:
+        """Fill in `info.text`; True when a stop sequence ends the run here."""
+        piece = self.detok.push(info.token_id)
+        info.text = piece
+        self.text += piece
+        if info.forced:
+            self.forced_end = len(self.text)
+        else:
+            # a stop sequence may straddle tokens: look in the tail that could hold a new one
+            hit = _find_stop(self.text, self.stops,
+                             max(0, len(self.text) - len(piece) - self.longest + 1),
+                             self.forced_end)
+            if hit >= 0:
+                info.text = piece[:max(0, hit - (len(self.text) - len(piece)))]
+                self.shown = self.text[:hit]
+                return True
+        self.shown = self.text[:len(self.text) - _held_back(self.text, self.stops)]
+        return False
+
+    def finish(self, last: TokenInfo | None) -> None:
+        """The run ended without a stop sequence: show everything, with any bytes the
+        detokenizer still held (e.g. an incomplete character) added to the last token."""
+        tail = self.detok.flush()
+        if tail and last is not None:
+            last.text += tail
+            self.text += tail
+        self.shown = self.text
+
+
+def text_pieces(run: "Generation", tokens):
+    """Text pieces of `run` as its token generator fills it in: what became safe to show
+    after each token, then the rest at the end."""
+    shown = 0
+    for _ in tokens:
+        if len(run.text) > shown:
+            yield run.text[shown:]
+            shown = len(run.text)
+    if len(run.text) > shown:
+        yield run.text[shown:]
+
+
 @torch.inference_mode()
 def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
                     forced: list | None = None, run: Generation | None = None):
@@ -253,17 +307,15 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
                          f"({params.max_new_tokens}) must be <= {limit}, the model's context.")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(params.seed)
-    stops, eos = params.stop, eos_ids(model, tok)
-    longest = max((len(s) for s in stops), default=0)
+    eos = eos_ids(model, tok)
     strings = lm_scoring.token_strings(tok)
-    detok = _Detokenizer(tok, ids)
+    shown = TokenText(tok, ids, params.stop)
     start = time.perf_counter()
     cache = DynamicCache(config=model.config)
     # one prefill over prompt + forced; row j of `rows` predicts the token after forced[:j]
     rows = model(input_ids=torch.tensor([ids + forced], device=device), cache=cache,
                  use_cache=True, logits_to_keep=len(forced) + 1).logits[0]
     generated: list = []
-    text, forced_end = "", 0
     for step in range(len(forced) + params.max_new_tokens):
         if stop_event is not None and stop_event.is_set():
             run.finish = "cancelled"
@@ -287,25 +339,15 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
         if token in eos and not is_forced:
             run.finish = "eos"
             break
-        piece = detok.push(token)
-        info = TokenInfo(token, piece, float(probs[token]), _alternatives(strings, probs),
+        info = TokenInfo(token, "", float(probs[token]), _alternatives(strings, probs),
                          is_forced)
-        text += piece
-        if is_forced:
-            forced_end = len(text)
-        else:
-            # a stop sequence may straddle tokens: look in the tail that could hold a new one
-            hit = _find_stop(text, stops, max(0, len(text) - len(piece) - longest + 1),
-                             forced_end)
-            if hit >= 0:
-                info.text = piece[:max(0, hit - (len(text) - len(piece)))]
-                run.tokens.append(info)
-                run.text = text[:hit]
-                run.finish = "stop"
-                yield info
-                break
+        stopped = shown.add(info)
         run.tokens.append(info)
-        run.text = text[:len(text) - _held_back(text, stops)]
+        run.text = shown.shown
+        if stopped:
+            run.finish = "stop"
+            yield info
+            break
         yield info
         if step + 1 >= len(forced) and len(generated) - len(forced) >= params.max_new_tokens:
             run.finish = "length"
@@ -315,11 +357,8 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
             logits = model(input_ids=torch.tensor([[token]], device=device), cache=cache,
                            use_cache=True).logits[0]
     if run.finish != "stop":
-        tail = detok.flush()             # e.g. an incomplete character left at the end
-        if tail and run.tokens:
-            run.tokens[-1].text += tail
-            text += tail
-        run.text = text
+        shown.finish(run.tokens[-1] if run.tokens else None)
+        run.text = shown.shown
     run.finish = run.finish or "length"
     run.seconds = time.perf_counter() - start
 
@@ -344,10 +383,4 @@ def stream(model, tok, prompt, params: SamplingParams, stop_event: threading.Eve
     """Text pieces as they are generated; never a piece of a stop sequence (text that could
     still become one is held back until it cannot)."""
     run = Generation(params)
-    shown = 0
-    for _ in generate_tokens(model, tok, prompt, params, stop_event, run=run):
-        if len(run.text) > shown:
-            yield run.text[shown:]
-            shown = len(run.text)
-    if len(run.text) > shown:
-        yield run.text[shown:]
+    yield from text_pieces(run, generate_tokens(model, tok, prompt, params, stop_event, run=run))

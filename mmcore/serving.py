@@ -34,8 +34,8 @@ import torch
 from . import lm_scoring
 from .errors import InputError
 from .lanes import PRIORITY
-from .generation import (Generation, SamplingParams, TokenInfo, _alternatives, _Detokenizer,
-                         _process, context_length, eos_ids, prompt_ids, use_chat)
+from .generation import (Generation, SamplingParams, TokenInfo, TokenText, _alternatives,
+                         _process, context_length, eos_ids, prompt_ids, text_pieces, use_chat)
 from .generation import MAX_CANDIDATES, TOP_ALTERNATIVES
 from .text import clean_text
 
@@ -55,10 +55,10 @@ class _Stream:
         self.ids, self.forced, self.params = ids, forced, params
         self.stop_event, self.eos, self.strings = stop_event, eos, strings
         self.generator = torch.Generator(device=device).manual_seed(params.seed)
-        self.detok = _Detokenizer(tok)
+        self.shown = TokenText(tok, ids, params.stop)     # the same text as generate_tokens
+        self.last: TokenInfo | None = None
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.generated: list = []
-        self.text = ""
         self.closed = False          # the consumer went away
         self.finish = ""
         self.start = time.perf_counter()
@@ -89,27 +89,26 @@ class _Stream:
         ttft = time.perf_counter() - self.start
         if token in self.eos and not is_forced:
             return self.end("eos")
-        piece = self.detok.push(token)
         if alternatives is None:
             alternatives = _alternatives(self.strings, probs)
-        info = TokenInfo(token, piece, float(probs[token]), alternatives, is_forced)
-        stops = self.params.stop
-        tail = max(0, len(self.text) - max((len(s) for s in stops), default=0))
-        self.text += piece
-        hit = min((i for i in (self.text.find(s, tail) for s in stops) if i >= 0), default=-1)
-        if hit >= 0 and not is_forced:
-            info.text = piece[:max(0, hit - (len(self.text) - len(piece)))]
-            self.text = self.text[:hit]
-            self.out.put((info, self.text, ttft))
+        info = TokenInfo(token, "", float(probs[token]), alternatives, is_forced)
+        stopped = self.shown.add(info)
+        self.last = info
+        self.out.put((info, self.shown.shown, ttft))
+        if stopped:
             return self.end("stop")
-        self.out.put((info, self.text, ttft))
         if not is_forced and len(self.generated) - len(self.forced) >= self.params.max_new_tokens:
             return self.end("length")
         return False
 
     def end(self, finish: str, error: BaseException | None = None) -> bool:
         self.finish = self.finish or finish
-        self.out.put(error if error is not None else None)
+        if error is not None:
+            self.out.put(error)
+            return True
+        if self.finish != "stop":
+            self.shown.finish(self.last)           # bytes the detokenizer still held
+        self.out.put(("end", self.shown.shown))
         return True
 
 
@@ -174,16 +173,9 @@ class Scheduler:
         return outs[0] if n == 1 else outs
 
     def stream(self, prompt, params: SamplingParams, stop_event=None):
-        """Text pieces, holding back any tail that could still become a stop sequence."""
+        """Text pieces, as `generation.stream`: never a piece of a stop sequence."""
         run = Generation(params)
-        sent = 0
-        for _ in self.generate_tokens(prompt, params, stop_event, run=run):
-            safe = _safe_end(run.text, run.params.stop)
-            if safe > sent:
-                yield run.text[sent:safe]
-                sent = safe
-        if len(run.text) > sent and run.finish != "cancelled":
-            yield run.text[sent:]
+        yield from text_pieces(run, self.generate_tokens(prompt, params, stop_event, run=run))
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread; streams still running or waiting end as "cancelled"."""
@@ -243,8 +235,8 @@ class Scheduler:
                     run.finish = "cancelled"
                     break
                 item = stream.out.get()
-                if item is None:
-                    run.finish = stream.finish
+                if isinstance(item, tuple) and item[0] == "end":
+                    run.finish, run.text = stream.finish, item[1]
                     break
                 if isinstance(item, BaseException):
                     raise item
@@ -420,14 +412,3 @@ def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[axis] = missing
     return torch.cat([x.new_zeros(shape), x], dim=axis)
-
-
-def _safe_end(text: str, stops) -> int:
-    """How much of `text` can be shown: up to any tail that starts a stop sequence."""
-    end = len(text)
-    for s in stops or ():
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                end = min(end, len(text) - n)
-                break
-    return end

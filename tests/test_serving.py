@@ -242,10 +242,12 @@ def test_kit_serves_through_the_scheduler(tiny_kit):
 
 
 def test_stream_holds_back_what_could_become_a_stop_sequence():
-    assert S._safe_end("count 1 2 3", ["3 4"]) == len("count 1 2 ")
-    assert S._safe_end("count 1 2 3", ["9"]) == len("count 1 2 3")
-    assert S._safe_end("ab", ["abc", "bx"]) == 0
-    assert S._safe_end("", ["x"]) == 0
+    from mmcore import generation as G
+
+    assert G._held_back("count 1 2 3", ("3 4",)) == len("3")
+    assert G._held_back("count 1 2 3", ("9",)) == 0
+    assert G._held_back("ab", ("abc", "bx")) == 2
+    assert G._held_back("", ("x",)) == 0
 
 
 def test_bad_requests_fail_in_the_callers_thread(tiny_kit, scheduler):
