@@ -101,6 +101,10 @@ _registry_guard = threading.Lock()
 _encoder_guard = threading.Lock()
 _scheduler_guard = threading.Lock()
 _loading: set = set()                # keys being loaded right now, for status displays
+# transformers builds models on the meta device through process-wide patches, so two models
+# loading in two threads at once can fail ("Cannot copy out of meta tensor"): one load at a
+# time (reentrant: a fine-tuned tower loads its base inside its own load)
+_load_serial = threading.RLock()
 
 
 def _load_key(spec: ModelSpec, role: str, device, precision: str = "exact") -> tuple:
@@ -161,7 +165,7 @@ def get_loaded(spec: ModelSpec, role: str, device, precision: str = "exact") -> 
             try:
                 # never create weights as inference tensors, even when the first use comes
                 # from inside torch.inference_mode(): fine-tuning forks them later
-                with torch.inference_mode(False):
+                with _load_serial, torch.inference_mode(False):
                     parts = _load(spec, role, device, precision)
             finally:
                 _loading.discard(key)
