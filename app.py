@@ -123,7 +123,10 @@ def create(args: argparse.Namespace, kit=None):
                      data_dir=args.data_dir, max_extra_kits=args.max_extra_kits,
                      session_disk_mb=args.session_disk_mb, cache_ttl=args.cache_ttl,
                      admin_token=args.admin_token)
-    if getattr(args, "batching", "off") == "on":
+    from mmcore.device import on_zero_gpu
+
+    # ZeroGPU lends a GPU to a request's own handler only, never to a background scheduler
+    if getattr(args, "batching", "off") == "on" and not on_zero_gpu():
         from mmcore import lanes, serving
 
         max_batch = args.max_batch or lanes.default_max_batch(kit.device)

@@ -5,7 +5,7 @@ import os
 import gradio as gr
 
 from . import attention, fill_mask, generate, models, retrieval, train, zero_shot
-from .context import AppContext
+from .context import MODEL_GROUP, AppContext
 
 TABS = [generate, fill_mask, zero_shot, retrieval, train, attention, models]   # each module: TITLE and build(ctx)
 
@@ -67,9 +67,29 @@ def build_app(ctx: AppContext) -> gr.Blocks:
     # listeners default to queue=False, so set it here for all.
     for fn in demo.fns.values():
         fn.queue = True
+    on_gpu_when_lent(demo)
     # a bounded queue; REST routes may not bypass it
     demo.queue(max_size=ctx.queue_size, api_open=False, default_concurrency_limit=1)
     return demo
+
+
+# seconds of GPU a ZeroGPU Space lends each model event, by concurrency group (lane)
+GPU_SECONDS = {"generate": 120, "short": 30, "long": 180, MODEL_GROUP: 120}
+
+
+def on_gpu_when_lent(demo: gr.Blocks) -> list:
+    """On a ZeroGPU Space every model event runs under `@spaces.GPU(duration=...)`, sized to
+    its lane (`mmcore.device.gpu_task`, a no-op without the `spaces` package). Returns the
+    names of the wrapped handlers."""
+    from mmcore.device import gpu_task
+
+    wrapped = []
+    for block_fn in demo.fns.values():
+        seconds = GPU_SECONDS.get(block_fn.concurrency_id)
+        if seconds and block_fn.fn is not None:
+            block_fn.fn = gpu_task(seconds)(block_fn.fn)
+            wrapped.append(block_fn.name)
+    return wrapped
 
 
 def launch_kwargs(ctx: AppContext, host: str, port: int, share: bool) -> dict:

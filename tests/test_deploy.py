@@ -212,3 +212,50 @@ def test_autocast_dtype_follows_the_gpu(monkeypatch):
     assert device.autocast_dtype(torch.device("cuda")) is torch.float16
     assert device.mixed_precision(torch.device("cuda")) == "fp16"
     assert device.grad_scaler(torch.device("cpu")).is_enabled() is False
+
+
+def test_model_events_run_under_spaces_gpu_sized_to_their_lane(monkeypatch):
+    import functools
+    import inspect
+
+    from gradio_client import Client
+
+    from demos import GPU_SECONDS, launch_kwargs
+
+    wrapped = {}
+
+    def fake_gpu(duration=None):
+        def decorate(fn):
+            if inspect.isgeneratorfunction(fn):
+                @functools.wraps(fn)
+                def gen(*a, **k):
+                    wrapped[fn.__name__]["calls"] += 1
+                    yield from fn(*a, **k)
+                out = gen
+            else:
+                @functools.wraps(fn)
+                def out(*a, **k):
+                    wrapped[fn.__name__]["calls"] += 1
+                    return fn(*a, **k)
+            wrapped[fn.__name__] = {"duration": duration, "calls": 0}
+            return out
+        return decorate
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=fake_gpu))
+    demo, ctx = app_module.create(app_module.parse_args(["--kit", "tiny"]))
+    for name in ("generate", "fill_mask", "next_sentence", "zero_shot", "search",
+                 "show_attention", "load_demo", "fill_mask_batch"):
+        assert name in wrapped, (name, sorted(wrapped))
+    assert wrapped["generate"]["duration"] == GPU_SECONDS["generate"]
+    assert wrapped["fill_mask"]["duration"] == GPU_SECONDS["short"]
+    assert wrapped["fill_mask_batch"]["duration"] == GPU_SECONDS["long"]
+    assert "kit_info" not in wrapped and "validate" not in wrapped      # no model, no GPU
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
+                            **launch_kwargs(ctx, "127.0.0.1", None, False))
+    try:
+        Client(url, verbose=False).predict("The capital of France is [MASK].", 3, "",
+                                           api_name="/fill_mask")
+        assert wrapped["fill_mask"]["calls"] == 1          # the request went through it
+    finally:
+        demo.close()
+        ctx.kit.stop_serving()
