@@ -212,13 +212,14 @@ class Index:
         return recall_at_k(self.vectors[rows], texts, ks)
 
     # ---------------------------------------------------------------- persistence
-    def save(self, folder) -> Path:
+    def save(self, folder, overwrite: bool = False) -> Path:
         """vectors.safetensors + meta.json, written to a temp folder and renamed into place,
-        so an interrupted save never corrupts an index already there."""
+        so an interrupted save never corrupts an index already there. A folder of other
+        files is refused unless `overwrite` (see cache.atomic_folder)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        with cache.atomic_folder(folder, FORMAT) as tmp:
+        with cache.atomic_folder(folder, FORMAT, overwrite=overwrite) as tmp:
             save_file({"vectors": self.vectors.contiguous()}, str(tmp / "vectors.safetensors"))
             (tmp / "meta.json").write_text(json.dumps({
                 "format": FORMAT, "identity": self.identity, "ids": self.ids,
@@ -302,9 +303,10 @@ def _distributed():
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-def build_folder(kit, folder, out, captions_csv=None) -> Index | None:
+def build_folder(kit, folder, out, captions_csv=None, overwrite: bool = False) -> Index | None:
     """Build an index of every image under `folder`; sharded across processes when launched
     by torchrun (rank r embeds files r, r+N, ...); rank 0 merges and saves."""
+    cache.check_target(out, overwrite)          # refuse before the work, not after it
     files = image_files(folder)
     captions = {}
     if captions_csv:
@@ -316,7 +318,7 @@ def build_folder(kit, folder, out, captions_csv=None) -> Index | None:
     mine = files[rank::world]
     index = Index.build(kit, mine, [captions.get(p.name, "") for p in mine])
     if world == 1:
-        index.save(out)
+        index.save(out, overwrite)
         return index
     shard = Path(out).with_name(Path(out).name + f".shard{rank}")
     index.save(shard)
@@ -333,7 +335,7 @@ def build_folder(kit, folder, out, captions_csv=None) -> Index | None:
         merged.ids = [part.ids[i] for _, part, i in rows]
         merged.captions = [part.captions[i] for _, part, i in rows]
         merged.hashes = [part.hashes[i] for _, part, i in rows]
-        merged.save(out)
+        merged.save(out, overwrite)
         for r in range(world):
             cache.remove(Path(out).with_name(Path(out).name + f".shard{r}"))
     torch.distributed.barrier()
@@ -352,6 +354,8 @@ def main(argv=None) -> int:
     b.add_argument("folder")
     b.add_argument("--out", required=True)
     b.add_argument("--captions", help="CSV with columns image, caption (file names)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds files mmcore did not write")
     s = sub.add_parser("search", help="search a saved index")
     s.add_argument("index")
     s.add_argument("query")
@@ -363,7 +367,7 @@ def main(argv=None) -> int:
     kit = load_kit(args.kit)
     try:
         if args.command == "build":
-            index = build_folder(kit, args.folder, args.out, args.captions)
+            index = build_folder(kit, args.folder, args.out, args.captions, args.overwrite)
             if index is not None:
                 print(f"indexed {len(index)} images into {args.out}")
         else:
