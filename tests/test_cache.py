@@ -3,12 +3,17 @@ of the user's own files unless told to overwrite, and keep the umask's permissio
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import mmcore
 from mmcore import cache
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def users_folder(tmp_path) -> Path:
@@ -75,3 +80,29 @@ def test_index_save_follows_the_same_rule(tiny_kit, chelsea, tmp_path):
     index.save(folder, overwrite=True)
     assert len(mmcore.Index.load(folder, tiny_kit)) == 1
     index.save(folder)                                       # an index of ours: replaced
+
+
+def test_finetune_refuses_before_training(tiny_kit, tmp_path):
+    from mmcore import demo_data
+
+    data = demo_data.make(tmp_path / "data", photos=False)
+    folder = users_folder(tmp_path)
+    with pytest.raises(mmcore.InputError, match="overwrite"):
+        mmcore.finetune(tiny_kit, data, folder, epochs=1, batch_size=16)
+    assert sorted(p.name for p in folder.iterdir()) == ["chapter1.txt"]
+
+
+@pytest.mark.parametrize("command", [["mmcore.train", "DATA", "--epochs", "1"],
+                                     ["mmcore.index", "build", "DATA"]])
+def test_clis_refuse_the_users_folder(tmp_path, command):
+    from mmcore import demo_data
+
+    data = demo_data.make(tmp_path / "data", photos=False)
+    folder = users_folder(tmp_path)
+    args = [str(data) if a == "DATA" else a for a in command]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", *args, "--out", str(folder), "--kit", "tiny"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "--overwrite" in out.stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["chapter1.txt"]
