@@ -1,11 +1,18 @@
-"""The on-disk cache (`$MMCORE_CACHE`, default `~/.cache/mmcore`) and atomic folder writes."""
+"""The on-disk cache (`$MMCORE_CACHE`, default `~/.cache/mmcore`) and atomic folder writes.
+
+Every folder mmcore writes holds a marker file, `mmcore-complete.json`. Saving replaces only
+folders that hold it (or are empty): a folder of someone's own files is refused unless the
+caller passes `overwrite=True`.
+"""
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import InputError
 
 MARKER = "mmcore-complete.json"
 
@@ -32,25 +39,63 @@ def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def check_target(final, overwrite: bool = False) -> None:
+    """Refuse to replace `final` unless it is absent, an empty folder or an mmcore folder
+    (it holds the marker), or `overwrite` is set. The message names the folder, not its path."""
+    final = Path(final)
+    if overwrite or not (final.exists() or final.is_symlink()):
+        return
+    if final.is_dir() and not final.is_symlink():
+        if (final / MARKER).is_file() or not any(final.iterdir()):
+            return
+        raise InputError(f"'{final.name}' already holds files that mmcore did not write (it has "
+                         f"no {MARKER}); refusing to replace it. Choose another folder, or "
+                         "pass overwrite=True (--overwrite) to replace it.")
+    raise InputError(f"'{final.name}' exists and is not an mmcore folder; refusing to replace "
+                     "it. Choose another name, or pass overwrite=True (--overwrite).")
+
+
+def _fresh_folder(parent: Path, prefix: str) -> Path:
+    """A new, empty folder: os.mkdir honours the umask (mkdtemp would make it 0700, and the
+    saved folder would keep that)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        remove(path)
+    else:
+        path.unlink(missing_ok=True)       # a link goes, never what it points to
+
+
 @contextmanager
-def atomic_folder(final: Path, key: str = ""):
+def atomic_folder(final: Path, key: str = "", overwrite: bool = False):
     """Yield a temp folder beside `final`; on success mark it complete and rename it into place.
 
     An interrupted write leaves only a `.tmp-*` folder, never a half-written `final`.
-    A stale or broken `final` is replaced.
+    A previous mmcore folder (or an empty one) at `final` is replaced; anything else only
+    with `overwrite=True` (checked before the work starts, and again before the rename).
+    The new folder's permissions are what the user's umask gives.
     """
     final = Path(final)
+    check_target(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = _fresh_folder(final.parent, f".tmp-{final.name}-")
     try:
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"key": key}))
-        if final.exists():
+        check_target(final, overwrite)
+        if final.exists() or final.is_symlink():
             # rename the old one away first: os.replace cannot replace a non-empty folder
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
-            remove(old)
+            old = final.with_name(f".old-{final.name}-{secrets.token_hex(6)}")
             os.replace(final, old)
-            remove(old)
+            _discard(old)
         os.replace(tmp, final)
     finally:
         remove(tmp)

@@ -268,13 +268,14 @@ class Index:
         return recall_at_k(self.vectors[rows], texts, ks)
 
     # ---------------------------------------------------------------- persistence
-    def save(self, folder) -> Path:
+    def save(self, folder, overwrite: bool = False) -> Path:
         """vectors.safetensors + meta.json, written to a temp folder and renamed into place,
-        so an interrupted save never corrupts an index already there."""
+        so an interrupted save never corrupts an index already there. A folder of other
+        files is refused unless `overwrite` (see cache.atomic_folder)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        with cache.atomic_folder(folder, FORMAT) as tmp:
+        with cache.atomic_folder(folder, FORMAT, overwrite=overwrite) as tmp:
             save_file({"vectors": self.vectors.contiguous(), **_pack(self.thumbnails)},
                       str(tmp / "vectors.safetensors"))
             (tmp / "meta.json").write_text(json.dumps({

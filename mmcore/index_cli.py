@@ -25,9 +25,11 @@ def _distributed():
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-def build_folder(kit, folder, out, captions_csv=None, thumbnail_size=THUMBNAIL) -> Index | None:
+def build_folder(kit, folder, out, captions_csv=None, thumbnail_size=THUMBNAIL,
+                 overwrite: bool = False) -> Index | None:
     """Build an index of every image under `folder`; sharded across processes when launched
     by torchrun (rank r embeds files r, r+N, ...); rank 0 merges and saves."""
+    cache.check_target(out, overwrite)          # refuse before the work, not after it
     files = image_files(folder)
     captions = {}
     if captions_csv:
@@ -40,7 +42,7 @@ def build_folder(kit, folder, out, captions_csv=None, thumbnail_size=THUMBNAIL) 
     index = Index(kit.encoder() if hasattr(kit, "encoder") else kit, thumbnail_size)
     index.add(mine, [captions.get(p.name, "") for p in mine])
     if world == 1:
-        index.save(out)
+        index.save(out, overwrite)
         return index
     shard = Path(out).with_name(Path(out).name + f".shard{rank}")
     index.save(shard)
@@ -58,7 +60,7 @@ def build_folder(kit, folder, out, captions_csv=None, thumbnail_size=THUMBNAIL) 
         merged.captions = [part.captions[i] for _, part, i in rows]
         merged.hashes = [part.hashes[i] for _, part, i in rows]
         merged.thumbnails = [part.thumbnails[i] for _, part, i in rows]
-        merged.save(out)
+        merged.save(out, overwrite)
         for r in range(world):
             cache.remove(Path(out).with_name(Path(out).name + f".shard{r}"))
     torch.distributed.barrier()
@@ -76,6 +78,8 @@ def main(argv=None) -> int:
     b = sub.add_parser("build", help="index every image under a folder")
     b.add_argument("folder")
     b.add_argument("--out", required=True)
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds files mmcore did not write")
     b.add_argument("--captions", help="CSV with columns image, caption (file names)")
     s = sub.add_parser("search", help="search a saved index")
     s.add_argument("index")
@@ -92,7 +96,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "build":
             index = build_folder(kit, args.folder, args.out, args.captions,
-                                 THUMBNAIL if args.thumbnails else 0)
+                                 THUMBNAIL if args.thumbnails else 0, args.overwrite)
             if index is not None:
                 print(f"indexed {len(index)} images into {args.out}")
         else:

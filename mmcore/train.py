@@ -7,70 +7,49 @@ One code path for `mmcore.finetune(...)`, the app's Training tab and
   temperature (clamped in place after each optimiser step, as CLIP and open_clip do).
 - Parts to train: "projections" (heads and temperature), "text" (+ text tower),
   "image" (+ both towers). With both towers frozen their features are computed once and
-  cached, so an epoch costs only the heads.
+  cached, so an epoch costs only the heads. Towers train in eval mode: no dropout (so no
+  global RNG) and frozen BatchNorm statistics (small batches make poor ones).
 - Gradient accumulation keeps every in-batch negative: features of all micro-batches are
   computed first without gradients, then each micro-batch is recomputed with gradients
   against the cached rest (open_clip's accum-freq), so the gradient equals the full batch's.
 - Distributed: features are all-gathered (with gradients) so negatives span the global batch.
-- AdamW with weight decay on 2-D weights only; linear warm-up then cosine decay; seeded and
-  deterministic on the CPU. bf16 autocast on CUDA.
-- Checkpoints: the trainable head as safetensors + JSON, written atomically each epoch;
-  training resumes from the last one.
+- AdamW with weight decay on 2-D weights only; transformers' linear warm-up + cosine
+  schedule. Randomness comes from a `torch.Generator` seeded by `seed` (the global RNG is
+  never reseeded: a server runs this in a thread), so CPU runs are reproducible.
+- Every option is checked (numbers finite and in range). A step whose loss or gradients are
+  not finite stops the run before it changes the weights; the last finite checkpoint is
+  kept and the result says why it stopped.
+- Checkpoints (see `train_state`): weights, options, fingerprint, AdamW moments and the
+  scheduler, written atomically each epoch and on stop. `resume` says what to do with a
+  checkpoint already in `out_dir`: resume it only when data, model and options match.
 """
 
 import json
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from . import cache, losses
+from . import cache, losses, train_state
 from .device import autocast
 from .errors import InputError
 from .images import load_image
 from .train_data import load_pairs, split
-
-PARTS = ("projections", "text", "image")
-
-
-@dataclass
-class TrainOptions:
-    epochs: int = 5                 # passes over the training pairs
-    batch_size: int = 32            # pairs per optimiser step (the in-batch negatives)
-    accum_steps: int = 1            # micro-batches per step (same negatives, less memory)
-    lr: float = 1e-3                # peak learning rate
-    weight_decay: float = 0.05      # on 2-D weights only
-    warmup: float = 0.1             # share of steps spent warming up linearly
-    train: str = "projections"      # "projections", "text" or "image" (see module doc)
-    val_fraction: float = 0.2       # held out for recall@k
-    seed: int = 0
-
-    def check(self) -> "TrainOptions":
-        if self.train not in PARTS:
-            raise InputError(f"train must be one of {', '.join(PARTS)}, not {self.train!r}.")
-        for name, low, high in (("epochs", 1, 1000), ("batch_size", 2, 4096),
-                                ("accum_steps", 1, 64)):
-            if not low <= int(getattr(self, name)) <= high:
-                raise InputError(f"{name} must be between {low} and {high}.")
-        if int(self.batch_size) % int(self.accum_steps):
-            raise InputError("batch_size must be a multiple of accum_steps.")
-        if not 0 < float(self.lr) <= 1:
-            raise InputError("lr must be in (0, 1].")
-        return self
-
+from .train_options import PARTS, TrainOptions  # noqa: F401 - PARTS is public here too
 
 @dataclass
 class FinetuneResult:
-    checkpoint: Path
+    checkpoint: Path | None         # None only when no finite model was ever saved
     before: dict
     after: dict
     history: list = field(default_factory=list)     # one dict per step: loss, accuracy, ...
-    stopped: bool = False
+    stopped: bool = False                           # ended before the last step
+    reason: str = ""                                # why it stopped (stop asked, NaN loss...)
+    resumed_from: int = 0                           # the step a resumed run started at
 
 
 class _Trainable:
@@ -106,13 +85,10 @@ class _Trainable:
         return params
 
     def set_mode(self, part: str) -> None:
-        """Train mode only where weights change (BatchNorm statistics of a frozen, possibly
-        shared tower must not move)."""
+        """Eval mode everywhere, trained towers included: dropout would draw on the global
+        RNG (shared with every other request) and BatchNorm statistics of small batches
+        are poor; shared frozen towers must not move either."""
         self.enc.eval()
-        if part in ("text", "image"):
-            self.enc.text_model.train()
-        if part == "image":
-            self.enc.image_model.train()
 
     def save(self, folder) -> None:
         self.enc.save_head(folder, self.towers)
@@ -155,11 +131,7 @@ class _ClipTrainable(_Trainable):
         return params
 
     def set_mode(self, part: str) -> None:
-        self.clip.eval()
-        if part in ("text", "image"):
-            self.clip.text_model.train()
-        if part == "image":
-            self.clip.vision_model.train()
+        self.clip.eval()                    # as above: no dropout, no global RNG
 
     def save(self, folder) -> None:
         self.clip.save_pretrained(folder)
@@ -249,50 +221,62 @@ def _features(model: _Trainable, pairs: list, batch: int = 32, texts: bool = Tru
 
 
 def _optimizer(params: list, opts: TrainOptions, total_steps: int):
+    from transformers import get_cosine_schedule_with_warmup
+
     decay = [p for p in params if p.ndim >= 2]
     other = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=opts.lr)
-    warm = max(1, int(opts.warmup * total_steps))
-
-    def factor(step):
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total_steps - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    warm = round(opts.warmup * total_steps)
+    return opt, get_cosine_schedule_with_warmup(opt, warm, total_steps)
 
 
-def _save(model: _Trainable, out: Path, opts: TrainOptions, state: dict) -> None:
-    with cache.atomic_folder(out, "mmcore-finetune-1") as tmp:
+def _finite(params: list, grads: bool = False) -> bool:
+    tensors = [p.grad if grads else p for p in params]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+
+
+def _save(model: _Trainable, out: Path, state: dict, optimizer, schedule) -> None:
+    with cache.atomic_folder(out, train_state.KEY) as tmp:
         model.save(tmp)
-        (tmp / "training.json").write_text(json.dumps({"options": asdict(opts), **state}))
+        train_state.save_optimizer(tmp, optimizer, schedule)
+        (tmp / "training.json").write_text(json.dumps(state))
 
 
-def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> FinetuneResult:
+def finetune(kit, data, out_dir, stop_event=None, progress=None, resume: str = "auto",
+             overwrite: bool = False, **options) -> FinetuneResult:
     """Fine-tune the kit's dual encoder on a folder or .zip of images and captions.
 
     progress(dict) is called after every step with loss, accuracy, step, steps, seconds.
-    Resumes from `out_dir` when it holds a checkpoint of the same options and data.
+    resume: what to do with a checkpoint already in `out_dir`:
+      "auto" (default): resume it when data, model and options match (its fingerprint),
+        AdamW moments and schedule included; refuse when it is anything else;
+      "never": start afresh, replacing it;
+      "require": resume it, or refuse if there is none that matches.
+    A folder of other files at `out_dir` is refused unless `overwrite=True`.
     """
+    unknown = set(options) - set(TrainOptions.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"Unknown training option(s): {', '.join(sorted(unknown))}.")
     opts = TrainOptions(**options).check()
     base = kit.encoder() if hasattr(kit, "encoder") else kit
     out = Path(out_dir)
-    model = trainable_fork(base, opts, f"{getattr(base, 'name', 'clip')}+{out.name}")
-    encoder = model.module
+    cache.check_target(out, overwrite)           # before any work: never the user's files
     report = load_pairs(data)
     train, val = split(report.pairs, opts.val_fraction, opts.seed)
     if len(train) < 2:
         raise InputError("Need at least two training pairs.\n" + report.summary())
-    torch.manual_seed(opts.seed)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    fp = train_state.fingerprint(report.pairs, base.identity, {**asdict(opts), "world": world})
+    saved = train_state.resume_point(out, fp, resume, overwrite)
+    model = trainable_fork(base, opts, f"{getattr(base, 'name', 'clip')}+{out.name}")
+    encoder = model.module
     val_feats = _features(model, val) if val else None
     before = recall_at(model, *val_feats) if val else {}
     # the frozen-tower cache: a tower that is not trained runs once, not every epoch
     train_feats = _features(model, train) if opts.train == "projections" else None
     image_cache = _features(model, train, texts=False)[0] if opts.train == "text" else None
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     steps_per_epoch = max(1, len(train) // (opts.batch_size * world))
     total = steps_per_epoch * opts.epochs
     params = model.parameters(opts.train)
@@ -302,26 +286,22 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> F
         p.requires_grad_(True)
     optimizer, schedule = _optimizer(params, opts, total)
     history, start_step = [], 0
-    state_file = out / "training.json"
-    if cache.is_complete(out, "mmcore-finetune-1") and state_file.exists():
-        saved = json.loads(state_file.read_text())
-        if saved.get("options") == asdict(opts) and saved.get("pairs") == len(report.pairs):
-            model.load(out)
-            start_step, history = saved["step"], saved["history"]
-            with warnings.catch_warnings():      # fast-forwarding the schedule, not training
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(start_step):
-                    schedule.step()
+    if saved is not None:
+        model.load(out)
+        train_state.load_optimizer(out, optimizer, schedule)
+        start_step, history = saved["step"], saved["history"]
     model.set_mode(opts.train)
     generator = torch.Generator().manual_seed(opts.seed)
     orders = [torch.randperm(len(train), generator=generator) for _ in range(opts.epochs)]
-    stopped, done = False, start_step
+    state = {"fingerprint": fp, "options": asdict(opts), "pairs": len(report.pairs)}
+    kept = start_step if saved is not None else None     # step of the checkpoint on disk
+    reason, done = "", start_step
     started = time.perf_counter()
     from .lanes import PRIORITY
 
     for step in range(start_step, total):
         if stop_event is not None and stop_event.is_set():
-            stopped = True
+            reason = "stopped on request"
             break
         PRIORITY.wait_turn()      # a short request (fill-mask, a search) runs between steps
         epoch, k = divmod(step, steps_per_epoch)
@@ -344,30 +324,46 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, **options) -> F
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
+        if not (math.isfinite(loss) and _finite(params, grads=True)):
+            # stop before this step touches the weights: they are still the last finite ones
+            reason = f"the loss became non-finite ({loss}) at step {step + 1}"
+            break
         optimizer.step()
         losses.clamp_log_scale_(model.log_scale)         # after the step, as CLIP does
         schedule.step()
+        if not _finite(params):
+            reason = f"the weights became non-finite at step {step + 1}"
+            break
         row = {"step": step + 1, "steps": total, "epoch": epoch + 1, "loss": loss,
                "accuracy": acc, "lr": schedule.get_last_lr()[0],
                "seconds": time.perf_counter() - started}
         if (step + 1) % steps_per_epoch == 0 and val:
             row.update(recall_at(model, *val_feats))
             if rank == 0:
-                _save(model, out, opts, {"step": step + 1, "history": history + [row],
-                                         "pairs": len(report.pairs)})
+                _save(model, out, {**state, "step": step + 1, "history": history + [row]},
+                      optimizer, schedule)
+            kept = step + 1
         history.append(row)
         done = step + 1
         if progress is not None:
             progress(row)
+    if reason.startswith("the "):
+        # never publish a non-finite model: back to the last finite checkpoint, if any
+        if kept is not None:
+            model.load(out)
+            reason += f"; kept the last finite checkpoint (step {kept})"
+        else:
+            reason += "; no finite checkpoint was saved before it"
+    elif rank == 0 and (reason or not val) and kept != done:
+        _save(model, out, {**state, "step": done, "history": history}, optimizer, schedule)
+        kept = done
     encoder.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
     model.enc._text_cache.clear()
-    after = recall_at(model, *val_feats) if val else {}
-    if rank == 0 and (stopped or not val):
-        _save(model, out, opts, {"step": done, "history": history,
-                                 "pairs": len(report.pairs)})
-    return FinetuneResult(out, before, after, history, stopped)
+    after = recall_at(model, *val_feats) if val and kept is not None else {}
+    return FinetuneResult(out if kept is not None else None, before, after, history,
+                          stopped=done < total, reason=reason, resumed_from=start_step)
 
 
 def main(argv=None) -> int:
@@ -381,6 +377,12 @@ def main(argv=None) -> int:
     p.add_argument("data", help="folder or .zip of images with captions.csv/.jsonl/.txt")
     p.add_argument("--out", required=True)
     p.add_argument("--kit", default=os.environ.get("MMCORE_KIT", "offline"))
+    p.add_argument("--resume", choices=train_state.RESUME, default="auto",
+                   help="auto: resume a checkpoint in --out made from the same data, model "
+                        "and options, refuse anything else; never: start afresh over it; "
+                        "require: resume or fail")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds files mmcore did not write")
     for name, value in asdict(TrainOptions()).items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(p.parse_args(argv))
@@ -395,8 +397,10 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"error: {exc}")
         return 2
+    if result.reason:
+        print(f"stopped: {result.reason}")
     print(f"before {result.before}\nafter  {result.after}\ncheckpoint {result.checkpoint}")
-    return 0
+    return 0 if result.checkpoint is not None else 1
 
 
 if __name__ == "__main__":

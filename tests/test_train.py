@@ -42,7 +42,7 @@ def test_the_temperature_learns_from_a_start_of_100(offline_kit):
 
     enc = offline_kit.encoder().fork()
     model = train._Trainable(enc)
-    start = float(enc.log_logit_scale)
+    start = float(enc.log_logit_scale.detach())
     assert start >= math.log(100)
     g = torch.Generator().manual_seed(0)
     img = torch.rand(16, enc.cfg.image_dim, generator=g).softmax(-1)
@@ -175,3 +175,133 @@ def test_models_first_used_under_inference_mode_can_still_be_fine_tuned(shapes, 
         kit.encode_texts(["warm up inside inference mode"])
     result = mmcore.finetune(kit, shapes, tmp_path / "x", epochs=1, batch_size=16, train="image")
     assert result.history
+
+
+# ---------------------------------------------------------------- right answers (issues 11, 12)
+
+def head(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "head.safetensors"))
+
+
+def test_resume_equals_an_uninterrupted_run(offline_kit, shapes, tmp_path):
+    """Stopped mid-epoch and resumed, a run ends with exactly the weights of one that never
+    stopped: AdamW's moments and the schedule come back with the weights."""
+    import threading
+
+    kw = dict(epochs=3, batch_size=16, lr=3e-3, seed=0)
+    full = mmcore.finetune(offline_kit, shapes, tmp_path / "full", **kw)
+    stop = threading.Event()
+    part = mmcore.finetune(offline_kit, shapes, tmp_path / "part", stop_event=stop,
+                           progress=lambda row: row["step"] == 4 and stop.set(), **kw)
+    assert part.stopped and len(part.history) == 4 and "request" in part.reason
+    rest = mmcore.finetune(offline_kit, shapes, tmp_path / "part", resume="require", **kw)
+    assert rest.resumed_from == 4 and not rest.stopped
+    assert [r["loss"] for r in rest.history] == [r["loss"] for r in full.history]
+    for name, value in head(tmp_path / "full").items():
+        torch.testing.assert_close(head(tmp_path / "part")[name], value, rtol=0, atol=1e-6)
+
+
+def test_a_changed_run_never_resumes_silently(offline_kit, shapes, tmp_path):
+    out = tmp_path / "ck"
+    first = mmcore.finetune(offline_kit, shapes, out, epochs=1, batch_size=16, lr=1e-3)
+    with pytest.raises(mmcore.InputError, match="different lr"):
+        mmcore.finetune(offline_kit, shapes, out, epochs=1, batch_size=16, lr=3e-3)
+    other = demo_data.make(tmp_path / "other", photos=False)
+    (other / "captions.csv").write_text((other / "captions.csv").read_text().replace(
+        "small", "tiny"))
+    with pytest.raises(mmcore.InputError, match="different data"):
+        mmcore.finetune(offline_kit, other, out, epochs=1, batch_size=16, lr=1e-3)
+    fresh = mmcore.finetune(offline_kit, shapes, out, epochs=1, batch_size=16, lr=3e-3,
+                            resume="never")
+    assert fresh.resumed_from == 0 and fresh.history != first.history
+    import json
+
+    assert json.loads((out / "training.json").read_text())["options"]["lr"] == 3e-3
+    same = mmcore.finetune(offline_kit, shapes, out, epochs=1, batch_size=16, lr=3e-3)
+    assert same.resumed_from == same.history[-1]["steps"] and same.history == fresh.history
+    with pytest.raises(mmcore.InputError, match="no checkpoint"):
+        mmcore.finetune(offline_kit, shapes, tmp_path / "new", resume="require")
+
+
+def test_finetune_never_reseeds_the_global_rng(tiny_kit, shapes, tmp_path, monkeypatch):
+    def reseeded(*_):
+        raise AssertionError("the global RNG was reseeded")
+
+    monkeypatch.setattr(torch, "manual_seed", reseeded)
+    monkeypatch.setattr(torch.random, "manual_seed", reseeded)
+    monkeypatch.setattr(torch, "seed", reseeded)
+    a = mmcore.finetune(tiny_kit, shapes, tmp_path / "a", epochs=1, batch_size=16,
+                        train="text", seed=3)
+    b = mmcore.finetune(tiny_kit, shapes, tmp_path / "b", epochs=1, batch_size=16,
+                        train="text", seed=3)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("weight_decay", float("nan"), "weight_decay must be a finite number"),
+    ("weight_decay", float("inf"), "weight_decay must be a finite number"),
+    ("weight_decay", 1e308, r"weight_decay must be in \[0, 1\]"),
+    ("weight_decay", -1, r"weight_decay must be in \[0, 1\]"),
+    ("lr", float("nan"), "lr must be a finite number"),
+    ("lr", 0, r"lr must be in \(0, 1\]"),
+    ("lr", "1e400", "lr must be a finite number"),
+    ("warmup", 1.0, r"warmup must be in \[0, 1\)"),
+    ("warmup", -0.1, r"warmup must be in \[0, 1\)"),
+    ("val_fraction", 1.0, r"val_fraction must be in \[0, 0.9\]"),
+    ("seed", "inf", "seed must be a finite number"),
+    ("seed", float("nan"), "seed must be a finite number"),
+    ("seed", 1.5, "seed must be a whole number"),
+    ("epochs", 0, "epochs must be a whole number between 1 and 1000"),
+    ("epochs", 2.5, "epochs must be a whole number"),
+    ("batch_size", True, "batch_size must be a number"),
+    ("accum_steps", None, "accum_steps must be a number"),
+    ("train", "everything", "train must be one of"),
+    ("colour", "red", "Unknown training option"),
+])
+def test_every_training_option_is_checked(tiny_kit, shapes, tmp_path, option, value, message):
+    with pytest.raises(mmcore.InputError, match=message):
+        mmcore.finetune(tiny_kit, shapes, tmp_path / "x",
+                        **{"epochs": 1, "batch_size": 16, option: value})
+    assert not (tmp_path / "x").exists()
+
+
+def poison_from(monkeypatch, bad_step: int):
+    """Make every step's loss NaN from `bad_step` on (options cannot, they are checked)."""
+    real, calls = train.step_loss, []
+
+    def step_loss(model, img, txt, accum):
+        calls.append(1)
+        if len(calls) >= bad_step:
+            img = img * float("nan")
+        return real(model, img, txt, accum)
+
+    monkeypatch.setattr(train, "step_loss", step_loss)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_finite_checkpoint(
+        offline_kit, shapes, tmp_path, monkeypatch):
+    import threading
+
+    stop = threading.Event()                     # the same run, stopped cleanly at step 3
+    clean = mmcore.finetune(offline_kit, shapes, tmp_path / "clean", epochs=3, batch_size=16,
+                            stop_event=stop, progress=lambda r: r["step"] == 3 and stop.set())
+    poison_from(monkeypatch, 5)                  # 3 steps an epoch: checkpoint at step 3
+    result = mmcore.finetune(offline_kit, shapes, tmp_path / "nan", epochs=3, batch_size=16)
+    assert result.stopped and "non-finite" in result.reason and "step 5" in result.reason
+    assert "kept the last finite checkpoint (step 3)" in result.reason
+    assert [r["step"] for r in result.history] == [1, 2, 3, 4]
+    assert result.checkpoint == tmp_path / "nan"
+    for name, value in head(tmp_path / "nan").items():
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(value, head(tmp_path / "clean")[name], rtol=0, atol=0)
+    assert result.after == clean.after                  # measured on the kept weights
+
+
+def test_a_run_that_is_never_finite_publishes_nothing(tiny_kit, shapes, tmp_path, monkeypatch):
+    poison_from(monkeypatch, 1)
+    result = mmcore.finetune(tiny_kit, shapes, tmp_path / "nan", epochs=2, batch_size=16)
+    assert result.checkpoint is None and result.stopped and not result.after
+    assert "no finite checkpoint" in result.reason
+    assert not (tmp_path / "nan").exists()
