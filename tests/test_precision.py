@@ -113,7 +113,8 @@ def test_registry_keys_on_precision(exact):
 @needs_fast
 def test_fast_shares_one_quantized_lm_and_says_so(fast, exact):
     lm = fast.model("causal_lm").parts["model"]
-    assert fast.model("masked_lm").parts["model"] is lm is fast.model("next_sentence").parts["model"]
+    assert fast.model("masked_lm").parts["model"] is lm
+    assert fast.model("next_sentence").parts["model"] is lm
     assert lm is not exact.model("causal_lm").parts["model"]
     assert sum(isinstance(m, precision.Int4Linear) for m in lm.modules()) == 210
     fast.model("dual_encoder")
@@ -208,8 +209,8 @@ def test_greedy_tokens_follow_the_q4_1_reference(fast, exact):
                      len(mine))
         at = f" (reference's top-2 logit gap there {float(margin[first]):.3f})" \
             if first < len(mine) else ""
-        print(f"{prompt[:30]!r}: free-running match {first}/{len(ref.tokens)}{at}, near-ties flipped "
-              f"{int((~agree).sum())}")
+        print(f"{prompt[:30]!r}: free-running match {first}/{len(ref.tokens)}{at}, "
+              f"near-ties flipped {int((~agree).sum())}")
         if first < len(mine):                       # a divergence must start at a near-tie
             assert float(margin[first]) < NEAR_TIE
     assert ties <= 3
