@@ -226,9 +226,11 @@ def weight_bytes(module: nn.Module) -> int:
 
 # Images per forward, per image tower and weight dtype, chosen by measuring
 # (bench/bench_gallery.py, 2 cores): bigger is not better on a CPU once a batch's
-# activations leave the caches.
+# activations leave the caches. ViT-B/32: batch 32 fp32 best of 8/16/32 here; bf16 32 as
+# measured for issue 17. EfficientNet-Lite0: batch 8 fp32 / 16 bf16 (issue 17's sweep;
+# batch 32 was its worst setting).
 IMAGE_BATCH = {("conse", torch.float32): 8, ("conse", torch.bfloat16): 16,
-               ("clip", torch.float32): 16, ("clip", torch.bfloat16): 16}
+               ("clip", torch.float32): 32, ("clip", torch.bfloat16): 32}
 
 
 def image_batch(backend: str, dtype: torch.dtype) -> int:

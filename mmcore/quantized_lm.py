@@ -108,7 +108,8 @@ def from_gguf_q4_1(model, gguf_path: Path, dtype=torch.float32) -> int:
         out_features, in_features = linear.weight.shape
         sz = tensors[f"{name}.scale_zero"]
         if tuple(sz.shape) != (in_features // 32, out_features, 2):
-            raise ValueError(f"{name}: GGUF {tuple(sz.shape)} does not fit {tuple(linear.weight.shape)}")
+            raise ValueError(f"{name}: GGUF scales {tuple(sz.shape)} do not fit "
+                             f"{tuple(linear.weight.shape)}")
         return Int4Linear(tensors[f"{name}.packed"], sz, in_features, out_features)
 
     swapped = replace_linears(model, make)

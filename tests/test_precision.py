@@ -58,13 +58,16 @@ def test_precision_choice():
 
 
 def test_q4_1_blocks_decode_as_gguf_does():
+    """Our reading of Q4_1 blocks against gguf's own (the real file's blocks are checked
+    against transformers' dequantisation below)."""
     import gguf
+    import numpy as np
 
-    reader = gguf.GGUFReader(str(offline.smollm2_gguf()))
-    tensor = next(t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1)
-    ours = quantized_lm.dequantized(tensor.data).numpy()
-    theirs = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(ours.shape)
-    assert (ours == theirs).all()
+    weights = np.random.default_rng(0).standard_normal((6, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q4_1)
+    ours = quantized_lm.dequantized(raw).numpy()
+    theirs = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1).reshape(ours.shape)
+    assert (ours == theirs).all() and np.abs(ours - weights).max() < 0.3
 
 
 @needs_fast
@@ -77,9 +80,10 @@ def test_int4_layers_hold_the_gguf_weights_exactly(exact):
     assert len(rows) == 7 * model.config.num_hidden_layers
     for name, raw in rows.items():
         assert torch.equal(quantized_lm.dequantized(raw), state[f"{name}.weight"]), name
-    q, d, m = (torch.from_numpy(a) for a in quantized_lm.q4_1_blocks(rows["model.layers.0.mlp.up_proj"]))
+    name = "model.layers.0.self_attn.k_proj"              # rows permuted, like every q/k
+    q, d, m = (torch.from_numpy(a) for a in quantized_lm.q4_1_blocks(rows[name]))
     layer = precision.Int4Linear.from_q4_1(q, d, m, torch.float32)
-    assert torch.equal(layer.weight, state["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(layer.weight, state[f"{name}.weight"])
 
 
 @needs_fast
@@ -109,9 +113,11 @@ def test_registry_keys_on_precision(exact):
 @needs_fast
 def test_fast_shares_one_quantized_lm_and_says_so(fast, exact):
     lm = fast.model("causal_lm").parts["model"]
-    assert fast.model("masked_lm").parts["model"] is lm is fast.model("next_sentence").parts["model"]
+    assert fast.model("masked_lm").parts["model"] is lm
+    assert fast.model("next_sentence").parts["model"] is lm
     assert lm is not exact.model("causal_lm").parts["model"]
     assert sum(isinstance(m, precision.Int4Linear) for m in lm.modules()) == 210
+    fast.model("dual_encoder")
     rows = {r["role"]: r["precision"] for r in fast.describe()}
     assert "4-bit" in rows["causal_lm"]
     assert rows["dual_encoder"].startswith("fast: bf16" if precision.encoders_bf16() else "fp32")
@@ -120,6 +126,7 @@ def test_fast_shares_one_quantized_lm_and_says_so(fast, exact):
 
 
 @needs_fast
+@pytest.mark.timeout(1800)    # 2 x 50 probes: ~1-2 min quiet, far more on a shared 2-core box
 def test_fill_mask_probes_score_the_same(fast, exact):
     with open(DATA / "fill_mask_probes.tsv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
@@ -151,18 +158,19 @@ def test_zero_shot_photos_score_the_same(fast, exact, monkeypatch):
     photos = {n: Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in cases}
 
     def score(encoder):
-        return sum(zero_shot(encoder, photos[n], labels, ensemble=e).ranked[0][0] == labels[0]
-                   for n, labels in cases.items() for e in (False, True))
+        return sum(zero_shot(encoder, photos[n], labels).ranked[0][0] == labels[0]
+                   for n, labels in cases.items())
 
-    got = {name: score(enc) for name, enc in
-           (("exact", exact.encoder()), ("fast", fast.encoder()), ("bf16 tower", bf16))}
-    print(f"zero-shot photos (of {2 * len(cases)}): {got}")
-    assert abs(got["fast"] - got["exact"]) <= 1 and abs(got["bf16 tower"] - got["exact"]) <= 1
+    encoders = {"exact": exact.encoder(), "bf16 tower": bf16}
+    if precision.encoders_bf16():                # else `fast` runs the very same fp32 tower
+        encoders["fast"] = fast.encoder()
+    got = {name: score(enc) for name, enc in encoders.items()}
+    print(f"zero-shot photos (of {len(cases)}): {got}")
+    assert all(abs(v - got["exact"]) <= 1 for v in got.values())
     image = photos["chelsea"]
-    for enc in (fast.encoder(), bf16):
-        cos = torch.nn.functional.cosine_similarity(exact.encode_images([image]),
-                                                    enc.encode_images([image]))
-        assert float(cos) > 0.99
+    cos = torch.nn.functional.cosine_similarity(exact.encode_images([image]),
+                                                bf16.encode_images([image]))
+    assert float(cos) > 0.99
 
 
 def _greedy(kit, prompt, n=32):
@@ -182,7 +190,7 @@ def test_greedy_tokens_follow_the_q4_1_reference(fast, exact):
     """On the reference's own 32 greedy tokens (teacher forcing, so one early coin toss does
     not decide the rest), `fast` picks the same token wherever the reference is not at a
     near-tie; and free-running it matches the reference until the first such tie."""
-    model_e, tok = _lm(exact)
+    _, tok = _lm(exact)
     model_f, _ = _lm(fast)
     ties = 0
     for prompt in PROMPTS:
@@ -190,18 +198,20 @@ def test_greedy_tokens_follow_the_q4_1_reference(fast, exact):
         ids = G.prompt_ids(tok, prompt, G.use_chat(tok, None)) + [t.token_id for t in ref.tokens]
         start = len(ids) - len(ref.tokens) - 1
         with torch.inference_mode():
-            le = model_e(input_ids=torch.tensor([ids])).logits[0, start:-1].float()
             lf = model_f(input_ids=torch.tensor([ids])).logits[0, start:-1].float()
-        top2 = le.topk(2).values
-        margin = top2[:, 0] - top2[:, 1]
-        agree = lf.argmax(-1) == le.argmax(-1)
+        # the reference's choice and its top-2 gap, from its own reported probabilities
+        margin = torch.tensor([math.log(t.alternatives[0][1] / t.alternatives[1][1])
+                               for t in ref.tokens])
+        agree = lf.argmax(-1) == torch.tensor([t.token_id for t in ref.tokens])
         assert bool((agree | (margin < NEAR_TIE)).all()), (prompt, margin[~agree])
         ties += int((~agree).sum())
         mine = [t.token_id for t in _greedy(fast, prompt).tokens]
         first = next((i for i, (a, b) in enumerate(zip(mine, ids[start + 1:])) if a != b),
                      len(mine))
-        print(f"{prompt[:30]!r}: free-running match {first}/32, near-ties flipped "
-              f"{int((~agree).sum())}")
+        at = f" (reference's top-2 logit gap there {float(margin[first]):.3f})" \
+            if first < len(mine) else ""
+        print(f"{prompt[:30]!r}: free-running match {first}/{len(ref.tokens)}{at}, "
+              f"near-ties flipped {int((~agree).sum())}")
         if first < len(mine):                       # a divergence must start at a near-tie
             assert float(margin[first]) < NEAR_TIE
     assert ties <= 3
