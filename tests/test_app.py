@@ -270,7 +270,7 @@ def test_training_tab_through_the_client(served):
     name = next(iter(ctx.checkpoints))
     tuned = ctx.kit_for(name)
     assert tuned.encoder().identity != ctx.kit.encoder().identity
-    with pytest.raises(Exception, match="batch_size must be between"):
+    with pytest.raises(Exception, match="batch_size must be a whole number between 2 and"):
         client.predict(None, True, 2, 1, 1e-3, 0.05, 0.1, "projections", 1, 0, api_name="/train")
 
 
