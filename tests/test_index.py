@@ -17,6 +17,15 @@ import mmcore
 from mmcore import Index, InputError, cache
 from mmcore import index as index_mod
 
+
+def free_port() -> int:
+    """A port nobody listens on now: two test runs on one machine must not share one."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = {"chelsea": "a cat sitting on a red sofa", "coffee": "a cup of coffee on a saucer",
           "rocket": "a rocket on its launch pad", "astronaut": "an astronaut with a flag",
@@ -150,7 +159,7 @@ def test_cli_and_two_process_build_equal_one_process(tiny_kit, gallery, tmp_path
                          text=True, timeout=300)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "-m", "mmcore.index", "build", str(gallery),
+                          "--master_port", str(free_port()), "-m", "mmcore.index", "build", str(gallery),
                           "--out", str(tmp_path / "two"), "--kit", "tiny", "--captions",
                           str(gallery / "captions.csv")], env=env, capture_output=True,
                          text=True, timeout=300)

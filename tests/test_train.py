@@ -12,6 +12,15 @@ import torch
 import mmcore
 from mmcore import demo_data, losses, train
 
+
+def free_port() -> int:
+    """A port nobody listens on now: two test runs on one machine must not share one."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
@@ -126,7 +135,7 @@ print("rank", rank, "ok", float(loss))
 torch.distributed.destroy_process_group()
 """)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", str(script)], capture_output=True, text=True,
+                          "--master_port", str(free_port()), str(script)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("ok") == 2
