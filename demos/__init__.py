@@ -74,7 +74,13 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 
 def launch_kwargs(ctx: AppContext, host: str, port: int, share: bool) -> dict:
     """Hardened launch settings (see HARDENING.md)."""
+    from starlette.middleware import Middleware
+
+    from .files import UploadLimit
+
+    limit = Middleware(UploadLimit, max_bytes=ctx.session_disk_mb * 2**20)
     return dict(server_name=host, server_port=port, share=share, max_file_size=ctx.max_file_size,
+                app_kwargs={"middleware": [limit]},
                 ssr_mode=False, enable_monitoring=False, show_error=False,
                 allowed_paths=[],      # the gallery shows thumbnails, never server files
                 footer_links=["api"], mcp_server=False, pwa=False)

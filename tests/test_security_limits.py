@@ -140,6 +140,30 @@ def test_zip_bytes_count_against_a_session_quota_and_uploads_are_capped(served, 
         ctx.session_disk_bytes = 512 * 2**20
 
 
+def test_an_upload_request_is_capped_before_it_is_written(served):
+    import socket
+    from urllib.parse import urlparse
+
+    import httpx
+
+    demo, ctx, url = served
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"multipart/form-data; boundary=b\r\nContent-Length: 60000000000\r\n\r\n")
+        assert b" 413 " in sock.recv(4096).split(b"\r\n")[0]
+
+    def chunks():
+        yield b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n"
+        yield b"x" * 1000 + b"\r\n--b--\r\n"
+
+    r = httpx.post(f"{url}gradio_api/upload", content=chunks(), timeout=30,
+                   headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 411
+    ok = httpx.post(f"{url}gradio_api/upload", files={"files": ("a.txt", b"hello")}, timeout=30)
+    assert ok.status_code == 200
+
+
 # ------------------------------------------------------------------ 7. cancel
 
 @pytest.mark.parametrize("api", ["fill_mask_batch", "next_sentence_batch", "zero_shot_batch"])
