@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     from demos import launch_kwargs
 
     demo, ctx = create(args, kit)
+    ctx.start_housekeeping()
     if args.warm:
         ctx.start_warming()
     demo.launch(**launch_kwargs(ctx, args.host, args.port, args.share))

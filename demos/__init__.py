@@ -58,7 +58,17 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             demo.load(fn, outputs=outputs, show_progress="hidden", api_visibility="private")
 
         def session_ended(request: gr.Request):
+            """The user closed or reloaded the page: their files go now, and their gr.State
+            (a gallery) too, not an hour later as Gradio would."""
             ctx.files.end(request)
+            holder = getattr(demo, "state_holder", None)
+            if holder is not None and request.session_hash:
+                holder.delete_state(request.session_hash)
+                # Gradio keeps each session's copy of the page config (~0.3 MB) until 10,000
+                # sessions have come; a public server sees that many strangers
+                with holder.lock:
+                    holder.session_data.pop(request.session_hash, None)
+                    holder.time_last_used.pop(request.session_hash, None)
 
         demo.unload(session_ended)
     # Every event goes through the queue: with api_open=False the REST routes
