@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     from demos import launch_kwargs
 
     demo, ctx = create(args, kit)
+    ctx.start_housekeeping()
     if args.warm:
         ctx.start_warming()
     server, _, _ = demo.launch(prevent_thread_lock=True,

@@ -58,7 +58,17 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             demo.load(fn, outputs=outputs, show_progress="hidden", api_visibility="private")
 
         def session_ended(request: gr.Request):
+            """The user closed or reloaded the page: their files go now, and their gr.State
+            (a gallery) too, not an hour later as Gradio would."""
             ctx.files.end(request)
+            holder = getattr(demo, "state_holder", None)
+            if holder is not None and request.session_hash:
+                holder.delete_state(request.session_hash)
+                # Gradio keeps each session's copy of the page config (~0.3 MB) until 10,000
+                # sessions have come; a public server sees that many strangers
+                with holder.lock:
+                    holder.session_data.pop(request.session_hash, None)
+                    holder.time_last_used.pop(request.session_hash, None)
 
         demo.unload(session_ended)
     # Every event goes through the queue: with api_open=False the REST routes
@@ -94,7 +104,13 @@ def on_gpu_when_lent(demo: gr.Blocks) -> list:
 
 def launch_kwargs(ctx: AppContext, host: str, port: int, share: bool) -> dict:
     """Hardened launch settings (see HARDENING.md)."""
+    from starlette.middleware import Middleware
+
+    from .files import UploadLimit
+
+    limit = Middleware(UploadLimit, max_bytes=ctx.session_disk_mb * 2**20)
     return dict(server_name=host, server_port=port, share=share, max_file_size=ctx.max_file_size,
+                app_kwargs={"middleware": [limit]},
                 ssr_mode=False, enable_monitoring=False, show_error=False,
                 allowed_paths=[],      # the gallery shows thumbnails, never server files
                 footer_links=["api"], mcp_server=False, pwa=False)

@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class AppContext:
     checkpoints: dict = field(default_factory=dict)
     training: object = field(default=None, repr=False)    # the training tab's job
     _work_dir: Path | None = field(default=None, repr=False)
+    _housekeeper: threading.Thread | None = field(default=None, repr=False)
     _extra: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _extra_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -104,6 +106,25 @@ class AppContext:
         if not self.lanes:
             return {"concurrency_id": MODEL_GROUP, "concurrency_limit": self.model_concurrency}
         return {"concurrency_id": lane, "concurrency_limit": self.lanes[lane]}
+
+    def start_housekeeping(self, every: float = 30.0) -> None:
+        """A background thread that removes idle sessions' files and hands freed memory
+        back to the OS, every `every` seconds."""
+        from mmcore import memory
+
+        def loop():
+            while True:
+                time.sleep(every)
+                try:
+                    self.files.sweep()
+                    memory.trim()
+                except Exception:  # noqa: BLE001 - housekeeping must never stop
+                    log.exception("housekeeping failed")
+
+        if self._housekeeper is None:
+            self._housekeeper = threading.Thread(target=loop, name="mmcore-housekeeping",
+                                                 daemon=True)
+            self._housekeeper.start()
 
     def start_warming(self) -> None:
         """Load every role in a background thread; the header shows progress and errors."""

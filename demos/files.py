@@ -160,3 +160,32 @@ class SessionFiles:
                 idle = self.idle_seconds + 1
             if idle > self.idle_seconds:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+class UploadLimit:
+    """ASGI middleware: one upload request may carry at most `max_bytes` (Gradio alone takes
+    up to 1000 files of `max_file_size` each per request). The size must be declared
+    (Content-Length; a chunked upload of unknown size is refused), so nothing is written
+    before the check."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http" or scope.get("method") != "POST" or \
+                not scope.get("path", "").rstrip("/").endswith("/upload"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if not declared.isdigit():
+            return await _refuse(send, 411, b"Uploads must declare their size.")
+        if int(declared) > self.max_bytes:
+            return await _refuse(send, 413, f"An upload request may carry at most "
+                                            f"{self.max_bytes // 2**20} MB.".encode())
+        return await self.app(scope, receive, send)
+
+
+async def _refuse(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -81,6 +81,7 @@ def build(ctx: AppContext) -> None:
         row by row, so Stop (or a client's cancel) ends it between rows."""
         top_k = as_number(top_k, "Top k", 1, 50, integer=True)
         rows, notes = read_rows(file, ["sentence"])
+        yield gr.skip(), f"Filling… 0/{len(rows)}"   # first: a cancel is seen only after a yield
         out = []
         for n, row in enumerate(rows):
             try:
@@ -103,6 +104,7 @@ def build(ctx: AppContext) -> None:
         """A CSV of pairs (columns `first`, `second`) in; a CSV of probabilities out,
         yielding its progress pair by pair."""
         rows, notes = read_rows(file, ["first", "second"])
+        yield gr.skip(), f"Scoring… 0/{len(rows)}"
         out = []
         for n, row in enumerate(rows):
             try:

@@ -23,6 +23,7 @@ from .files import uploaded, uploaded_list
 
 TITLE = "Retrieval"
 MAX_IMAGES = 2000          # per user
+MAX_THUMBNAIL_SIDE = 1024  # pixels; a loaded index's thumbnails beyond it are not decoded
 CHUNK = 32
 DEMO = {"astronaut": "an astronaut in a white suit in front of a flag",
         "chelsea": "a tabby cat looking to the side", "coffee": "a cup of coffee on a saucer",
@@ -52,8 +53,11 @@ def thumbnail_file(raw: bytes, folder: Path) -> Path | None:
     target = folder / f"{hashlib.sha256(raw).hexdigest()[:32]}.jpg"
     if not target.exists():
         try:
+            with Image.open(io.BytesIO(raw)) as head:          # the header only
+                if max(head.size) > MAX_THUMBNAIL_SIDE:
+                    return None                                  # no "thumbnail" bombs
             im = mm_images.load_image(raw)
-        except InputError:
+        except (InputError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
         im.thumbnail((index_mod.THUMBNAIL * 2, index_mod.THUMBNAIL * 2))
         buf = io.BytesIO()
@@ -94,6 +98,7 @@ def build(ctx: AppContext) -> None:
             raise InputError(f"A gallery holds at most {MAX_IMAGES} images here "
                              f"({len(index)} already, {len(images)} new).")
         captions = captions or [""] * len(images)
+        yield gallery, f"Embedding… 0/{len(images)}"     # a cancel is seen only after a yield
         errors, added, dupes = [], 0, 0
         for start in range(0, len(images), CHUNK):
             part = slice(start, start + CHUNK)
@@ -199,6 +204,9 @@ def build(ctx: AppContext) -> None:
             folder, _, _ = archives.safe_extract(up.path, dest=work / "index",
                                                  budget=ctx.files.budget(request))
             loaded = Index.load(folder, ctx.kit_for(model))
+        if len(loaded) > MAX_IMAGES:
+            raise InputError(f"This index holds {len(loaded):,} images; a gallery here holds "
+                             f"at most {MAX_IMAGES}.")
         bare = sum(not t for t in loaded.thumbnails)
         note = f" ({bare} came without a thumbnail: results show their ids)" if bare else ""
         return Gallery(loaded), f"Loaded {len(loaded)} images{note}."

@@ -116,13 +116,34 @@ def build(ctx: AppContext) -> None:
 
     @guarded
     def validate(file, use_demo: bool, request: gr.Request = None):
-        """The validation report of an upload (or of the demo set)."""
+        """The validation report of an upload (or of the demo set). The images are checked in
+        a worker; if this request is cancelled, the worker stops at the next image."""
         with ctx.files.request(request) as work:
             folder, notes = unpack(file, bool(use_demo), None if use_demo else work / "data",
                                    ctx.files.budget(request))
-            report = train_data.load_pairs(folder)
-            report.notices += notes
-            return report_md(report.summary())
+            stop, out = threading.Event(), {}
+
+            def check():
+                try:
+                    out["report"] = train_data.load_pairs(folder, stop_event=stop)
+                except Exception as exc:  # noqa: BLE001 - re-raised in the handler
+                    out["error"] = exc
+
+            worker = threading.Thread(target=check, name="mmcore-validate", daemon=True)
+            worker.start()
+            try:
+                while worker.is_alive():
+                    # yield first: Gradio can close (cancel) a generator only once it has
+                    # yielded; a cancel during the first step would go unseen
+                    yield "Checking the images…"
+                    worker.join(0.5)
+            finally:
+                stop.set()
+                worker.join()              # the request folder goes only after the worker
+            if "error" in out:
+                raise out["error"]
+            out["report"].notices += notes
+            yield report_md(out["report"].summary())
 
     def options_from(epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed) -> dict:
         if parts not in PARTS:
@@ -166,8 +187,8 @@ def build(ctx: AppContext) -> None:
         done = False
         try:
             while job.running:
-                time.sleep(1.0)
                 yield job.status(), plot_frame(list(job.rows)), gr.skip(), gr.skip()
+                time.sleep(1.0)
             done = True
         finally:
             if not done:

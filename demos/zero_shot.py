@@ -88,6 +88,7 @@ def build(ctx: AppContext) -> None:
         kit = ctx.kit_for(model)
         zs.check_template(template or "a photo of {}.")      # fail once, not once per row
         zs.parse_labels(clean_text(labels, "Labels", 100_000, allow_empty=True))
+        yield gr.skip(), gr.skip(), f"Classifying… 0/{len(files)}"   # a cancel needs a yield
         rows = []
         for n, value in enumerate(files):
             try:

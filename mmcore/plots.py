@@ -18,6 +18,9 @@ def _figure(width: float, height: float):
 def _to_image(fig) -> Image.Image:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
+    # without clear() a constrained-layout figure keeps memory after it is dropped (about
+    # 0.3 MB per heatmap in a server that draws on every request)
+    fig.clear()
     buf.seek(0)
     return Image.open(buf).convert("RGB")
 

@@ -88,8 +88,9 @@ def _relative(path: Path, folder: Path) -> str:
         return "../" + path.name            # points outside the data: never matches an image
 
 
-def load_pairs(data, check_images: bool = True) -> DataReport:
-    """Read a folder or .zip of images and captions; nothing bad is fatal except no pairs."""
+def load_pairs(data, check_images: bool = True, stop_event=None) -> DataReport:
+    """Read a folder or .zip of images and captions; nothing bad is fatal except no pairs.
+    `stop_event` (set by a cancelled request) ends the image checks early: InputError."""
     report = DataReport()
     data = Path(data)
     if data.suffix.lower() == ".zip":
@@ -116,6 +117,8 @@ def load_pairs(data, check_images: bool = True) -> DataReport:
             report.empty_captions.append(name)
             continue
         if check_images:
+            if stop_event is not None and stop_event.is_set():
+                raise InputError("Stopped.")
             try:
                 load_image(path)
             except InputError as exc:

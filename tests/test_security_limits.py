@@ -140,9 +140,34 @@ def test_zip_bytes_count_against_a_session_quota_and_uploads_are_capped(served, 
         ctx.session_disk_bytes = 512 * 2**20
 
 
+def test_an_upload_request_is_capped_before_it_is_written(served):
+    import socket
+    from urllib.parse import urlparse
+
+    import httpx
+
+    demo, ctx, url = served
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"multipart/form-data; boundary=b\r\nContent-Length: 60000000000\r\n\r\n")
+        assert b" 413 " in sock.recv(4096).split(b"\r\n")[0]
+
+    def chunks():
+        yield b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n"
+        yield b"x" * 1000 + b"\r\n--b--\r\n"
+
+    r = httpx.post(f"{url}gradio_api/upload", content=chunks(), timeout=30,
+                   headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 411
+    ok = httpx.post(f"{url}gradio_api/upload", files={"files": ("a.txt", b"hello")}, timeout=30)
+    assert ok.status_code == 200
+
+
 # ------------------------------------------------------------------ 7. cancel
 
-@pytest.mark.parametrize("api", ["fill_mask_batch", "next_sentence_batch", "zero_shot_batch"])
+@pytest.mark.parametrize("api", ["fill_mask_batch", "next_sentence_batch", "zero_shot_batch",
+                                 "validate_training_data"])
 def test_cancel_stops_batch_work(served, tmp_path, monkeypatch, api, photo):
     demo, ctx, url = served
     calls = {"n": 0}
@@ -156,10 +181,12 @@ def test_cancel_stops_batch_work(served, tmp_path, monkeypatch, api, photo):
             return real(*args, **kwargs)
         return wrapper
 
-    kit = ctx.kit
+    from mmcore import train_data
+
+    owner = train_data if api == "validate_training_data" else ctx.kit
     target = {"fill_mask_batch": "fill_mask_details", "next_sentence_batch": "next_sentence",
-              "zero_shot_batch": "zero_shot_details"}[api]
-    monkeypatch.setattr(kit, target, slow(getattr(kit, target)))
+              "zero_shot_batch": "zero_shot_details", "validate_training_data": "load_image"}[api]
+    monkeypatch.setattr(owner, target, slow(getattr(owner, target)))
     csv = tmp_path / "rows.csv"
     if api == "fill_mask_batch":
         csv.write_text("sentence\n" + "the [MASK] sat on the mat\n" * 150)
@@ -167,9 +194,11 @@ def test_cancel_stops_batch_work(served, tmp_path, monkeypatch, api, photo):
     elif api == "next_sentence_batch":
         csv.write_text("first,second\n" + "the cat sat,then it slept\n" * 150)
         args = (handle_file(str(csv)),)
-    else:
+    elif api == "zero_shot_batch":
         args = ([handle_file(str(photo))] * 64, "a, b", "a photo of {}.", False,
                 "softmax")
+    else:
+        args = (None, True)                    # the demo set: 72 images to check
     client = Client(url, verbose=False)
     try:
         job = client.submit(*args, api_name=f"/{api}")
