@@ -180,7 +180,7 @@ def test_duplicates_merged_and_long_labels_cut(tiny_kit, chelsea):
 
 
 def test_bad_template_and_bad_image(tiny_kit, chelsea, tmp_path):
-    with pytest.raises(mmcore.InputError, match="needs a {}"):
+    with pytest.raises(mmcore.InputError, match="exactly one {}"):
         tiny_kit.zero_shot(chelsea, LABELS, template="a photo")
     (tmp_path / "x.png").write_bytes(b"junk")
     with pytest.raises(mmcore.InputError, match="not an image"):
