@@ -14,6 +14,14 @@ EXAMPLES = ["The animal didn't cross the street because it was too tired.",
             "A photo of a cat sitting on a red sofa."]
 
 
+def whole(value, name: str) -> int:
+    """A slider value from a client, which may send anything (NaN, inf, text)."""
+    try:
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{name} must be a whole number, not {str(value)[:20]!r}.") from None
+
+
 def build(ctx: AppContext) -> None:
     labels = list(attention.choices(ctx.kit))
 
@@ -23,10 +31,11 @@ def build(ctx: AppContext) -> None:
         heads), every head of that layer, and where each token attends most."""
         if model not in labels:
             raise InputError(f"Choose one of: {', '.join(labels)}.")
+        layer, head = whole(layer, "Layer"), whole(head, "Head")
         maps = attention.attention_maps(ctx.kit, attention.choices(ctx.kit)[model], text)
         n_layers, n_heads = maps.weights.shape[:2]
-        layer_i = min(max(int(layer), 1), n_layers) - 1
-        head_i = min(max(int(head), 0), n_heads)
+        layer_i = min(max(layer, 1), n_layers) - 1
+        head_i = min(max(head, 0), n_heads)
         mean = head_i == 0
         w = maps.weights[layer_i].mean(0) if mean else maps.weights[layer_i, head_i - 1]
         which = "mean of all heads" if mean else f"head {head_i}"

@@ -28,8 +28,10 @@ def backend_note(ctx: AppContext) -> str:
     if spec.backend == "causal_lm":
         return (f"**Note:** this kit has no masked language model, so **{spec.name}**, a causal "
                 "(left-to-right) LM, approximates BERT's task: it proposes words from the text "
-                "before the mask, and each candidate sentence is scored by its likelihood; "
-                "probabilities are renormalised over the candidates. Next-sentence "
+                "before the mask and from a fill-in-the-blank question showing the whole "
+                "sentence (so the text after the mask counts too), and scores each candidate "
+                "sentence by its likelihood read left to right and as the answer to that "
+                "question; probabilities are renormalised over the candidates. Next-sentence "
                 "probability comes from how much the first sentence raises the likelihood of "
                 "the second (pointwise mutual information), calibrated on labelled pairs.")
     return (f"Masked LM: **{spec.name}**. Scores are the model's own probabilities; several "
@@ -50,7 +52,7 @@ def build(ctx: AppContext) -> None:
     def fill_mask(text: str, top_k: float, targets: str):
         """Fill every [MASK] in the text: a chart for the first mask, the best sentence
         highlighted, joint fills and per-mask tables."""
-        result = ctx.kit.fill_mask_details(text, int(top_k), targets or None)
+        result = ctx.kit.fill_mask_details(text, top_k, targets or None)   # mmcore checks it
         first = {r["token_str"]: r["score"] for r in result.per_mask[0]}
         joint = [[" | ".join(j["tokens"]), round(j["score"], 5), j["sequence"]]
                  for j in result.joint]

@@ -35,7 +35,7 @@ def parse_seed(value):
         return None
     try:
         return int(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):         # "nan", "inf", "1e400"
         raise InputError(f"Seed must be a whole number, not {text[:20]!r}.") from None
 
 
