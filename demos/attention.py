@@ -15,6 +15,14 @@ EXAMPLES = ["The animal didn't cross the street because it was too tired.",
             "A photo of a cat sitting on a red sofa."]
 
 
+def whole(value, name: str) -> int:
+    """A slider value from a client, which may send anything (NaN, inf, text)."""
+    try:
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{name} must be a whole number, not {str(value)[:20]!r}.") from None
+
+
 def build(ctx: AppContext) -> None:
     labels = list(attention.choices(ctx.kit))
 

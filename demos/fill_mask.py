@@ -30,8 +30,10 @@ def backend_note(ctx: AppContext) -> str:
     if spec.backend == "causal_lm":
         return (f"**Note:** this kit has no masked language model, so **{spec.name}**, a causal "
                 "(left-to-right) LM, approximates BERT's task: it proposes words from the text "
-                "before the mask, and each candidate sentence is scored by its likelihood; "
-                "probabilities are renormalised over the candidates. Next-sentence "
+                "before the mask and from a fill-in-the-blank question showing the whole "
+                "sentence (so the text after the mask counts too), and scores each candidate "
+                "sentence by its likelihood read left to right and as the answer to that "
+                "question; probabilities are renormalised over the candidates. Next-sentence "
                 "probability comes from how much the first sentence raises the likelihood of "
                 "the second (pointwise mutual information), calibrated on labelled pairs.")
     return (f"Masked LM: **{spec.name}**. Scores are the model's own probabilities; several "

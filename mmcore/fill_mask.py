@@ -8,14 +8,20 @@
 
 Masked-LM backend: scores are the model's softmax probabilities, as in the pipeline; several
 masks are filled most-confident-first with a beam; a multi-token target word is scored over
-all its tokens (chain rule, one batched forward), where the pipeline keeps only its first.
+all its tokens (chain rule, one batched forward), where the pipeline keeps only its first;
+with target words, joint fills are scored the same way, masks left to right.
 
 Causal-LM backend (the offline kit): candidates are the LM's likeliest next words after the
-left context (plus targets), each completed to a whole word, and every candidate sentence is
-scored by its log-likelihood; probabilities are renormalised over the candidates. This is an
-approximation of BERT's task, and the UI says so.
+left context and after the left context in a fill-in-the-blank question that shows the whole
+sentence (so the right context proposes words too), plus targets, each completed to a whole
+word. Every candidate sentence is scored by its log-likelihood read left to right plus its
+log-likelihood as the answer to that question; probabilities are renormalised over the
+candidate sentences, and several masks are filled by a beam that keeps top_k words per mask
+(per-mask scores are marginals over the joint fills). This is an approximation of BERT's
+task, and the UI says so.
 """
 
+import itertools
 import math
 import re
 import threading
@@ -33,6 +39,9 @@ MASK_SPELLINGS = r"\[mask\]|<mask>"
 CAUSAL_CANDIDATES = 12      # next-token candidates considered per mask by the causal backend
 WORD_EXTENSIONS = 2         # extra tokens a causal candidate may grow by to finish its word
 RIGHT_CONTEXT = 6           # tokens after a candidate that take part in its score
+BLANK = "___"               # how a mask is shown in the fill-in-the-blank proposal prompt
+CLOZE_ASK = "Fill in the blank:"
+_cloze_heads: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> head
 
 
 @dataclass
@@ -72,7 +81,10 @@ def fill(loaded, text, top_k: int = 5, targets=None, batched: bool = False) -> F
     """`batched`: the masked LM's forward may share a batch with concurrent requests
     (micro-batching when serving many users; results equal up to float rounding)."""
     text = clean_text(text, "Text")
-    top_k = int(top_k)
+    try:
+        top_k = int(float(top_k))          # NaN and inf raise too: "1e400", float("nan")
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"top_k must be a whole number, not {str(top_k)[:30]!r}.") from None
     if not 1 <= top_k <= 50:
         raise InputError(f"top_k must be between 1 and 50, not {top_k}.")
     targets = parse_words(targets)
@@ -227,12 +239,10 @@ class _MaskedLM:
 
     def joint(self, ids, positions, segments, top_k, targets) -> list:
         """Beam over the masks, most-confident mask first; ranked by joint probability."""
+        if targets:
+            return self.joint_targets(ids, segments, top_k, targets)
         width = max(top_k, 5)
         allowed = _whole_word_ids(self.tok, self.model.config.vocab_size)
-        if targets:
-            singles = [self.tok(w, add_special_tokens=False)["input_ids"] for w in targets]
-            allowed = torch.zeros_like(allowed)
-            allowed[[p[0] for p in singles if len(p) == 1] or [self.tok.unk_token_id]] = True
         beams = [(0.0, list(ids), {})]          # (log P, ids, {mask index: token id})
         for _ in positions:
             logp = self.logits([b[1] for b in beams], [positions] * len(beams)).log_softmax(-1)
@@ -259,6 +269,48 @@ class _MaskedLM:
                         "sequence": join(segments, words)})
         return out
 
+    def joint_targets(self, ids, segments, top_k, targets) -> list:
+        """Joint fills from the target words only, multi-token words included: masks left to
+        right, each word's tokens left to right (chain rule; the word's later tokens and
+        the later masks still masked). Exact over every assignment when there are two masks
+        (the beam keeps every word of the first); a beam beyond that."""
+        pieces = {w: p for w in targets
+                  if (p := self.tok(w, add_special_tokens=False)["input_ids"])}
+        if not pieces:
+            raise InputError("None of the target words can be written with this model's tokens.")
+        width = max(top_k, 5, len(pieces))
+        mask = self.tok.mask_token_id
+        beams = [(0.0, list(ids), [])]          # (log P, ids so far, words so far)
+        for _ in range(len(segments) - 1):
+            rows, plan = [], []                 # plan[r] = (beam, word, position, token)
+            for b, (_, row, _) in enumerate(beams):
+                pos = row.index(mask)           # the first mask still open
+                for word, p in pieces.items():
+                    base = row[:pos] + [mask] * len(p) + row[pos + 1:]
+                    if len(base) > self.max_len:
+                        continue
+                    for j in range(len(p)):
+                        rows.append(base[:pos] + p[:j] + base[pos + j:])
+                        plan.append((b, word, pos + j, p[j]))
+            totals: dict = {}
+            for start in range(0, len(rows), 64):         # bounded batches
+                chunk = plan[start:start + 64]
+                logp = self.logits(rows[start:start + 64],
+                                   [[at] for _, _, at, _ in chunk])[:, 0].log_softmax(-1)
+                for r, (b, word, _, token) in enumerate(chunk):
+                    totals[b, word] = totals.get((b, word), 0.0) + float(logp[r, token])
+            grown = []
+            for (b, word), logp in totals.items():
+                score, row, words = beams[b]
+                pos = row.index(mask)
+                grown.append((score + logp, row[:pos] + pieces[word] + row[pos + 1:],
+                              words + [word]))
+            if not grown:
+                raise InputError("The target words do not fit in the model's context here.")
+            beams = sorted(grown, key=lambda x: -x[0])[:width]
+        return [{"tokens": words, "score": math.exp(score), "sequence": join(segments, words)}
+                for score, _, words in beams[:top_k]]
+
 
 # ------------------------------------------------------------------ causal-LM backend
 
@@ -268,9 +320,16 @@ class _CausalLM:
         self.max_len = getattr(model.config, "max_position_embeddings", None) or \
             getattr(model.config, "n_positions", 1024)
 
-    def candidates(self, prefix_text: str, right: str, top_k: int, targets: list) -> list:
-        """[(word, log P(word + right | prefix))] for one mask.
+    def candidates(self, prefix_text: str, right: str, rest: str, top_k: int,
+                   targets: list) -> list:
+        """[(word, score)] for one mask, best first.
 
+        Proposals: the LM's likeliest next words after the left context, and after the same
+        left context in a fill-in-the-blank question that shows the whole sentence first
+        (`rest`: everything after this mask, later masks as blanks), so words only the right
+        context suggests are proposed too ("[MASK] is the capital of France.").
+        Score: log P(word + right | left) in the plain text plus log P(word + right | the
+        question, left) as its answer: the second sees the right context before the word.
         Only the first RIGHT_CONTEXT tokens of `right` are scored: they carry nearly all
         the evidence about the missing word, and compute grows with every token.
         """
@@ -278,11 +337,16 @@ class _CausalLM:
         core = prefix_text.rstrip()
         space = " " if (prefix_text != core and core) else ""
         prefix = lm_scoring.run_prefix(self.model, self.tok, core)
+        cloze = self.cloze_prefix(prefix_text, rest, core)
         if targets:
             words = list(targets)
         else:
             n = max(CAUSAL_CANDIDATES, 2 * top_k)
-            words = self.next_words(prefix, bool(space), n)
+            # the two sources' proposals in turn, n in all: scoring then costs what one
+            # source's proposals did, and neither source can crowd the other out
+            pairs = zip(self.next_words(prefix, bool(space), n),
+                        self.next_words(cloze, bool(space), n))
+            words = list(dict.fromkeys(w for pair in pairs for w in pair))[:n]
         scored = {}
         pending = words
         for round_ in range(WORD_EXTENSIONS + 1):
@@ -290,6 +354,10 @@ class _CausalLM:
             keep = [(w, c) for w, c in zip(pending, conts) if c]
             totals, following = lm_scoring.score_continuations(
                 self.model, prefix, [c for _, c in keep], want_next=True)
+            # a product of two experts: the sentence read left to right, and the same words
+            # as the answer to the blank, read after the whole sentence
+            asked = lm_scoring.score_continuations(self.model, cloze, [c for _, c in keep])
+            totals = [a + b for a, b in zip(totals, asked)]
             grown = []
             for (w, _), total, nxt in zip(keep, totals, following):
                 scored[w] = max(total, scored.get(w, -math.inf))
@@ -299,6 +367,28 @@ class _CausalLM:
             if not pending:
                 break
         return sorted(scored.items(), key=lambda x: -x[1])
+
+    def cloze_prefix(self, prefix_text: str, rest: str, core: str):
+        """The model after "fill in the blank: <sentence with blanks>" and the answer begun
+        with the left context (a chat turn when the model has a chat template). The fixed
+        head of that prompt (system turn, instruction) runs once per model."""
+        sentence = f"{prefix_text}{BLANK}{rest}"
+        if getattr(self.tok, "chat_template", None):
+            text = self.tok.apply_chat_template(
+                [{"role": "user", "content": f"{CLOZE_ASK} {sentence}"}], tokenize=False,
+                add_generation_prompt=True)
+            cut = text.index(CLOZE_ASK) + len(CLOZE_ASK)
+            head, tail = text[:cut], text[cut:] + core
+            head_ids = lm_scoring.encode(self.tok, head)
+        else:
+            head_ids = [lm_scoring.start_id(self.tok)] + lm_scoring.encode(self.tok, CLOZE_ASK)
+            tail = f" {sentence}\nAnswer: {core}"
+        key = (id(self.tok), tuple(head_ids))
+        cached = _cloze_heads.get(self.model)
+        if cached is None or cached[0] != key:
+            cached = (key, lm_scoring.run_ids(self.model, head_ids))
+            _cloze_heads[self.model] = cached
+        return lm_scoring.run_ids(self.model, lm_scoring.encode(self.tok, tail), after=cached[1])
 
     def next_words(self, prefix, spaced: bool, n: int) -> list:
         """The n likeliest next tokens that begin a word (after a space, if one precedes)."""
@@ -329,22 +419,27 @@ class _CausalLM:
 
     def fill(self, text: str, top_k: int, targets: list) -> FillResult:
         segments = split_masks(text, None)
+        masks = len(segments) - 1
         notices = []
         total_tokens = len(lm_scoring.encode(self.tok, text))
-        if total_tokens + 16 > self.max_len:
+        room = (self.max_len - 64) // 2     # the proposal prompt holds the text twice
+        if total_tokens > room:
             raise InputError(f"The text is {total_tokens} tokens; this model reads at most "
-                             f"{self.max_len - 16} here.")
-        width = max(top_k, 8) if len(segments) > 2 else max(top_k, CAUSAL_CANDIDATES)
+                             f"{room} here.")
+        width = max(top_k, 8) if masks > 1 else max(top_k, CAUSAL_CANDIDATES)
         beams = [(0.0, segments[0], [])]      # (log P, text so far, words)
-        for m in range(len(segments) - 1):
-            right = segments[m + 1]
+        for m in range(masks):
+            right, rest = segments[m + 1], BLANK.join(segments[m + 1:])
             grown = []
             for score, so_far, words in beams:
                 core = so_far.rstrip()
                 space = " " if (so_far != core and core) else ""
-                for w, lp in self.candidates(so_far, right, top_k, targets)[:width]:
+                for w, lp in self.candidates(so_far, right, rest, top_k, targets)[:width]:
                     grown.append((score + lp, core + space + w + right, words + [w]))
-            beams = sorted(grown, key=lambda x: -x[0])[:width]
+            grown.sort(key=lambda x: -x[0])
+            # the last mask keeps every candidate sentence: the per-mask marginals below
+            # need top_k distinct words per mask
+            beams = grown if m == masks - 1 else _prune(grown, width, top_k)
         # renormalise over the candidate sentences
         best = beams[0][0]
         weights = [math.exp(s - best) for s, _, _ in beams]
@@ -352,7 +447,7 @@ class _CausalLM:
         joint = [{"tokens": words, "score": w / norm, "sequence": sentence}
                  for w, (_, sentence, words) in zip(weights, beams)]
         per_mask = []
-        for m in range(len(segments) - 1):
+        for m in range(masks):
             marginal: dict = {}
             for j in joint:
                 marginal[j["tokens"][m]] = marginal.get(j["tokens"][m], 0.0) + j["score"]
@@ -360,6 +455,24 @@ class _CausalLM:
             per_mask.append([{"token_str": w, "score": s,
                               "sequence": next(j["sequence"] for j in joint if j["tokens"][m] == w)}
                              for w, s in ranked])
-        if len(segments) > 2:
+        if masks > 1:
             notices.append("Several masks: per-mask scores are marginals over the joint fills.")
         return FillResult(per_mask, joint[:top_k], "causal_lm", notices)
+
+
+def _prune(beams: list, width: int, top_k: int) -> list:
+    """The `width` best beams (sorted best first), plus up to `width` more: the best beam of
+    each of the top_k best words at every mask filled so far (taken in turn across masks),
+    so each mask keeps top_k distinct words while compute stays within twice the beam."""
+    keep = dict.fromkeys(range(min(width, len(beams))))
+    firsts = []                                  # per mask: best beam of each word, best first
+    for m in range(len(beams[0][2]) if beams else 0):
+        seen: dict = {}
+        for i, (_, _, words) in enumerate(beams):
+            if len(seen) == top_k:
+                break
+            seen.setdefault(words[m], i)
+        firsts.append([i for i in seen.values() if i not in keep])
+    extra = [i for turn in itertools.zip_longest(*firsts) for i in turn if i is not None]
+    keep.update(dict.fromkeys(extra[:width]))
+    return [beams[i] for i in sorted(keep)]

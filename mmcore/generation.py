@@ -42,8 +42,8 @@ class SamplingParams:
             value = getattr(self, name)
             try:
                 value = cast(value)
-            except (TypeError, ValueError):
-                raise InputError(f"{name} must be a number, not {value!r}.") from None
+            except (TypeError, ValueError, OverflowError):      # OverflowError: int(inf)
+                raise InputError(f"{name} must be a finite number, not {value!r}.") from None
             if value != value:  # NaN
                 raise InputError(f"{name} must be a number, not NaN.")
             setattr(self, name, value)

@@ -50,12 +50,20 @@ class Prefix:
     length: int
 
 
-@torch.inference_mode()
 def run_prefix(model, tokenizer, text: str) -> Prefix:
-    ids = [start_id(tokenizer)] + encode(tokenizer, text)
+    """`text` after the start token (so its first token is scored too)."""
+    return run_ids(model, [start_id(tokenizer)] + encode(tokenizer, text))
+
+
+@torch.inference_mode()
+def run_ids(model, ids: list, after: Prefix | None = None) -> Prefix:
+    """`ids` run through the model, after the prefix `after` if given (its cache is copied,
+    never changed, so a fixed prompt head is computed once and reused)."""
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-    return Prefix(out.cache, out.logits[0, -1].float().log_softmax(-1), len(ids))
+    cache = copy.deepcopy(after.cache) if after is not None else None
+    out = model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True)
+    start = after.length if after is not None else 0
+    return Prefix(out.cache, out.logits[0, -1].float().log_softmax(-1), start + len(ids))
 
 
 @torch.inference_mode()

@@ -44,3 +44,35 @@ def test_zero_shot_chart_table_and_verdict_agree(served, chelsea, tmp_path, scor
         assert [row[0] for row in table["data"]] == [label for label, _ in result.ranked]
         if threshold:
             assert result.verdict == Z.NONE_LABEL
+
+
+def raw_call(url: str, api: str, data: list) -> str:
+    """A queue call over plain HTTP, as a hostile client sends it (JSON with NaN and
+    Infinity, which gradio_client refuses to send): the text of the error event."""
+    import json
+
+    import httpx
+
+    base = url.rstrip("/") + f"/gradio_api/call/{api}"
+    body = json.dumps({"data": data})                    # allow_nan: NaN / Infinity literals
+    event = httpx.post(base, content=body, headers={"Content-Type": "application/json"},
+                       timeout=30).json()["event_id"]
+    with httpx.stream("GET", f"{base}/{event}", timeout=120) as reply:
+        return "".join(reply.iter_text())
+
+
+@pytest.mark.parametrize("api, args, message", [
+    ("attention", ["the cat sat", None, float("nan"), 0], "Layer must be a whole number"),
+    ("attention", ["the cat sat", None, 1, float("nan")], "Head must be a whole number"),
+    ("generate", ["the cat", 5, 0, 0, 1, 1, "inf", "", "auto"], "Seed must be a whole number"),
+    ("generate", ["the cat", 5, 0, 0, 1, 1, "1e400", "", "auto"], "Seed must be a whole number"),
+    ("fill_mask", ["the [MASK] sat .", float("nan"), ""], "top_k must be"),
+])
+def test_numbers_a_client_can_send_get_clear_messages(served, api, args, message):
+    from mmcore import attention
+
+    ctx, client = served
+    if api == "attention":
+        args[1] = list(attention.choices(ctx.kit))[0]
+    reply = raw_call(client.src, api, args)
+    assert "event: error" in reply and message in reply, reply[-500:]

@@ -99,6 +99,46 @@ def test_targets_score_multi_token_words_over_all_their_tokens(tiny_kit):
     assert not cat or abs(got["cat"] - cat[0]) < 1e-6
 
 
+def brute_force_joint(model, tok, text: str, words: list) -> list:
+    """Every assignment of target words to the masks, scored by the chain rule by hand:
+    masks left to right, each word's tokens left to right, the rest still masked."""
+    import itertools
+
+    start = tok(text.replace("[MASK]", tok.mask_token))["input_ids"]
+    out = []
+    for combo in itertools.product(words, repeat=start.count(tok.mask_token_id)):
+        row, logp = list(start), 0.0
+        for word in combo:
+            pieces = tok(word, add_special_tokens=False)["input_ids"]
+            pos = row.index(tok.mask_token_id)
+            base = row[:pos] + [tok.mask_token_id] * len(pieces) + row[pos + 1:]
+            for j, piece in enumerate(pieces):
+                probe = base[:pos] + pieces[:j] + base[pos + j:]
+                with torch.no_grad():
+                    logits = model(torch.tensor([probe])).logits[0, pos + j]
+                logp += float(logits.log_softmax(-1)[piece])
+            row = row[:pos] + pieces + row[pos + 1:]
+        out.append((list(combo), math.exp(logp)))
+    return sorted(out, key=lambda x: -x[1])
+
+
+@pytest.mark.parametrize("words", [["zebrafinch", "cat", "capital"], ["zebrafinch", "quokkas"]])
+def test_joint_fill_with_multi_token_targets_equals_brute_force(tiny_kit, words):
+    loaded = tiny_kit.model("masked_lm")
+    model, tok = loaded.parts["model"], loaded.parts["processor"]
+    assert len(tok("zebrafinch", add_special_tokens=False)["input_ids"]) > 1
+    assert len(tok("quokkas", add_special_tokens=False)["input_ids"]) > 1
+    text = "the [MASK] of france is [MASK] ."
+    result = tiny_kit.fill_mask_details(text, top_k=5, targets=", ".join(words))
+    want = brute_force_joint(model, tok, text, words)[:5]
+    assert all("[UNK]" not in j["tokens"] for j in result.joint)
+    assert [j["tokens"] for j in result.joint] == [w for w, _ in want]
+    for got, (_, p) in zip(result.joint, want):
+        assert abs(got["score"] - p) < 1e-6
+    best = result.joint[0]["tokens"]
+    assert result.joint[0]["sequence"] == f"the {best[0]} of france is {best[1]} ."
+
+
 def test_nsp_equals_transformers(tiny_kit):
     loaded = tiny_kit.model("next_sentence")
     model, tok = loaded.parts["model"], loaded.parts["processor"]
@@ -116,6 +156,12 @@ def test_nsp_equals_transformers(tiny_kit):
 def test_bad_text_is_rejected_clearly(tiny_kit, text, message):
     with pytest.raises(mmcore.InputError, match=message):
         tiny_kit.fill_mask(text)
+
+
+@pytest.mark.parametrize("top_k", [float("nan"), float("inf"), "1e400", "five", 0])
+def test_bad_top_k_is_rejected_clearly(tiny_kit, top_k):
+    with pytest.raises(mmcore.InputError, match="top_k must be"):
+        tiny_kit.fill_mask("the [MASK] sat .", top_k=top_k)
 
 
 def test_bad_nsp_inputs_are_rejected(tiny_kit):
@@ -148,7 +194,8 @@ def test_offline_probe_accuracy(offline_kit):
     hits = sum(offline_kit.fill_mask(r["sentence"], top_k=1)[0][0]["token_str"].lower()
                == r["answer"].lower() for r in rows)
     print(f"offline fill-mask top-1: {hits}/{len(rows)}")
-    assert hits / len(rows) >= 0.75
+    # 42/50 before the right context proposed and scored words too (issue 12), 44/50 after
+    assert hits / len(rows) >= 0.86
 
 
 def test_offline_targets_and_several_masks(offline_kit):
@@ -160,6 +207,26 @@ def test_offline_targets_and_several_masks(offline_kit):
     assert result.backend == "causal_lm" and len(result.per_mask) == 2
     assert result.joint[0]["sequence"].startswith("The capital of ")
     assert "[MASK]" not in result.joint[0]["sequence"]
+
+
+def test_offline_two_masks_give_top_k_words_per_mask(offline_kit):
+    result = offline_kit.fill_mask_details("The [MASK] of France is [MASK].", top_k=5)
+    assert [len(rows) for rows in result.per_mask] == [5, 5]
+    for m, rows in enumerate(result.per_mask):
+        scores = [r["score"] for r in rows]
+        assert scores == sorted(scores, reverse=True) and sum(scores) <= 1 + 1e-9
+        assert len({r["token_str"] for r in rows}) == 5
+        for r in rows:      # a marginal covers at least the joint fills shown with that word
+            shown = sum(j["score"] for j in result.joint if j["tokens"][m] == r["token_str"])
+            assert r["score"] >= shown - 1e-9
+
+
+@pytest.mark.parametrize("text, want", [
+    ("The [MASK] of France is [MASK].", "The capital of France is Paris."),
+    ("[MASK] is the capital of France.", "Paris is the capital of France."),
+])
+def test_offline_mask_with_little_left_context_uses_the_right(offline_kit, text, want):
+    assert offline_kit.fill_mask_details(text, top_k=5).joint[0]["sequence"] == want
 
 
 def test_offline_nsp_prefers_real_pairs(offline_kit):

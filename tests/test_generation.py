@@ -125,6 +125,8 @@ def test_one_users_stop_does_not_touch_another(tiny_kit):
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-2), "top_k must be >= 0"),
     (dict(temperature=float("nan")), "NaN"),
+    (dict(seed=float("inf")), "seed must be a finite number"),
+    (dict(seed="1e400"), "seed must be a finite number"),
     (dict(num_candidates=50), "num_candidates"),
 ])
 def test_bad_parameters_are_rejected(tiny_kit, kwargs, message):
