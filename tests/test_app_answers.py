@@ -62,11 +62,11 @@ def raw_call(url: str, api: str, data: list) -> str:
 
 
 @pytest.mark.parametrize("api, args, message", [
-    ("attention", ["the cat sat", None, float("nan"), 0], "Layer must be a whole number"),
-    ("attention", ["the cat sat", None, 1, float("nan")], "Head must be a whole number"),
-    ("generate", ["the cat", 5, 0, 0, 1, 1, "inf", "", "auto"], "Seed must be a whole number"),
-    ("generate", ["the cat", 5, 0, 0, 1, 1, "1e400", "", "auto"], "Seed must be a whole number"),
-    ("fill_mask", ["the [MASK] sat .", float("nan"), ""], "top_k must be"),
+    ("attention", ["the cat sat", None, float("nan"), 0], "Layer must be a finite number"),
+    ("attention", ["the cat sat", None, 1, float("nan")], "Head must be a finite number"),
+    ("generate", ["the cat", 5, 0, 0, 1, 1, "inf", "", "auto"], "Seed must be a finite number"),
+    ("generate", ["the cat", 5, 0, 0, 1, 1, "1e400", "", "auto"], "Seed must be a finite number"),
+    ("fill_mask", ["the [MASK] sat .", float("nan"), ""], "Top k must be a finite number"),
 ])
 def test_numbers_a_client_can_send_get_clear_messages(served, api, args, message):
     from mmcore import attention
