@@ -11,9 +11,11 @@ Exact search is one matrix product; past FAISS_THRESHOLD vectors a FAISS inverte
 answers instead (its recall against exact search is measured in bench/bench_retrieval.py).
 
     python -m mmcore.index build FOLDER --out DIR [--kit offline]
-    python -m mmcore.index search DIR "a cat on a sofa" [-k 5] [--image PHOTO]
+    python -m mmcore.index search DIR "a cat on a sofa" "a dog" [-k 5] [--image PHOTO]
+    python -m mmcore.index serve DIR [--port 8765]
 
-(the command line, with its torchrun-sharded build, is in mmcore/index_cli.py)
+(the command line, with its torchrun-sharded build, is in mmcore/index_cli.py; the HTTP back
+end in mmcore/index_server.py)
 """
 
 import concurrent.futures
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 from . import cache
@@ -242,13 +245,20 @@ class Index:
         """[(id, score)] best first; score is the cosine similarity to the query vector.
         text: str; image: PIL image, bytes or a path; vector: (D,) numbers; negative: terms
         to move away from. Each may also be a list of terms or (term, weight) pairs."""
+        return [(r["id"], r["score"]) for r in self.results(text, image, vector, k, negative)]
+
+    def results(self, text=None, image=None, vector=None, k: int = 10,
+                negative=None) -> list:
+        """`search` for programs: [{"id", "score", "caption", "position"}] best first
+        (position: the row, e.g. for its thumbnail)."""
         if len(self) == 0:
             raise InputError("The index is empty.")
         from .lanes import PRIORITY
 
         with PRIORITY.short():            # a search goes before long work (generation)
             q = self.query_vector(text, image, vector, negative)
-        return [(self.ids[i], s) for i, s in self.nearest(q, k)]
+        return [{"id": self.ids[i], "score": s, "caption": self.captions[i], "position": i}
+                for i, s in self.nearest(q, k)]
 
     def faiss(self, nprobe: int = 64):
         """An inverted-file FAISS index over the vectors (built on first use)."""
@@ -387,6 +397,25 @@ def thumbnail(im, size: int = THUMBNAIL) -> bytes:
     small.thumbnail((size, size))
     buf = io.BytesIO()
     small.save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def safe_thumbnail(raw: bytes, max_side: int = 1024) -> bytes | None:
+    """A JPEG we encode ourselves from a stored thumbnail (a loaded index's bytes are
+    untrusted: decoded by the safe loader, never served as they came); None when there is
+    none or it is not a small image."""
+    if not raw:
+        return None
+    try:
+        with Image.open(io.BytesIO(raw)) as head:              # the header only
+            if max(head.size) > max_side:
+                return None                                      # no "thumbnail" bombs
+        im = load_image(raw)
+    except (InputError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    im.thumbnail((THUMBNAIL * 2, THUMBNAIL * 2))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
     return buf.getvalue()
 
 
