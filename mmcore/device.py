@@ -72,5 +72,6 @@ def gpu_task(duration: int):
             import spaces
         except ImportError:
             return fn
-        return spaces.GPU(duration=int(duration))(fn)
+        gpu = getattr(spaces, "GPU", None)      # a stray folder named "spaces" is not it
+        return fn if gpu is None else gpu(duration=int(duration))(fn)
     return wrap
