@@ -68,6 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "storage, else $MMCORE_CACHE/data)")
     p.add_argument("--max-extra-kits", type=int, default=2,
                    help="fine-tuned models kept loaded at once (least recently used goes)")
+    p.add_argument("--models", default=None, metavar="FILE",
+                   help='JSON of models users may load into a role on the Models tab, e.g. '
+                        '{"causal_lm": ["distilgpt2"], "dual_encoder": ["./my-clip"]}')
+    p.add_argument("--allow-model-loading", action="store_true",
+                   help="let users load any hub id into a role (off by default; server "
+                        "folders still need --models)")
+    p.add_argument("--extra-model-mb", type=int, default=4096,
+                   help="memory for models loaded at run time (least recently used goes)")
     p.add_argument("--session-disk-mb", type=int, default=512,
                    help="temp disk space per user session (uploads unpacked, downloads)")
     p.add_argument("--cache-ttl", type=int, default=3600,
@@ -113,6 +121,15 @@ def check_kit(args: argparse.Namespace):
     return kit
 
 
+def allowed_models(args: argparse.Namespace) -> dict:
+    """The operator's --models list, checked (InputError names what is wrong)."""
+    if not getattr(args, "models", None):
+        return {}
+    from mmcore.model_pool import read_allowed
+
+    return read_allowed(args.models)
+
+
 def create(args: argparse.Namespace, kit=None):
     """Build the app for `args` (and an already checked kit); returns (demo, ctx)."""
     from demos import build_app
@@ -122,7 +139,9 @@ def create(args: argparse.Namespace, kit=None):
     ctx = AppContext(kit=kit, queue_size=args.queue_size, gallery_dir=args.gallery_dir,
                      data_dir=args.data_dir, max_extra_kits=args.max_extra_kits,
                      session_disk_mb=args.session_disk_mb, cache_ttl=args.cache_ttl,
-                     admin_token=args.admin_token)
+                     admin_token=args.admin_token, allowed_models=allowed_models(args),
+                     allow_model_loading=getattr(args, "allow_model_loading", False),
+                     extra_model_mb=getattr(args, "extra_model_mb", 4096))
     from mmcore.device import on_zero_gpu
 
     # ZeroGPU lends a GPU to a request's own handler only, never to a background scheduler
@@ -144,6 +163,7 @@ def main(argv=None) -> int:
 
     try:
         kit = check_kit(args)  # before importing gradio: a bad kit fails in seconds
+        allowed_models(args)   # and a bad --models file
     except mmcore.MmcoreError as exc:
         print(f"mmcore: {exc}", file=sys.stderr)
         return 2

@@ -51,6 +51,12 @@ class AppContext:
     total_disk_mb: int = 8192        # temp files of all sessions together
     cache_ttl: int = 3600            # seconds Gradio keeps uploads and outputs (delete_cache)
     admin_token: str = ""            # lets the operator stop anyone's training job
+    # models users may load into a role at run time (mmcore.model_pool): the operator's
+    # --models list, --allow-model-loading (any hub id), and the memory they may take
+    allowed_models: dict = field(default_factory=dict)
+    allow_model_loading: bool = False
+    extra_model_mb: int = 4096
+    _pool: object = field(default=None, repr=False)
     _warmer: threading.Thread | None = field(default=None, repr=False)
     page_load: list = field(default_factory=list, repr=False)   # (fn, outputs) per page open
     # fine-tuned dual encoders on this server: {name: checkpoint folder}
@@ -132,14 +138,59 @@ class AppContext:
             self._warmer = threading.Thread(target=self.kit.warm, name="mmcore-warm", daemon=True)
             self._warmer.start()
 
+    @property
+    def pool(self):
+        """Models loaded into a role at run time (the Models tab), made on first use."""
+        if self._pool is None:
+            from mmcore.model_pool import ModelPool
+
+            self._pool = ModelPool(self.kit, self.allowed_models, self.allow_model_loading,
+                                   self.extra_model_mb)
+        return self._pool
+
+    def loaded_choices(self, role: str) -> list:
+        """Run-time loaded models ready for `role`, as the tabs' model menus name them (a
+        listed folder by its name only)."""
+        return [f"loaded: {name}" for name in self._loaded(role)]
+
+    def _loaded(self, role: str) -> dict:
+        from mmcore.dual_encoder import public_name
+
+        pool = self.pool
+        return {public_name(s): s for s in pool.choices(role) if pool.status(role, s) == "ready"}
+
     def encoder_choices(self) -> list:
-        return ["base model"] + list(self.checkpoints)
+        return ["base model"] + list(self.checkpoints) + self.loaded_choices("dual_encoder")
+
+    def role_kit(self, role: str, choice: str | None):
+        """The kit whose `role` is `choice`: the base model, or one loaded at run time
+        ("loaded: SOURCE"); fine-tuned dual encoders go through `kit_for`."""
+        if isinstance(choice, str) and choice.startswith("loaded: "):
+            return self._loaded_kit(role, choice)
+        if role == "dual_encoder":
+            return self.kit_for(choice)
+        if not choice or choice == "base model":
+            return self.kit
+        from mmcore import InputError
+
+        raise InputError(f"No model named {str(choice)[:80]!r} for {role} on this server.")
+
+    def _loaded_kit(self, role: str, choice: str):
+        source = self._loaded(role).get(choice[len("loaded: "):])
+        if source is None:
+            from mmcore import InputError
+
+            raise InputError(f"{choice[:80]!r} is not loaded (any more); load it on the Models "
+                             "tab.")
+        return self.pool.kit(role, source)
 
     def kit_for(self, choice: str | None):
         """The kit whose dual encoder is `choice` (the base, or a fine-tuned checkpoint).
         At most `max_extra_kits` fine-tuned ones stay loaded; the least recently used goes."""
         if not choice or choice == "base model":
             return self.kit
+        if isinstance(choice, str) and choice.startswith("loaded: "):
+            return self._loaded_kit("dual_encoder", choice)
         if not isinstance(choice, str) or choice not in self.checkpoints:
             from mmcore import InputError
 

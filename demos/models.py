@@ -91,3 +91,6 @@ def build(ctx: AppContext) -> None:
     refresh_btn.click(kit_info, outputs=info, api_name="kit_info").then(
         lambda: (table(ctx), memory_md(ctx)), outputs=[models, memory],
         api_visibility="private")
+    from . import model_loading
+
+    model_loading.build(ctx)

@@ -1,0 +1,95 @@
+"""Models tab, second part: load a model into a role at run time (a hub id, or a folder the
+operator listed), in the background, then pick it in that role's tabs; `/models` lists
+every model a user can pick.
+
+What may load is the operator's choice (`--models FILE`, `--allow-model-loading`); see
+mmcore/model_pool.py for the policy, the honest checks and the memory budget.
+"""
+
+import gradio as gr
+
+from mmcore import ROLES
+
+from .context import AppContext, guarded, text_md
+
+ROLE_LABELS = {"causal_lm": "Generate (causal LM)", "masked_lm": "Fill mask (masked LM)",
+               "next_sentence": "Next sentence", "dual_encoder": "Zero-shot and Retrieval "
+               "(dual encoder)"}
+
+
+def policy_md(ctx: AppContext) -> str:
+    listed = sum(len(v) for v in ctx.allowed_models.values())
+    if ctx.allow_model_loading:
+        return ("Any hub id can be loaded here (the operator allowed it)"
+                + (f"; {listed} folder(s) or id(s) are listed." if listed else "."))
+    if listed:
+        return f"The operator listed {listed} model(s) that can be loaded here."
+    return ("Loading models is off on this server. Run the app with `--allow-model-loading` "
+            "(any hub id) or `--models FILE` (a list) to turn it on.")
+
+
+def catalogue(ctx: AppContext) -> list:
+    """Every model a user can pick, per role: the kit's, fine-tuned ones, loaded and listed."""
+    from mmcore.dual_encoder import public_name
+
+    rows = [{"role": r["role"], "model": r["name"], "kind": "kit", "status": r["status"]}
+            for r in ctx.kit.describe()]
+    rows += [{"role": "dual_encoder", "model": name, "kind": "fine-tuned",
+              "status": "available"} for name in sorted(ctx.checkpoints)]
+    pool = ctx.pool
+    for role in ROLES:
+        for source in pool.choices(role):
+            rows.append({"role": role, "model": public_name(source), "kind": "run-time",
+                         "status": pool.status(role, source)})
+    return rows
+
+
+def table(ctx: AppContext) -> list:
+    return [[r["role"], r["model"], r["kind"], r["status"]] for r in catalogue(ctx)]
+
+
+def build(ctx: AppContext) -> None:
+    @guarded
+    def load_model(role: str, source: str) -> str:
+        """Start loading a model into a role (returns at once; see /models for its status).
+        role: causal_lm, masked_lm, next_sentence or dual_encoder; source: a hub id, or a
+        folder the operator listed."""
+        from mmcore.dual_encoder import public_name
+
+        listed = {public_name(s): s for v in ctx.allowed_models.values() for s in v}
+        name = ctx.pool.request(role, listed.get(source, source))
+        return (f"{text_md(public_name(name))} for {role}: {ctx.pool.status(role, name)}. "
+                "Once ready, pick it as \"loaded: ...\" in that role's tabs.")
+
+    @guarded
+    def models() -> list:
+        """Every model a user can pick: [{role, model, kind, status}] (kind: kit,
+        fine-tuned, run-time)."""
+        return catalogue(ctx)
+
+    gr.Markdown("### Load a model into a role\n" + policy_md(ctx))
+    with gr.Row():
+        role = gr.Dropdown(choices=[(ROLE_LABELS[r], r) for r in ROLES], value="causal_lm",
+                           label="Role", scale=1)
+        from mmcore.dual_encoder import public_name
+
+        listed = sorted({public_name(s) for v in ctx.allowed_models.values() for s in v})
+        source = gr.Dropdown(choices=listed, value=None, allow_custom_value=True,
+                             label="Hub id or listed folder", scale=2,
+                             interactive=bool(listed) or ctx.allow_model_loading)
+        load = gr.Button("Load", scale=0, interactive=bool(listed) or ctx.allow_model_loading)
+    status = gr.Markdown()
+    catalogue_table = gr.Dataframe(value=table(ctx), headers=["role", "model", "kind", "status"],
+                                   interactive=False, label="Models you can pick")
+    timer = gr.Timer(1.0, active=False)
+    api = gr.JSON(visible=False, label="Models")
+
+    def refresh():
+        busy = any(r["status"] == "loading" for r in catalogue(ctx))
+        return table(ctx), gr.Timer(active=busy)
+
+    load.click(load_model, [role, source], status, api_name="load_model").then(
+        refresh, outputs=[catalogue_table, timer], api_visibility="private")
+    timer.tick(refresh, outputs=[catalogue_table, timer], show_progress="hidden",
+               api_visibility="private")
+    gr.Button("List models", size="sm").click(models, outputs=api, api_name="models")

@@ -1,0 +1,92 @@
+"""Issue 18 item 1 through the running app: an operator-listed model loads into a role on the
+Models tab, /models lists it, and Zero-shot answers with it; loading is refused where the
+operator did not allow it, and a bad --models file stops the app at start with a message."""
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from safetensors.torch import load_file, save_file
+
+import app as app_module
+from appclient import launch
+
+
+@pytest.fixture(scope="module")
+def other_clip(tmp_path_factory):
+    from mmcore import tiny
+
+    folder = tmp_path_factory.mktemp("clips") / "my-clip"
+    shutil.copytree(tiny.folder("clip"), folder)
+    weights = next(folder.glob("*.safetensors"))
+    state = load_file(str(weights))
+    g = torch.Generator().manual_seed(1)
+    for key in state:
+        if "projection" in key:
+            state[key] = state[key] + 0.5 * torch.randn(state[key].shape, generator=g)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(other_clip, tmp_path_factory):
+    listing = tmp_path_factory.mktemp("ops") / "models.json"
+    listing.write_text(json.dumps({"dual_encoder": [str(other_clip)]}))
+    demo, ctx, url = launch(["--kit", "tiny", "--no-warm", "--models", str(listing)])
+    client = Client(url, verbose=False)
+    yield ctx, client
+    client.close()
+    demo.close()
+
+
+def test_a_listed_model_loads_and_answers_in_zero_shot(served, other_clip, chelsea, tmp_path):
+    import mmcore
+
+    ctx, client = served
+    listed = [r for r in client.predict(api_name="/models") if r["kind"] == "run-time"]
+    assert [(r["role"], r["status"]) for r in listed] == [("dual_encoder", "not loaded")]
+    name = listed[0]["model"]
+    assert str(other_clip.parent) not in json.dumps(listed)        # no server path shown
+    assert "for dual_encoder" in client.predict("dual_encoder", name, api_name="/load_model")
+    deadline = time.time() + 120
+    while True:
+        rows = [r for r in client.predict(api_name="/models") if r["kind"] == "run-time"]
+        if rows[0]["status"] == "ready":
+            break
+        assert not rows[0]["status"].startswith("error"), rows
+        assert time.time() < deadline
+        time.sleep(0.5)
+    photo = tmp_path / "cat.png"
+    chelsea.save(photo)
+    labels = "a cat, a rocket, a cup of coffee"
+    _, table, _ = client.predict(handle_file(str(photo)), labels, "a photo of {}.", False,
+                                 "cosine", 0.5, f"loaded: {name}", api_name="/zero_shot")
+    want = mmcore.load_kit("tiny", dual_encoder=str(other_clip)).zero_shot(
+        str(photo), ["a cat", "a rocket", "a cup of coffee"], score="cosine")
+    rows = [r for r in table["data"] if r[0] in labels]               # not "none of these"
+    assert [r[0] for r in rows] == [lab for lab, _ in want]
+    assert [r[1] for r in rows] == pytest.approx([v for _, v in want], abs=1e-4)
+    base = ctx.kit.zero_shot(str(photo), ["a cat", "a rocket", "a cup of coffee"],
+                             score="cosine")
+    assert [v for _, v in base] != pytest.approx([v for _, v in want], abs=1e-4)
+
+
+def test_unlisted_models_are_refused(served):
+    ctx, client = served
+    for role, source in (("causal_lm", "distilgpt2"), ("dual_encoder", "/etc"),
+                         ("painter", "gpt2")):
+        with pytest.raises(Exception) as err:
+            client.predict(role, source, api_name="/load_model")
+        message = str(err.value)
+        assert ("Loading models is off" in message if role != "painter"
+                else "painter is not in the list of choices" in message)
+
+
+def test_a_bad_models_file_stops_the_app_with_a_message(tmp_path, capsys):
+    bad = tmp_path / "models.json"
+    bad.write_text('{"painter": ["x"]}')
+    assert app_module.main(["--kit", "tiny", "--models", str(bad)]) == 2
+    assert "unknown role 'painter'" in capsys.readouterr().err
