@@ -114,8 +114,9 @@ def _whole_word_ids(tok, size: int | None = None) -> torch.Tensor:
 
 
 class MaskedFill:
-    """Fill-mask with a `roles.MaskedLM`: preprocess (ids, mask positions) -> the role's
-    batched `forward` -> postprocess (top words, targets, joint fills)."""
+    """Fill-mask with a `roles.MaskedLM`, as transformers' pipeline: `preprocess` (ids, mask
+    positions) -> the role's `forward` (batched across requests when serving) ->
+    `postprocess` (top words, targets, joint fills)."""
 
     def __init__(self, role, batched: bool = False):
         self.role, self.tok, self.batched = role, role.tokenizer, batched
@@ -141,11 +142,22 @@ class MaskedFill:
         return ids[:1] + body[start:start + room] + ids[-1:]
 
     def fill(self, text: str, top_k: int, targets: list) -> FillResult:
+        segments, ids, positions, notices = self.preprocess(text)
+        logits = self.logits([ids], [positions])[0]                          # (M, V)
+        return self.postprocess(segments, ids, positions, logits, top_k, targets, notices)
+
+    def preprocess(self, text: str) -> tuple:
+        """(segments around the masks, token ids, mask positions, notices)."""
         segments = split_masks(text, self.tok.mask_token)
         notices = []
         ids = self.encode(segments, notices)
         positions = [i for i, t in enumerate(ids) if t == self.tok.mask_token_id]
-        probs = self.logits([ids], [positions])[0].softmax(-1)                # (M, V)
+        return segments, ids, positions, notices
+
+    def postprocess(self, segments, ids, positions, logits, top_k, targets, notices):
+        """Top words (or target words) per mask, then joint fills (a beam that runs more
+        forwards when there are several masks)."""
+        probs = logits.softmax(-1)
         per_mask = []
         for m, pos in enumerate(positions):
             if targets:
