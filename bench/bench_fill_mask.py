@@ -54,18 +54,16 @@ def bert_base_side_by_side(rounds: int) -> None:
     import roofline
     from common import best_rates
     from mmcore import fill_mask, precision
-    from mmcore.kits import Loaded, ModelSpec
+    from mmcore.roles import MaskedLM
 
-    tok = mmcore.load_kit("tiny").model("masked_lm").parts["processor"]
+    tok = mmcore.load_kit("tiny").model("masked_lm").tokenizer
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig()).eval()          # bert-base-uncased's shape
-    spec = ModelSpec("hf", "bench", "bert-base random", "", "masked_lm")
-    loaded = Loaded(spec, "masked_lm", {"model": model, "processor": tok}, 0.0)
-    fast_parts = {"model": copy.deepcopy(model), "processor": tok}
-    form = precision.prepare(fast_parts, "hf", "masked_lm", "fast")
-    fast = Loaded(spec, "masked_lm", fast_parts, 0.0)
-    bf16 = Loaded(spec, "masked_lm", {"model": copy.deepcopy(model).to(torch.bfloat16),
-                                      "processor": tok}, 0.0)
+    loaded = MaskedLM(model, tok, "bert-base random")
+    fast_model = copy.deepcopy(model)
+    form = precision.convert("fast", fast_model, lambda: MaskedLM.make_fast(fast_model))
+    fast = MaskedLM(fast_model, tok, "bert-base random", form)
+    bf16 = MaskedLM(copy.deepcopy(model).to(torch.bfloat16), tok, "bert-base random")
     pipe = pipeline("fill-mask", model=model, tokenizer=tok)
     items = sentences(tok)
     fns = {"pipeline fp32": lambda: [pipe(s, top_k=5) for s in items],
@@ -80,8 +78,8 @@ def bert_base_side_by_side(rounds: int) -> None:
           f"{bandwidth / 1e9:.1f} GB/s")
     sizes = {"pipeline fp32": precision.weight_bytes(model),
              "mmcore exact": precision.weight_bytes(model),
-             "mmcore fast": precision.weight_bytes(fast_parts["model"]),
-             "mmcore bf16": precision.weight_bytes(bf16.parts["model"])}
+             "mmcore fast": precision.weight_bytes(fast.model),
+             "mmcore bf16": precision.weight_bytes(bf16.model)}
     for name, rate in got.items():
         roof = bandwidth / sizes[name]
         print(f"  {name:14s} {rate:6.1f} sequences/s  {rate / got['pipeline fp32']:5.2f}x  |  "

@@ -40,9 +40,9 @@ def main() -> None:
     from mmcore import generation as G
     from transformers import pipeline
 
-    exact = mmcore.load_kit("offline", precision="exact").model("causal_lm").parts
-    fast = mmcore.load_kit("offline", precision="fast").model("causal_lm").parts
-    model, tok = exact["model"], exact["processor"]
+    exact = mmcore.load_kit("offline", precision="exact").model("causal_lm")
+    fast = mmcore.load_kit("offline", precision="fast").model("causal_lm")
+    model, tok = exact.model, exact.tokenizer
     ids = tok(PROMPT, return_tensors="pt")
     n_prompt = ids["input_ids"].shape[1]
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
@@ -57,10 +57,10 @@ def main() -> None:
         out = model.generate(**ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
         return time.perf_counter() - start, out[0, n_prompt:].tolist()
 
-    def run_ours(parts, n):
+    def run_ours(lm, n):
         run = G.Generation(G.SamplingParams())
         sp = G.SamplingParams(max_new_tokens=n, temperature=0.0, chat=False)
-        for _ in G.generate_tokens(parts["model"], tok, PROMPT, sp, run=run):
+        for _ in lm.generate_tokens(PROMPT, sp, run=run):
             pass
         return run.seconds, [t.token_id for t in run.tokens], run.ttft
 

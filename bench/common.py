@@ -58,7 +58,7 @@ def vit_b32():
     import mmcore
     from mmcore import dual_encoder as de
 
-    tok = mmcore.load_kit("tiny").model("dual_encoder").parts["processor"].tokenizer
+    tok = mmcore.load_kit("tiny").model("dual_encoder").tokenizer
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig()).eval()                      # ViT-B/32 shapes
     image_processor = CLIPImageProcessor()                      # 224 px, as ViT-B/32's

@@ -26,8 +26,10 @@ MAX_BATCH_ROWS = 200
 
 
 def backend_note(ctx: AppContext) -> str:
+    from mmcore.roles import MaskedLM
+
     spec = ctx.kit.spec("masked_lm")
-    if spec.backend == "causal_lm":
+    if not issubclass(ctx.kit.role_class("masked_lm"), MaskedLM):
         return (f"**Note:** this kit has no masked language model, so **{spec.name}**, a causal "
                 "(left-to-right) LM, approximates BERT's task: it proposes words from the text "
                 "before the mask and from a fill-in-the-blank question showing the whole "

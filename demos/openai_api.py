@@ -148,7 +148,7 @@ class Api:
                                 f"GET /v1/models lists {self.model_id()!r}.", "not_found_error")
 
     def prepare(self, body: dict, chat: bool) -> tuple:
-        """(prompt text, params, n, model parts) for a request body."""
+        """(prompt text, params, n, the causal LM) for a request body."""
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object.")
         allowed = COMMON | REFUSED | ({"messages"} if chat else {"prompt"})
@@ -157,31 +157,29 @@ class Api:
             raise ApiError(400, f"Unknown field(s): {', '.join(extra)[:200]}.")
         self._check_model(body)
         params, n = sampling(body, 64 if chat else 16)
-        parts = self.ctx.kit.model("causal_lm").parts
+        lm = self.ctx.kit.model("causal_lm")
         if chat:
-            prompt = chat_prompt(parts["processor"], body.get("messages"))
+            prompt = chat_prompt(lm.tokenizer, body.get("messages"))
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
                 prompt = prompt[0]
             if not isinstance(prompt, str):
                 raise ApiError(400, "'prompt' must be a string.")
-        return prompt, params, n, parts
+        return prompt, params, n, lm
 
-    def run(self, prompt, params, parts, stop_event=None):
+    def run(self, prompt, params, lm, stop_event=None):
         """A Generation, filled in as the tokens come (a generator of TokenInfo)."""
         run = generation.Generation(params)
-        tokens = generation.generate_tokens(parts["model"], parts["processor"], prompt, params,
-                                            stop_event, run=run)
-        return run, tokens
+        return run, lm.generate_tokens(prompt, params, stop_event, run=run)
 
     def complete(self, body: dict, chat: bool) -> dict:
-        prompt, params, n, parts = self.prepare(body, chat)
+        prompt, params, n, lm = self.prepare(body, chat)
         choices, prompt_tokens, completion = [], 0, 0
         with self.admission:
             for i in range(n):
                 p = generation.SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-                run, tokens = self.run(prompt, p, parts)
+                run, tokens = self.run(prompt, p, lm)
                 for _ in tokens:
                     pass
                 prompt_tokens, completion = run.prompt_tokens, completion + len(run.tokens)
@@ -199,7 +197,7 @@ class Api:
     def chunks(self, body: dict, chat: bool, stop_event: threading.Event):
         """Server-sent event lines for a streaming request (the admission is held while the
         generator runs)."""
-        prompt, params, _, parts = self.prepare(body, chat)
+        prompt, params, _, lm = self.prepare(body, chat)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
@@ -216,7 +214,7 @@ class Api:
                                           "model": self.model_id(), "choices": [choice]}) + "\n\n"
 
         with self.admission:
-            run, tokens = self.run(prompt, params, parts, stop_event)
+            run, tokens = self.run(prompt, params, lm, stop_event)
             if chat:
                 yield event(first=True)
             for info in tokens:

@@ -8,6 +8,7 @@ between images, and one bad file is a row with its reason.
 import gradio as gr
 
 from mmcore import InputError, demo_data, images as mm_images, tables, zero_shot as zs
+from mmcore.dual_encoder import TowerDualEncoder
 from mmcore.text import as_number, clean_text
 
 from .context import AppContext, guarded, text_md
@@ -112,7 +113,8 @@ def build(ctx: AppContext) -> None:
 
     spec = ctx.kit.spec("dual_encoder")
     note = (" ConSE maps the image's top ImageNet classes into the text space, so labels far "
-            "from ImageNet's 1000 classes are hard for it." if spec.backend == "conse" else "")
+            "from ImageNet's 1000 classes are hard for it."
+            if issubclass(ctx.kit.role_class("dual_encoder"), TowerDualEncoder) else "")
     gr.Markdown(f"Dual encoder: **{spec.name}**. Labels are compared with the image in a shared "
                 f"embedding space.{note}")
     gr.Markdown(SCORE_HELP)

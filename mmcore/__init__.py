@@ -3,7 +3,7 @@
 The public API (see DESIGN.md):
 
     kit = mmcore.load_kit("offline" | "hub" | "tiny")   # roles load lazily, once
-    kit.model("causal_lm")                               # the loaded model of one role
+    kit.model("causal_lm")          # the role's typed object (roles.CausalLM, MaskedLM, ...)
 """
 
 from . import tables

@@ -41,9 +41,11 @@ class AttentionMaps:
 
 def choices(kit) -> dict:
     """{label: key} of the models in `kit` whose attention can be shown."""
+    from .roles import MaskedLM
+
     out = {}
     masked, causal = kit.spec("masked_lm"), kit.spec("causal_lm")
-    if masked.backend == "masked_lm":
+    if issubclass(kit.role_class("masked_lm"), MaskedLM):      # else the causal LM plays it
         out[f"masked LM: {masked.name}"] = "masked_lm"
     out[f"causal LM: {causal.name}"] = "causal_lm"
     out[f"text tower: {kit.spec('dual_encoder').name}"] = "text_tower"
@@ -54,13 +56,12 @@ def _resolve(kit, key: str):
     """(model that owns the attention setting, name of the part to run ("" = all of it),
     tokenizer)."""
     if key in ("masked_lm", "causal_lm"):
-        parts = kit.model(key).parts
-        return parts["model"], "", parts["processor"]
+        return kit.model(key).attention_target()
     if key == "text_tower":
-        parts = kit.model("dual_encoder").parts
-        if "text_model" in parts:                                    # ConSE: MiniLM
-            return parts["text_model"], "", parts["tokenizer"]
-        return parts["model"], "text_model", parts["processor"].tokenizer   # CLIP-like
+        enc = kit.model("dual_encoder")
+        if isinstance(getattr(enc, "text_model", None), torch.nn.Module):   # a tower: MiniLM
+            return enc.text_model, "", enc.tokenizer
+        return enc.model, "text_model", enc.tokenizer                      # CLIP-like
     raise InputError(f"Unknown model choice {key!r}.")
 
 

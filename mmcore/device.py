@@ -21,12 +21,6 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    # fp32 everywhere for loading: inference-time bf16 is opted into per role, where it
-    # is shown to keep results right.
-    return torch.float32
-
-
 def autocast_dtype(device: torch.device):
     """bf16 on a GPU that has it (Ampere and later), fp16 on older ones (a T4 has no bf16),
     None on the CPU (mixed precision there is a per-role weight choice, not autocast)."""

@@ -102,9 +102,6 @@ class DualEncoder:
             self._text_cache.update(zip(missing, fresh))
         return torch.stack([found[t] for t in texts])
 
-    def count_text_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
-
 
 # ------------------------------------------------------------------ 1. Hugging Face CLIP
 
@@ -272,28 +269,28 @@ CONSE_TOP_T = 10
 CLASS_TEMPLATE = "a photo of a {}."
 
 
-def conse_encoder(parts: dict, class_embeddings: torch.Tensor) -> TowerDualEncoder:
+def conse_encoder(classifier, transform, text_model, tokenizer,
+                  classes: torch.Tensor) -> TowerDualEncoder:
     """The offline kit's dual encoder: ConSE expressed as a tower at step 0."""
-    cfg = TowerConfig(text_model="all-MiniLM-L6-v2", image_dim=class_embeddings.shape[0],
-                      text_dim=class_embeddings.shape[1], embed_dim=class_embeddings.shape[1],
+    cfg = TowerConfig(text_model="all-MiniLM-L6-v2", image_dim=classes.shape[0],
+                      text_dim=classes.shape[1], embed_dim=classes.shape[1],
                       conse_top_t=CONSE_TOP_T)
-    enc = TowerDualEncoder(cfg, parts["classifier"], parts["transform"], parts["text_model"],
-                           parts["tokenizer"], name="conse-efficientnet-lite0-minilm")
+    enc = TowerDualEncoder(cfg, classifier, transform, text_model, tokenizer,
+                           name="conse-efficientnet-lite0-minilm")
     with torch.no_grad():
-        enc.image_projection.weight.copy_(class_embeddings.T)            # (D, classes)
+        enc.image_projection.weight.copy_(classes.T)            # (D, classes)
         enc.text_projection.weight.copy_(torch.eye(cfg.text_dim))
-    return enc.eval().to(parts["classifier"].conv_stem.weight.device)
+    return enc.eval().to(classifier.conv_stem.weight.device)
 
 
-def class_embeddings(parts: dict) -> torch.Tensor:
+def class_embeddings(text_model, tokenizer, class_names: list) -> torch.Tensor:
     """(1000, 384) MiniLM embeddings of the ImageNet class prompts, L2-normalised."""
-    texts = [CLASS_TEMPLATE.format(n) for n in parts["class_names"]]
-    tok, model = parts["tokenizer"], parts["text_model"]
+    texts = [CLASS_TEMPLATE.format(n) for n in class_names]
     out = []
     with torch.inference_mode():
         for start in range(0, len(texts), 128):
-            enc = tok(texts[start:start + 128], padding=True, return_tensors="pt")
-            hidden = model(**enc).last_hidden_state
+            enc = tokenizer(texts[start:start + 128], padding=True, return_tensors="pt")
+            hidden = text_model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).float()
             out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
     return torch.cat(out)

@@ -1,6 +1,7 @@
 """Fill-mask: BERT's masked-word task, by a masked LM or approximated by a causal LM.
 
-`fill(loaded, text, top_k, targets)` returns a `FillResult`:
+`fill(role, text, top_k, targets)` returns a `FillResult` (the role object's `fill_mask`:
+`MaskedFill` for a `roles.MaskedLM`, `CausalFill` for a `roles.CausalLM`):
 - `per_mask`: one list per mask of {"token_str", "score", "sequence"}, best first (the
   shape `transformers.pipeline("fill-mask")` returns, for any number of masks);
 - `joint`: whole-sentence fills {"tokens", "score", "sequence"} ranked by joint probability
@@ -24,7 +25,6 @@ task, and the UI says so.
 import itertools
 import math
 import re
-import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -32,6 +32,7 @@ import torch
 
 from . import lm_scoring
 from .errors import InputError
+from .roles import require
 from .text import clean_text, parse_words
 
 MAX_MASKS = 5
@@ -77,9 +78,10 @@ def join(segments: list, fills: list) -> str:
     return out
 
 
-def fill(loaded, text, top_k: int = 5, targets=None, batched: bool = False) -> FillResult:
+def fill(role, text, top_k: int = 5, targets=None, batched: bool = False) -> FillResult:
     """`batched`: the masked LM's forward may share a batch with concurrent requests
     (micro-batching when serving many users; results equal up to float rounding)."""
+    fill_mask = require(role, "fill_mask", "fill masks")
     text = clean_text(text, "Text")
     try:
         top_k = int(float(top_k))          # NaN and inf raise too: "1e400", float("nan")
@@ -87,13 +89,7 @@ def fill(loaded, text, top_k: int = 5, targets=None, batched: bool = False) -> F
         raise InputError(f"top_k must be a whole number, not {str(top_k)[:30]!r}.") from None
     if not 1 <= top_k <= 50:
         raise InputError(f"top_k must be between 1 and 50, not {top_k}.")
-    targets = parse_words(targets)
-    model, tok = loaded.parts["model"], loaded.parts["processor"]
-    if loaded.spec.backend == "masked_lm":
-        return _MaskedLM(model, tok, batched).fill(text, top_k, targets)
-    if loaded.spec.backend == "causal_lm":
-        return _CausalLM(model, tok).fill(text, top_k, targets)
-    raise InputError(f"{loaded.spec.name} cannot fill masks.")
+    return fill_mask(text, top_k, parse_words(targets), batched)
 
 
 # ------------------------------------------------------------------ masked-LM backend
@@ -117,57 +113,17 @@ def _whole_word_ids(tok, size: int | None = None) -> torch.Tensor:
     return allowed
 
 
-_batchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> MicroBatcher
-_batchers_guard = threading.Lock()
+class MaskedFill:
+    """Fill-mask with a `roles.MaskedLM`, as transformers' pipeline: `preprocess` (ids, mask
+    positions) -> the role's `forward` (batched across requests when serving) ->
+    `postprocess` (top words, targets, joint fills)."""
 
-
-class _MaskedLM:
-    def __init__(self, model, tok, batched: bool = False):
-        self.model, self.tok, self.batched = model, tok, batched
-        self.device = next(model.parameters()).device
-        self.max_len = min(model.config.max_position_embeddings, tok.model_max_length or 10**9)
-        # The vocabulary head costs more than the whole encoder on short inputs (bert-base:
-        # 768 x 30522 per position): apply it to the mask positions only, where we know how.
-        self.base = getattr(model, model.base_model_prefix, None)
-        self.head = next((getattr(model, n) for n in ("cls", "lm_head") if hasattr(model, n)),
-                         None)
+    def __init__(self, role, batched: bool = False):
+        self.role, self.tok, self.batched = role, role.tokenizer, batched
+        self.max_len = role.max_length()
 
     def logits(self, rows: list, positions: list) -> torch.Tensor:
-        """(B, P, V) logits at `positions[b]` (P per row) of right-padded rows of token ids.
-        A single row may share its forward with other requests' rows (micro-batching)."""
-        if not (self.batched and len(rows) == 1):
-            return self._logits(rows, positions)
-        from .microbatch import MicroBatcher
-
-        with _batchers_guard:
-            if self.model not in _batchers:
-                _batchers[self.model] = MicroBatcher(
-                    _MaskedLM(self.model, self.tok)._shared_forward, max_batch=16)
-            batcher = _batchers[self.model]
-        return batcher([(rows[0], positions[0])])[0][None]
-
-    def _shared_forward(self, items: list) -> list:
-        """[(row, positions)] of several requests -> [(P_i, V) logits], one forward."""
-        width = max(len(p) for _, p in items)
-        padded = [list(p) + [p[0]] * (width - len(p)) for _, p in items]
-        out = self._logits([r for r, _ in items], padded)                 # (B, P, V)
-        return [out[i, :len(p)] for i, (_, p) in enumerate(items)]
-
-    @torch.inference_mode()
-    def _logits(self, rows: list, positions: list) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        at = torch.tensor(positions, device=self.device)                        # (B, P)
-        batch = torch.arange(len(rows), device=self.device).unsqueeze(1)
-        if self.base is not None and self.head is not None:
-            hidden = self.base(input_ids=ids, attention_mask=mask)[0]            # (B, T, H)
-            return self.head(hidden[batch, at]).float()
-        return self.model(input_ids=ids, attention_mask=mask).logits[batch, at].float()
+        return self.role.forward(rows, positions, self.batched)
 
     def encode(self, segments: list, notices: list) -> list:
         ids = self.tok(self.tok.mask_token.join(segments))["input_ids"]
@@ -186,11 +142,22 @@ class _MaskedLM:
         return ids[:1] + body[start:start + room] + ids[-1:]
 
     def fill(self, text: str, top_k: int, targets: list) -> FillResult:
+        segments, ids, positions, notices = self.preprocess(text)
+        logits = self.logits([ids], [positions])[0]                          # (M, V)
+        return self.postprocess(segments, ids, positions, logits, top_k, targets, notices)
+
+    def preprocess(self, text: str) -> tuple:
+        """(segments around the masks, token ids, mask positions, notices)."""
         segments = split_masks(text, self.tok.mask_token)
         notices = []
         ids = self.encode(segments, notices)
         positions = [i for i, t in enumerate(ids) if t == self.tok.mask_token_id]
-        probs = self.logits([ids], [positions])[0].softmax(-1)                # (M, V)
+        return segments, ids, positions, notices
+
+    def postprocess(self, segments, ids, positions, logits, top_k, targets, notices):
+        """Top words (or target words) per mask, then joint fills (a beam that runs more
+        forwards when there are several masks)."""
+        probs = logits.softmax(-1)
         per_mask = []
         for m, pos in enumerate(positions):
             if targets:
@@ -242,7 +209,7 @@ class _MaskedLM:
         if targets:
             return self.joint_targets(ids, segments, top_k, targets)
         width = max(top_k, 5)
-        allowed = _whole_word_ids(self.tok, self.model.config.vocab_size)
+        allowed = _whole_word_ids(self.tok, self.role.model.config.vocab_size)
         beams = [(0.0, list(ids), {})]          # (log P, ids, {mask index: token id})
         for _ in positions:
             logp = self.logits([b[1] for b in beams], [positions] * len(beams)).log_softmax(-1)
@@ -314,11 +281,12 @@ class _MaskedLM:
 
 # ------------------------------------------------------------------ causal-LM backend
 
-class _CausalLM:
-    def __init__(self, model, tok):
-        self.model, self.tok = model, tok
-        self.max_len = getattr(model.config, "max_position_embeddings", None) or \
-            getattr(model.config, "n_positions", 1024)
+class CausalFill:
+    """BERT's task approximated by a `roles.CausalLM` (see the module's docstring)."""
+
+    def __init__(self, role):
+        self.model, self.tok = role.model, role.tokenizer
+        self.max_len = role.max_length()
 
     def candidates(self, prefix_text: str, right: str, rest: str, top_k: int,
                    targets: list) -> list:

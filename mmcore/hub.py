@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .device import default_dtype
+import torch
+
 from .errors import ModelUnavailable
 
 OFFLINE_HINT = "Use `--kit offline` (or MMCORE_KIT=offline), which needs no network."
@@ -191,8 +192,9 @@ def load_role(role: str, source: str, device):
             f"(pickle-based .bin files can run code)."
         )
     try:
+        # fp32 at load: each loader converts once to the kit's precision (precision.py)
         model, info = cls.from_pretrained(source, config=config, use_safetensors=True,
-                                          dtype=default_dtype(device), output_loading_info=True,
+                                          dtype=torch.float32, output_loading_info=True,
                                           **kwargs)
         if role == "dual_encoder":
             processor = tf.AutoProcessor.from_pretrained(source, **kwargs)

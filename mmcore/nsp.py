@@ -1,8 +1,10 @@
 """Next-sentence prediction: P(second follows first).
 
-BERT backend: the model's own NSP head (softmax over IsNext / NotNext), as transformers has it.
+The role object answers (`next_sentence(first, second)`):
 
-Causal-LM backend (the offline kit): how much does reading `first` make `second` likelier?
+- `roles.NSPHead`: the model's own NSP head (softmax over IsNext / NotNext), as transformers
+  has it;
+- `roles.CausalLM` (the offline kit): how much does reading `first` make `second` likelier?
 That is the pointwise mutual information log P(second | first) - log P(second), taken per
 token of `second`, mapped to a probability by a logistic regression fitted on real and
 shuffled sentence pairs kept in `mmcore/data/nsp_pairs.tsv`:
@@ -19,6 +21,7 @@ import torch
 
 from . import lm_scoring
 from .errors import InputError
+from .roles import require
 from .text import clean_text
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -27,27 +30,15 @@ CALIBRATION = DATA / "nsp_calibration.json"
 SHUFFLE_OFFSET = 7        # negative i pairs first[i] with second[i + 7]
 
 
-def next_sentence(loaded, first, second) -> float:
+def next_sentence(role, first, second) -> float:
+    """P(second follows first) from the kit's next_sentence role object."""
+    score = require(role, "next_sentence", "score sentence pairs")
     first = clean_text(first, "First sentence").strip()
     second = clean_text(second, "Second sentence").strip()
-    model, tok = loaded.parts["model"], loaded.parts["processor"]
-    if loaded.spec.backend == "nsp_head":
-        return _bert(model, tok, first, second)
-    if loaded.spec.backend == "causal_lm":
-        calib = calibration(loaded.spec.name)
-        return _logistic(calib["weight"] * pmi_per_token(model, tok, first, second) + calib["bias"])
-    raise InputError(f"{loaded.spec.name} cannot score sentence pairs.")
+    return score(first, second)
 
 
-@torch.inference_mode()
-def _bert(model, tok, first: str, second: str) -> float:
-    max_len = min(model.config.max_position_embeddings, tok.model_max_length or 10**9)
-    enc = tok(first, second, truncation="longest_first", max_length=max_len, return_tensors="pt")
-    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-    return float(model(**enc).logits.float().softmax(-1)[0, 0])   # index 0 = IsNext
-
-
-def _logistic(x: float) -> float:
+def logistic(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0
 
 
@@ -100,8 +91,8 @@ def accuracy(x: list, y: list, weight: float, bias: float) -> float:
 def main() -> None:
     from . import load_kit
 
-    loaded = load_kit("offline").model("next_sentence")
-    model, tok = loaded.parts["model"], loaded.parts["processor"]
+    lm = load_kit("offline").model("next_sentence")
+    model, tok = lm.model, lm.tokenizer
     pairs = labelled_pairs()
     x = [pmi_per_token(model, tok, a, b) for a, b, _ in pairs]
     y = [label for _, _, label in pairs]
@@ -112,7 +103,7 @@ def main() -> None:
               "pairs": len(pairs), "train_accuracy": accuracy(x, y, weight, bias),
               "leave_one_out_accuracy": loo}
     table = json.loads(CALIBRATION.read_text()) if CALIBRATION.exists() else {}
-    table[loaded.spec.name] = result
+    table[lm.name] = result
     CALIBRATION.write_text(json.dumps(table, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -233,38 +233,52 @@ IMAGE_BATCH = {("conse", torch.float32): 8, ("conse", torch.bfloat16): 16,
                ("clip", torch.float32): 32, ("clip", torch.bfloat16): 32}
 
 
-def image_batch(backend: str, dtype: torch.dtype) -> int:
-    return IMAGE_BATCH.get((backend, dtype), 16)
+def image_batch(tower: str, dtype: torch.dtype) -> int:
+    """Images per forward for an image tower ("conse" or "clip") at a weight dtype."""
+    return IMAGE_BATCH.get((tower, dtype), 16)
 
 
-def prepare(parts: dict, loader: str, role: str, precision: str) -> str:
-    """Convert a role's freshly loaded fp32 parts to `precision`, in place, once.
-    Returns what runs, in words, for the Models tab and the header."""
+EXACT = "exact (fp32)"
+
+
+def convert(precision: str, model: nn.Module, make_fast) -> str:
+    """The weight form `model` runs at `precision`, in words for the Models tab and the
+    header: `make_fast()` converts it in place (once, at load) and says what it did."""
     if precision != "fast":
-        return "exact (fp32)"
-    cap = capability()
-    model = parts.get("model")
-    if model is not None and next(model.parameters()).device.type != "cpu":
+        return EXACT
+    if next(model.parameters()).device.type != "cpu":
         return "exact (fp32; GPU precision is autocast's)"
-    if loader == "smollm2-gguf" and cap.int4_kernel and cap.bf16:
-        from . import offline, quantized_lm
+    return make_fast()
 
-        quantized_lm.from_gguf_q4_1(model, offline.smollm2_gguf(), LM_ACTIVATIONS)
-        return "fast: 4-bit Q4_1 blocks (the GGUF's own), int8 head, bf16 matmuls"
-    if loader == "hf" and role == "causal_lm":
-        if not (cap.int8_kernel and cap.bf16):
-            return "exact (fp32; no fast int8 path on this CPU)"
-        from . import quantized_lm
 
-        quantized_lm.int8_weights(model, LM_ACTIVATIONS)
-        return "fast: int8 weights per channel, bf16 matmuls"
+def fast_causal_lm(model: nn.Module) -> str:
+    """A causal LM's linears as int8 per output channel, matmuls in bf16."""
+    cap = capability()
+    if not (cap.int8_kernel and cap.bf16):
+        return "exact (fp32; no fast int8 path on this CPU)"
+    from . import quantized_lm
+
+    quantized_lm.int8_weights(model, LM_ACTIVATIONS)
+    return "fast: int8 weights per channel, bf16 matmuls"
+
+
+def fast_gguf_q4_1(model: nn.Module, gguf) -> str:
+    """A llama-family LM run from its own GGUF Q4_1 blocks (bit-exact weights, 4-bit kernel)."""
+    cap = capability()
+    if not (cap.int4_kernel and cap.bf16):
+        return "exact (fp32; no 4-bit kernel on this CPU)"
+    from . import quantized_lm
+
+    quantized_lm.from_gguf_q4_1(model, gguf, LM_ACTIVATIONS)
+    return "fast: 4-bit Q4_1 blocks (the GGUF's own), int8 head, bf16 matmuls"
+
+
+def fast_encoder(*modules: nn.Module, channels_last: tuple = ()) -> str:
+    """Encoders in bf16 where bf16 GEMMs pay; `channels_last`: conv towers among them."""
     if not encoders_bf16():
         return "fp32 (bf16 GEMMs are no faster than fp32 on this CPU)"
-    if loader == "hf":
-        model.to(torch.bfloat16)
-        return "fast: bf16"
-    if loader == "conse":
-        parts["classifier"].to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-        parts["text_model"].to(torch.bfloat16)
-        return "fast: bf16 (image tower channels-last)"
-    return "exact (fp32)"
+    for module in modules:
+        module.to(torch.bfloat16)
+    for module in channels_last:
+        module.to(memory_format=torch.channels_last)
+    return "fast: bf16" + (" (image tower channels-last)" if channels_last else "")

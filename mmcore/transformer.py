@@ -141,29 +141,21 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.feed_forward(x))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(EncoderLayer):
     """Masked self-attention, cross-attention over the encoder's memory, then the FFN; each
-    wrapped in residual + LayerNorm and dropout."""
+    wrapped in residual + LayerNorm and dropout. The encoder layer's parts plus the cross
+    attention and a third norm (names as torch.nn.TransformerDecoderLayer's)."""
 
     def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.norm_first = cfg.norm_first
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        super().__init__(cfg)
         self.multihead_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
-        self.linear1 = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.linear2 = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.norm3 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.dropout1 = nn.Dropout(cfg.dropout)
-        self.dropout2 = nn.Dropout(cfg.dropout)
         self.dropout3 = nn.Dropout(cfg.dropout)
 
     def forward(self, x, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None):                             # x (B, T, D), memory (B, S, D)
         def self_block(y):
-            return self.dropout1(self.self_attn(y, y, y, tgt_mask, tgt_key_padding_mask)[0])
+            return self.attend(y, tgt_mask, tgt_key_padding_mask)
 
         def cross_block(y):
             return self.dropout2(self.multihead_attn(y, memory, memory, memory_mask,

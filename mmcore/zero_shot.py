@@ -21,7 +21,8 @@ label's cosine reaches the threshold; `ranked` stays best first, and a chart of 
 with the verdict. With softmax, the scores then sum to 1 over the labels plus "none of these".
 
 Label embeddings are cached per encoder, so a second image with the same labels encodes
-only the image.
+only the image. As a transformers pipeline: `preprocess` (inputs checked) -> `forward` (the
+embeddings) -> `postprocess` (scores, ranking).
 """
 
 from dataclasses import dataclass, field
@@ -130,6 +131,24 @@ def zero_shot_batch(encoder, images: list, labels, template: str = "a photo of {
                     threshold: float | None = None, templates=None) -> list:
     """One ZeroShotResult per image; the label embeddings are computed once.
     `templates`: an ensemble of your own (overrides `template` and `ensemble`)."""
+    query = preprocess(encoder, labels, template, ensemble, score, threshold, templates)
+    image, text = forward(encoder, images, query)
+    return postprocess(encoder, query, image, text)
+
+
+@dataclass
+class Query:
+    """A checked zero-shot request: what `forward` encodes and `postprocess` scores."""
+    labels: list
+    templates: tuple
+    score: str
+    threshold: float | None
+    notices: list
+
+
+def preprocess(encoder, labels, template: str = "a photo of {}.", ensemble: bool = False,
+               score: str = "softmax", threshold=None, templates=None) -> Query:
+    """Inputs checked early, with clear messages; nothing is encoded yet."""
     if score not in SCORES:
         raise InputError(f"score must be one of {', '.join(SCORES)}, not {score!r}.")
     threshold = check_threshold(threshold)
@@ -143,28 +162,38 @@ def zero_shot_batch(encoder, images: list, labels, template: str = "a photo of {
         templates = ENSEMBLE
     else:
         templates = (check_template(template),)
-    text = label_embeddings(encoder, labels, templates)                   # (L, D)
-    image = encoder.encode_images(images)                                 # (N, D)
+    return Query(labels, templates, score, threshold, notices)
+
+
+def forward(encoder, images: list, query: Query) -> tuple:
+    """((N, D) image, (L, D) label embeddings): the model's work. Both go through the
+    encoder's own batching (micro-batched across requests when serving; labels cached)."""
+    text = label_embeddings(encoder, query.labels, query.templates)         # (L, D)
+    return encoder.encode_images(images), text                           # (N, D), (L, D)
+
+
+def postprocess(encoder, query: Query, image: torch.Tensor, text: torch.Tensor) -> list:
+    """Scores and rankings from the embeddings, one ZeroShotResult per image."""
     cos = image @ text.T                                                  # (N, L)
-    names = list(labels)
+    names, threshold = list(query.labels), query.threshold
     if threshold is not None:           # "none of these": one more label, at the threshold
-        cos = torch.cat([cos, torch.full((len(images), 1), threshold)], 1)
+        cos = torch.cat([cos, torch.full((len(image), 1), threshold)], 1)
         names.append(NONE_LABEL)
-    if score == "softmax":
+    if query.score == "softmax":
         scores = (encoder.logit_scale * cos).softmax(-1)
-    elif score == "sigmoid":
+    elif query.score == "sigmoid":
         scores = torch.sigmoid(encoder.logit_scale * cos + _sigmoid_bias(encoder, image,
-                                                                          templates))
+                                                                          query.templates))
     else:
         scores = cos
     results = []
-    for n in range(len(images)):
+    for n in range(len(image)):
         # best first; at a tie a real label wins (its cosine "reaches" the threshold)
         order = sorted(range(len(names)), key=lambda i: (-scores[n, i].item(),
                                                          names[i] == NONE_LABEL))
         ranked = [(names[i], float(scores[n, i])) for i in order]
-        result = ZeroShotResult(ranked, dict(zip(names, cos[n].tolist())), score,
-                                list(notices))
+        result = ZeroShotResult(ranked, dict(zip(names, cos[n].tolist())), query.score,
+                                list(query.notices))
         if result.verdict == NONE_LABEL:
             result.notices.append(f"No label reaches cosine {threshold:.2f}: "
                                   f"the verdict is '{NONE_LABEL}'.")

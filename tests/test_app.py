@@ -184,8 +184,8 @@ def test_generate_streams_through_the_client(served):
     assert "tokens/s" in live and "time to first token" in live
     from mmcore import generation as G
 
-    parts = ctx.kit.model("causal_lm").parts
-    want = [t.text or " " for t in G.generate_tokens(parts["model"], parts["processor"],
+    lm = ctx.kit.model("causal_lm")
+    want = [t.text or " " for t in G.generate_tokens(lm.model, lm.tokenizer,
                                                       "the cat sat", G.SamplingParams(24))]
     assert [p["token"] for p in view] == want
     assert "kit.generate(" in code and "seed=" in code

@@ -20,7 +20,7 @@ SENTENCES = ["The capital of France is [MASK].", "the man went to the [MASK] to 
 @pytest.fixture(scope="module")
 def fill_pipe(tiny_kit):
     loaded = tiny_kit.model("masked_lm")
-    return pipeline("fill-mask", model=loaded.parts["model"], tokenizer=loaded.parts["processor"])
+    return pipeline("fill-mask", model=loaded.model, tokenizer=loaded.tokenizer)
 
 
 @pytest.mark.parametrize("text", SENTENCES)
@@ -58,7 +58,7 @@ def test_several_masks_joint_fill_is_ranked_by_joint_probability(tiny_kit):
     assert scores == sorted(scores, reverse=True)
     # each joint score is the chain probability, recomputed here by hand
     loaded = tiny_kit.model("masked_lm")
-    model, tok = loaded.parts["model"], loaded.parts["processor"]
+    model, tok = loaded.model, loaded.tokenizer
     best = result.joint[0]
     ids = tok(text.replace("[MASK]", tok.mask_token))["input_ids"]
     pos = [i for i, t in enumerate(ids) if t == tok.mask_token_id]
@@ -79,7 +79,7 @@ def test_several_masks_joint_fill_is_ranked_by_joint_probability(tiny_kit):
 
 def test_targets_score_multi_token_words_over_all_their_tokens(tiny_kit):
     loaded = tiny_kit.model("masked_lm")
-    model, tok = loaded.parts["model"], loaded.parts["processor"]
+    model, tok = loaded.model, loaded.tokenizer
     word = "zebrafinch"
     pieces = tok(word, add_special_tokens=False)["input_ids"]
     assert len(pieces) > 1
@@ -125,7 +125,7 @@ def brute_force_joint(model, tok, text: str, words: list) -> list:
 @pytest.mark.parametrize("words", [["zebrafinch", "cat", "capital"], ["zebrafinch", "quokkas"]])
 def test_joint_fill_with_multi_token_targets_equals_brute_force(tiny_kit, words):
     loaded = tiny_kit.model("masked_lm")
-    model, tok = loaded.parts["model"], loaded.parts["processor"]
+    model, tok = loaded.model, loaded.tokenizer
     assert len(tok("zebrafinch", add_special_tokens=False)["input_ids"]) > 1
     assert len(tok("quokkas", add_special_tokens=False)["input_ids"]) > 1
     text = "the [MASK] of france is [MASK] ."
@@ -141,7 +141,7 @@ def test_joint_fill_with_multi_token_targets_equals_brute_force(tiny_kit, words)
 
 def test_nsp_equals_transformers(tiny_kit):
     loaded = tiny_kit.model("next_sentence")
-    model, tok = loaded.parts["model"], loaded.parts["processor"]
+    model, tok = loaded.model, loaded.tokenizer
     a, b = "the cat sat on the sofa .", "then it fell asleep ."
     with torch.no_grad():
         want = float(model(**tok(a, b, return_tensors="pt")).logits.softmax(-1)[0, 0])

@@ -11,17 +11,17 @@ from mmcore import generation as G
 
 
 def ours_tokens(kit, prompt, **kw):
-    parts = kit.model("causal_lm").parts
+    lm = kit.model("causal_lm")
     run = G.Generation(G.SamplingParams())
-    for _ in G.generate_tokens(parts["model"], parts["processor"], prompt,
+    for _ in G.generate_tokens(lm.model, lm.tokenizer, prompt,
                                G.SamplingParams(**kw), run=run):
         pass
     return [t.token_id for t in run.tokens], run
 
 
 def hf_tokens(kit, prompt, chat, **kw):
-    parts = kit.model("causal_lm").parts
-    model, tok = parts["model"], parts["processor"]
+    lm = kit.model("causal_lm")
+    model, tok = lm.model, lm.tokenizer
     ids = torch.tensor([G.prompt_ids(tok, prompt, chat)])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          pad_token_id=tok.pad_token_id or tok.eos_token_id, **kw)
@@ -74,9 +74,9 @@ def test_forced_alternative_regenerates_from_that_point(tiny_kit):
     ids, run = ours_tokens(tiny_kit, "the cat sat", max_new_tokens=10)
     alt = run.tokens[3].alternatives[1][2]
     forced = ids[:3] + [alt]
-    parts = tiny_kit.model("causal_lm").parts
+    lm = tiny_kit.model("causal_lm")
     again = G.Generation(G.SamplingParams())
-    list(G.generate_tokens(parts["model"], parts["processor"], "the cat sat",
+    list(G.generate_tokens(lm.model, lm.tokenizer, "the cat sat",
                            G.SamplingParams(max_new_tokens=6), forced=forced, run=again))
     got = [t.token_id for t in again.tokens]
     assert got[:4] == forced and all(t.forced for t in again.tokens[:4])
@@ -182,8 +182,8 @@ def hf_continuation(model, tok, ids, max_new_tokens):
 def test_continuation_after_forced_tokens_equals_model_generate(tiny_kit, cut):
     """Regenerate-from-here: greedy after prompt + forced is model.generate on exactly
     prompt + forced (the last forced token is not fed twice)."""
-    parts = tiny_kit.model("causal_lm").parts
-    model, tok = parts["model"], parts["processor"]
+    lm = tiny_kit.model("causal_lm")
+    model, tok = lm.model, lm.tokenizer
     ids, run = ours_tokens(tiny_kit, "the cat sat", max_new_tokens=10)
     forced = ids[:cut] + [run.tokens[cut].alternatives[1][2]]
     again = G.Generation(G.SamplingParams())
@@ -246,8 +246,8 @@ def llama_style_tokenizer():
 
 @pytest.fixture(scope="module")
 def tokenizers_to_check(tiny_kit):
-    return {"gpt2": tiny_kit.model("causal_lm").parts["processor"],
-            "bert": tiny_kit.model("masked_lm").parts["processor"],
+    return {"gpt2": tiny_kit.model("causal_lm").tokenizer,
+            "bert": tiny_kit.model("masked_lm").tokenizer,
             "llama": llama_style_tokenizer()}
 
 

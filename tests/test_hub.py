@@ -44,7 +44,7 @@ def test_user_folder_loads_through_the_hub_path(tiny_kit):
     folder = str(tiny.folder("gpt2"))
     kit = mmcore.load_kit("hub", causal_lm=folder)
     loaded = kit.model("causal_lm")
-    assert type(loaded.parts["model"]).__name__ == "GPT2LMHeadModel"
+    assert type(loaded.model).__name__ == "GPT2LMHeadModel"
     # same checkpoint, same process: one model in memory
     assert loaded is tiny_kit.model("causal_lm")
 
@@ -61,9 +61,9 @@ def test_incompatible_architecture_is_refused_clearly():
 
 def test_missing_folder_and_uncached_hub_id_are_clear(tiny_kit):
     with pytest.raises(mmcore.ModelUnavailable, match="No such model folder"):
-        tiny_kit.with_model("causal_lm", "/nonexistent/model").model("causal_lm")
+        mmcore.load_kit("tiny", causal_lm="/nonexistent/model").model("causal_lm")
     with pytest.raises(mmcore.ModelUnavailable, match="not in the local cache"):
-        tiny_kit.with_model("causal_lm", "someone/some-model").model("causal_lm")
+        mmcore.load_kit("tiny", causal_lm="someone/some-model").model("causal_lm")
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
@@ -71,7 +71,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     shutil.copytree(tiny.folder("gpt2"), folder)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(mmcore.ModelUnavailable, match="safetensors"):
-        mmcore.load_kit("tiny").with_model("causal_lm", str(folder)).model("causal_lm")
+        mmcore.load_kit("tiny", causal_lm=str(folder)).model("causal_lm")
 
 
 def test_remote_code_is_never_run(tmp_path):
@@ -83,10 +83,10 @@ def test_remote_code_is_never_run(tmp_path):
         "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}))
     (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     with pytest.raises(mmcore.ModelUnavailable):
-        mmcore.load_kit("tiny").with_model("causal_lm", str(folder)).model("causal_lm")
+        mmcore.load_kit("tiny", causal_lm=str(folder)).model("causal_lm")
     assert not marker.exists()
 
 
 def test_empty_model_name_is_an_input_error(tiny_kit):
     with pytest.raises(mmcore.InputError):
-        tiny_kit.with_model("causal_lm", "   ")
+        mmcore.load_kit("tiny", causal_lm="   ")

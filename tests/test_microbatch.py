@@ -118,7 +118,7 @@ def test_fill_mask_forwards_batched_across_requests_equal_unbatched(tiny_kit):
              "Water boils at one hundred [MASK] ."]
     alone = [fill_mask.fill(loaded, t, 5) for t in texts]
     fill_mask.fill(loaded, texts[0], 5, batched=True)              # makes the batcher
-    batcher = fill_mask._batchers[loaded.parts["model"]]
+    batcher = loaded._batcher
     real, gate = batcher.fn, threading.Event()
 
     def held(items):                       # hold the first batch so the rest gather

@@ -13,7 +13,7 @@ CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger, Persian, Siamese, Egypt
 
 def test_causal_lm_knows_the_capital_of_france(offline_kit):
     loaded = offline_kit.model("causal_lm")
-    model, tok = loaded.parts["model"], loaded.parts["processor"]
+    model, tok = loaded.model, loaded.tokenizer
     assert not model.training
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
@@ -22,9 +22,9 @@ def test_causal_lm_knows_the_capital_of_france(offline_kit):
 
 def test_fill_mask_and_nsp_share_the_causal_lm(offline_kit):
     # the offline kit scores fill-mask and NSP with the causal LM: one model in memory
-    lm = offline_kit.model("causal_lm").parts["model"]
-    assert offline_kit.model("masked_lm").parts["model"] is lm
-    assert offline_kit.model("next_sentence").parts["model"] is lm
+    lm = offline_kit.model("causal_lm").model
+    assert offline_kit.model("masked_lm").model is lm
+    assert offline_kit.model("next_sentence").model is lm
 
 
 def test_efficientnet_remap_is_one_to_one():
@@ -42,21 +42,21 @@ def test_efficientnet_remap_is_one_to_one():
 
 
 def test_efficientnet_calls_chelsea_a_cat(offline_kit, chelsea):
-    parts = offline_kit.model("dual_encoder").parts
+    enc = offline_kit.model("dual_encoder")
     with torch.no_grad():
-        probs = parts["classifier"](parts["transform"](chelsea).unsqueeze(0)).softmax(-1)[0]
+        probs = enc.image_model(enc.transform(chelsea).unsqueeze(0)).softmax(-1)[0]
     top = int(probs.argmax())
-    assert top in CAT_CLASSES, parts["class_names"][top]
-    assert "cat" in parts["class_names"][top]
+    assert top in CAT_CLASSES, enc.class_names[top]
+    assert "cat" in enc.class_names[top]
     assert float(probs[list(CAT_CLASSES)].sum()) > 0.5
 
 
 def test_minilm_puts_cat_nearer_kitten_than_rocket(offline_kit):
-    parts = offline_kit.model("dual_encoder").parts
+    enc = offline_kit.model("dual_encoder")
     texts = ["a cat", "a kitten", "a rocket"]
-    batch = parts["tokenizer"](texts, padding=True, return_tensors="pt")
+    batch = enc.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        hidden = parts["text_model"](**batch).last_hidden_state
+        hidden = enc.text_model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
     emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     cat_kitten, cat_rocket = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
@@ -82,10 +82,10 @@ def test_broken_cache_folder_is_rebuilt(offline_kit, tmp_path, monkeypatch):
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # marker says complete, weights are not
 
-    parts = kits._load(offline_kit.spec("causal_lm"), "causal_lm", torch.device("cpu"))
+    lm = kits._load(offline_kit.spec("causal_lm"), "causal_lm", torch.device("cpu"))
     assert cache.is_complete(broken)
     assert weights.stat().st_size == (good / "model.safetensors").stat().st_size
-    tok, model = parts["processor"], parts["model"]
+    tok, model = lm.tokenizer, lm.model
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert tok.decode(out[0, ids["input_ids"].shape[1]:]).startswith(" Paris")

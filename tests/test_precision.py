@@ -74,7 +74,7 @@ def test_q4_1_blocks_decode_as_gguf_does():
 def test_int4_layers_hold_the_gguf_weights_exactly(exact):
     """Every 4-bit linear's weight is the fp32 weight transformers dequantised, bit for bit,
     and the kernel with fp32 scales reproduces it exactly."""
-    model = exact.model("causal_lm").parts["model"]
+    model = exact.model("causal_lm").model
     rows = quantized_lm.read_q4_1(offline.smollm2_gguf(), model.config)
     state = model.state_dict()
     assert len(rows) == 7 * model.config.num_hidden_layers
@@ -95,7 +95,7 @@ def test_int8_linear_is_close_and_conv1d_is_covered(tiny_kit):
     err = (q(x) - linear(x)).norm() / linear(x).norm()
     assert q(x).dtype == torch.float32 and err < 0.02
     fast_tiny = mmcore.load_kit("tiny", precision="fast")
-    model = fast_tiny.model("causal_lm").parts["model"]                    # GPT-2: Conv1D
+    model = fast_tiny.model("causal_lm").model                    # GPT-2: Conv1D
     assert not [m for m in model.modules() if type(m).__name__ in ("Conv1D", "Linear")]
     assert fast_tiny.generate("hello", max_new_tokens=4, chat=False) is not None
 
@@ -112,10 +112,10 @@ def test_registry_keys_on_precision(exact):
 
 @needs_fast
 def test_fast_shares_one_quantized_lm_and_says_so(fast, exact):
-    lm = fast.model("causal_lm").parts["model"]
-    assert fast.model("masked_lm").parts["model"] is lm
-    assert fast.model("next_sentence").parts["model"] is lm
-    assert lm is not exact.model("causal_lm").parts["model"]
+    lm = fast.model("causal_lm").model
+    assert fast.model("masked_lm").model is lm
+    assert fast.model("next_sentence").model is lm
+    assert lm is not exact.model("causal_lm").model
     assert sum(isinstance(m, precision.Int4Linear) for m in lm.modules()) == 210
     fast.model("dual_encoder")
     rows = {r["role"]: r["precision"] for r in fast.describe()}
@@ -147,13 +147,13 @@ def test_zero_shot_photos_score_the_same(fast, exact, monkeypatch):
     from skimage import data as skdata
     from PIL import Image
 
-    from mmcore import dual_encoder as de
     from mmcore.zero_shot import zero_shot
 
     monkeypatch.setenv("MMCORE_ENCODER_BF16", "1")
-    parts = kits._load(exact.spec("dual_encoder"), "dual_encoder", torch.device("cpu"), "fast")
-    assert next(parts["classifier"].parameters()).dtype == torch.bfloat16
-    bf16 = de.conse_encoder(parts, exact.encoder().image_projection.weight.detach().T)
+    bf16 = kits._load(exact.spec("dual_encoder"), "dual_encoder", torch.device("cpu"), "fast")
+    assert next(bf16.image_model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():                  # the same class embeddings as `exact`
+        bf16.image_projection.weight.copy_(exact.encoder().image_projection.weight)
     cases = json.loads((DATA / "zero_shot_photos.json").read_text())
     photos = {n: Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in cases}
 
@@ -181,8 +181,8 @@ def _greedy(kit, prompt, n=32):
 
 
 def _lm(kit):
-    parts = kit.model("causal_lm").parts
-    return parts["model"], parts["processor"]
+    lm = kit.model("causal_lm")
+    return lm.model, lm.tokenizer
 
 
 @needs_fast

@@ -17,8 +17,8 @@ PROMPTS = ["the cat sat on the", "a photo of a rocket over the sea at night", "h
 
 
 def parts(kit):
-    p = kit.model("causal_lm").parts
-    return p["model"], p["processor"]
+    lm = kit.model("causal_lm")
+    return lm.model, lm.tokenizer
 
 
 def alone(kit, prompt, forced=None, **kw):

@@ -16,7 +16,7 @@ CLASSES = {"masked_lm": "BertForMaskedLM", "next_sentence": "BertForNextSentence
 
 @pytest.mark.parametrize("role", mmcore.ROLES)
 def test_each_role_loads_its_class_in_eval_mode(tiny_kit, role):
-    model = tiny_kit.model(role).parts["model"]
+    model = tiny_kit.model(role).model
     assert type(model).__name__ == CLASSES[role]
     assert not model.training
     assert next(model.parameters()).device.type == tiny_kit.device.type
@@ -40,34 +40,34 @@ def test_saved_and_loaded_bert_equals_the_model_built_in_memory(tiny_kit):
     from transformers import BertConfig, BertForPreTraining
 
     loaded = tiny_kit.model("masked_lm")
-    config = BertConfig.from_pretrained(loaded.spec.source)
+    config = BertConfig.from_pretrained(tiny_kit.spec("masked_lm").source)
     with tiny.seeded():
         fresh = BertForPreTraining(config).eval()
-    tok = loaded.parts["processor"]
+    tok = loaded.tokenizer
     batch = tok(["the capital of france is [MASK] ."], return_tensors="pt")
     with torch.no_grad():
         want = fresh(**batch).prediction_logits
-        got = loaded.parts["model"](**batch).logits
+        got = loaded.model(**batch).logits
         nsp_want = fresh(**batch).seq_relationship_logits
-        nsp_got = tiny_kit.model("next_sentence").parts["model"](**batch).logits
+        nsp_got = tiny_kit.model("next_sentence").model(**batch).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(nsp_got, nsp_want, rtol=0, atol=1e-6)
 
 
 def test_tokenizers_cover_any_text(tiny_kit):
     text = "The capital of Zürich? 42 ✓ naïve café"
-    gpt = tiny_kit.model("causal_lm").parts["processor"]
+    gpt = tiny_kit.model("causal_lm").tokenizer
     assert gpt.decode(gpt(text)["input_ids"]) == text          # byte-level: lossless
-    bert = tiny_kit.model("masked_lm").parts["processor"]
+    bert = tiny_kit.model("masked_lm").tokenizer
     assert bert.mask_token == "[MASK]"
     assert bert.unk_token_id not in bert("the capital of paris")["input_ids"]
-    proc = tiny_kit.model("dual_encoder").parts["processor"]
+    proc = tiny_kit.model("dual_encoder").processor
     ids = proc(text=["a photo of a cat!"], return_tensors="pt")["input_ids"][0].tolist()
     assert proc.tokenizer.unk_token_id not in ids[1:-1]
 
 
 def test_context_lengths_match_the_real_models(tiny_kit):
-    cfg = {r: tiny_kit.model(r).parts["model"].config for r in mmcore.ROLES}
+    cfg = {r: tiny_kit.model(r).model.config for r in mmcore.ROLES}
     assert cfg["masked_lm"].max_position_embeddings == 512
     assert cfg["causal_lm"].n_positions == 1024
     assert cfg["dual_encoder"].text_config.max_position_embeddings == 77

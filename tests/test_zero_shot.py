@@ -28,10 +28,10 @@ def photo(name: str) -> Image.Image:
 
 
 def test_probabilities_equal_the_pipeline(tiny_kit, chelsea):
-    parts = tiny_kit.model("dual_encoder").parts
-    pipe = pipeline("zero-shot-image-classification", model=parts["model"],
-                    tokenizer=parts["processor"].tokenizer,
-                    image_processor=parts["processor"].image_processor)
+    enc = tiny_kit.model("dual_encoder")
+    pipe = pipeline("zero-shot-image-classification", model=enc.model,
+                    tokenizer=enc.processor.tokenizer,
+                    image_processor=enc.processor.image_processor)
     for image in (chelsea, photo("rocket")):
         want = {r["label"]: r["score"] for r in
                 pipe(image, candidate_labels=LABELS, hypothesis_template="a photo of {}.")}
@@ -201,11 +201,10 @@ def test_conse_step_zero_is_the_convex_combination(offline_kit, chelsea):
     from mmcore import dual_encoder as de
 
     enc = offline_kit.encoder()
-    parts = offline_kit.model("dual_encoder").parts
     with torch.no_grad():
-        probs = parts["classifier"](parts["transform"](chelsea).unsqueeze(0)).softmax(-1)[0]
+        probs = enc.image_model(enc.transform(chelsea).unsqueeze(0)).softmax(-1)[0]
     top = probs.topk(de.CONSE_TOP_T)
-    classes = de.class_embeddings(parts)
+    classes = de.class_embeddings(enc.text_model, enc.tokenizer, enc.class_names)
     by_hand = torch.nn.functional.normalize(
         (top.values.unsqueeze(1) * classes[top.indices]).sum(0) / top.values.sum(), dim=0)
     torch.testing.assert_close(enc.encode_images([chelsea])[0], by_hand, rtol=0, atol=1e-5)
