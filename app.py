@@ -178,7 +178,9 @@ def main(argv=None) -> int:
     if args.openai_api:
         from demos import openai_api
 
-        openai_api.mount(server, ctx)
+        # as many API generations at once as the generate lane runs (they share decode
+        # steps in the scheduler); one at a time without batching
+        openai_api.mount(server, ctx, running=ctx.lanes.get("generate", 1))
     demo.block_thread()
     return 0
 

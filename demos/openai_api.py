@@ -105,23 +105,15 @@ def sampling(body: dict, default_max: int) -> tuple:
 
 
 def chat_prompt(tok, messages) -> str:
-    """The conversation as the model's own chat template renders it (ending where the
-    assistant speaks next); a model without one gets a plain transcript."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list.")
-    if len(messages) > MAX_MESSAGES:
+    """The conversation as the model's own chat template renders it (mmcore.chat)."""
+    from mmcore import chat
+
+    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
         raise ApiError(400, f"At most {MAX_MESSAGES} messages.")
-    clean = []
-    for m in messages:
-        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str)):
-            raise ApiError(400, "Each message needs a role (system, user or assistant) and "
-                                "text content.")
-        clean.append({"role": m["role"], "content": m["content"]})
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-    names = {"system": "System", "user": "User", "assistant": "Assistant"}
-    return "\n".join(f"{names[m['role']]}: {m['content']}" for m in clean) + "\nAssistant:"
+    try:
+        return chat.render(tok, messages)
+    except InputError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length"}
@@ -169,9 +161,10 @@ class Api:
         return prompt, params, n, lm
 
     def run(self, prompt, params, lm, stop_event=None):
-        """A Generation, filled in as the tokens come (a generator of TokenInfo)."""
+        """A Generation, filled in as the tokens come (a generator of TokenInfo); through the
+        kit, so the app's scheduler decodes API streams together with the UI's."""
         run = generation.Generation(params)
-        return run, lm.generate_tokens(prompt, params, stop_event, run=run)
+        return run, self.ctx.kit.generate_tokens(prompt, params, stop_event, run=run)
 
     def complete(self, body: dict, chat: bool) -> dict:
         prompt, params, n, lm = self.prepare(body, chat)

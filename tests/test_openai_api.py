@@ -141,3 +141,30 @@ def test_a_disconnected_stream_stops_and_frees_its_slot(server):
     while api.admission.inside and time.monotonic() < deadline:
         time.sleep(0.1)
     assert api.admission.inside == 0
+
+
+def test_api_requests_share_decode_steps_with_the_app(server):
+    """Through the kit's scheduler: two API completions at once are decoded in one batch
+    (and each still equals what it gives alone)."""
+    import threading
+
+    ctx, _, _ = server
+    scheduler = ctx.kit.scheduler()
+    assert scheduler is not None                       # the app serves with batching on
+    api = openai_api.Api(ctx, running=2)
+    bodies = [{"prompt": p, "max_tokens": 150, "temperature": 0}
+              for p in ("the cat sat on the", "a dog ran in the")]
+    alone = [api.complete(b, chat=False)["choices"][0]["text"] for b in bodies]
+    scheduler.peak_batch = 0
+    together = [None, None]
+
+    def call(i):
+        together[i] = api.complete(bodies[i], chat=False)["choices"][0]["text"]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert together == alone
+    assert scheduler.peak_batch >= 2
