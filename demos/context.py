@@ -249,8 +249,10 @@ def text_md(text) -> str:
 
 
 def user_error(message: str) -> gr.Error:
-    """A gr.Error whose text is escaped: Gradio renders error text as HTML."""
-    return gr.Error(html.escape(message), print_exception=False)
+    """A gr.Error whose text is safe as HTML (Gradio renders error text as HTML) and stays
+    plain text for API clients wherever it can: only <, > and & are escaped, so quotes in
+    messages (model's, not 'abc') reach gradio_client as they were written."""
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
 
 
 def server_roots() -> list:

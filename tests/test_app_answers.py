@@ -76,3 +76,11 @@ def test_numbers_a_client_can_send_get_clear_messages(served, api, args, message
         args[1] = list(attention.choices(ctx.kit))[0]
     reply = raw_call(client.src, api, args)
     assert "event: error" in reply and message in reply, reply[-500:]
+
+
+def test_error_messages_reach_api_clients_as_plain_text(served):
+    """Quotes in a message come through as written (not &#x27;); only <, > and & are escaped,
+    because the browser renders error text as HTML."""
+    ctx, client = served
+    reply = raw_call(client.src, "generate", ["the cat", 5, 0, 0, 1, 1, "abc", "", "auto"])
+    assert "Seed must be a number, not 'abc'." in reply and "&#x27;" not in reply
