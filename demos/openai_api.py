@@ -129,15 +129,33 @@ class Api:
     def model_id(self) -> str:
         return self.ctx.kit.spec("causal_lm").name
 
-    def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_id(), "object": "model",
-                                            "created": 0, "owned_by": "mmcore"}]}
+    def served(self) -> dict:
+        """{model id: its kit}: the kit's causal LM, then any loaded on the Models tab."""
+        out = {self.model_id(): self.ctx.kit}
+        for choice in self.ctx.loaded_choices("causal_lm"):
+            out.setdefault(choice[len("loaded: "):], choice)
+        return out
 
-    def _check_model(self, body: dict) -> None:
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                            "owned_by": "mmcore"} for name in self.served()]}
+
+    def _kit(self, body: dict) -> tuple:
+        """(model id, kit) that the request names (the kit's own model when it names none)."""
         asked = body.get("model")
-        if asked not in (None, "", self.model_id()):
-            raise ApiError(404, f"Model {str(asked)[:80]!r} is not served here; "
-                                f"GET /v1/models lists {self.model_id()!r}.", "not_found_error")
+        if asked in (None, ""):
+            return self.model_id(), self.ctx.kit
+        served = self.served()
+        if not isinstance(asked, str) or asked not in served:
+            raise ApiError(404, f"Model {str(asked)[:80]!r} is not served here; GET /v1/models "
+                                "lists the models.", "not_found_error")
+        kit = served[asked]
+        if isinstance(kit, str):                        # loaded at run time
+            try:
+                kit = self.ctx.role_kit("causal_lm", kit)
+            except InputError as exc:
+                raise ApiError(404, str(exc), "not_found_error") from None
+        return asked, kit
 
     def prepare(self, body: dict, chat: bool) -> tuple:
         """(prompt text, params, n, the causal LM) for a request body."""
@@ -147,32 +165,31 @@ class Api:
         extra = sorted(set(body) - allowed)
         if extra:
             raise ApiError(400, f"Unknown field(s): {', '.join(extra)[:200]}.")
-        self._check_model(body)
+        name, kit = self._kit(body)
         params, n = sampling(body, 64 if chat else 16)
-        lm = self.ctx.kit.model("causal_lm")
         if chat:
-            prompt = chat_prompt(lm.tokenizer, body.get("messages"))
+            prompt = chat_prompt(kit.model("causal_lm").tokenizer, body.get("messages"))
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
                 prompt = prompt[0]
             if not isinstance(prompt, str):
                 raise ApiError(400, "'prompt' must be a string.")
-        return prompt, params, n, lm
+        return prompt, params, n, (name, kit)
 
-    def run(self, prompt, params, lm, stop_event=None):
+    def run(self, prompt, params, model, stop_event=None):
         """A Generation, filled in as the tokens come (a generator of TokenInfo); through the
         kit, so the app's scheduler decodes API streams together with the UI's."""
         run = generation.Generation(params)
-        return run, self.ctx.kit.generate_tokens(prompt, params, stop_event, run=run)
+        return run, model[1].generate_tokens(prompt, params, stop_event, run=run)
 
     def complete(self, body: dict, chat: bool) -> dict:
-        prompt, params, n, lm = self.prepare(body, chat)
+        prompt, params, n, model = self.prepare(body, chat)
         choices, prompt_tokens, completion = [], 0, 0
         with self.admission:
             for i in range(n):
                 p = generation.SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-                run, tokens = self.run(prompt, p, lm)
+                run, tokens = self.run(prompt, p, model)
                 for _ in tokens:
                     pass
                 prompt_tokens, completion = run.prompt_tokens, completion + len(run.tokens)
@@ -182,7 +199,7 @@ class Api:
                                    if chat else {"text": run.text})})
         return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model_id(), "choices": choices,
+                "created": int(time.time()), "model": model[0], "choices": choices,
                 "system_fingerprint": f"seed-{params.seed}",
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                           "total_tokens": prompt_tokens + completion}}
@@ -190,7 +207,7 @@ class Api:
     def chunks(self, body: dict, chat: bool, stop_event: threading.Event):
         """Server-sent event lines for a streaming request (the admission is held while the
         generator runs)."""
-        prompt, params, _, lm = self.prepare(body, chat)
+        prompt, params, _, model = self.prepare(body, chat)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
@@ -204,10 +221,10 @@ class Api:
                 choice = {"index": 0, "text": piece or "", "logprobs": None,
                           "finish_reason": finish}
             return "data: " + json.dumps({"id": ident, "object": kind, "created": created,
-                                          "model": self.model_id(), "choices": [choice]}) + "\n\n"
+                                          "model": model[0], "choices": [choice]}) + "\n\n"
 
         with self.admission:
-            run, tokens = self.run(prompt, params, lm, stop_event)
+            run, tokens = self.run(prompt, params, model, stop_event)
             if chat:
                 yield event(first=True)
             for info in tokens:

@@ -168,3 +168,37 @@ def test_api_requests_share_decode_steps_with_the_app(server):
         t.join(timeout=300)
     assert together == alone
     assert scheduler.peak_batch >= 2
+
+
+def test_a_model_loaded_on_the_models_tab_is_served_by_name(server, tmp_path):
+    """/v1/models lists a causal LM loaded at run time; naming it answers with that model
+    (equal to its own generate), and an unknown name is a 404 in OpenAI's shape."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import mmcore
+    from mmcore import tiny
+
+    ctx, _, url = server
+    folder = tmp_path / "my-gpt2"
+    shutil.copytree(tiny.folder("gpt2"), folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(folder)
+    ctx.pool.allowed["causal_lm"] = [str(folder)]
+    ctx.pool.request("causal_lm", str(folder), wait=True)
+    ids = [m["id"] for m in httpx.get(f"{url}/models", timeout=30).json()["data"]]
+    name = ids[1]
+    assert ids[0] == ctx.kit.spec("causal_lm").name and name.startswith("my-gpt2@")
+    out = post(f"{url}/completions", {"model": name, "prompt": PROMPT, "max_tokens": 10,
+                                      "temperature": 0}).json()
+    want = mmcore.load_kit("tiny", causal_lm=str(folder)).generate(PROMPT, max_new_tokens=10)
+    assert out["model"] == name and out["choices"][0]["text"] == want
+    assert want != ctx.kit.generate(PROMPT, max_new_tokens=10)
+    missing = post(f"{url}/completions", {"model": "gpt-4", "prompt": PROMPT})
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
