@@ -364,3 +364,22 @@ assert train.main([{str(small)!r}, "--out", {str(tmp_path / "tiny")!r}, "--batch
         torch.testing.assert_close(theirs[name], value, rtol=1e-4, atol=1e-5)
     small_run = json.loads((tmp_path / "tiny" / "training.json").read_text())["history"]
     assert len(small_run) == 1 and math.isfinite(small_run[0]["loss"])
+
+
+def test_images_decoded_by_loader_workers_train_as_in_process(tiny_kit, shapes, tmp_path):
+    kw = dict(epochs=1, batch_size=16, train="image", lr=1e-3)
+    here = mmcore.finetune(tiny_kit, shapes, tmp_path / "here", workers=0, **kw)
+    there = mmcore.finetune(tiny_kit, shapes, tmp_path / "there", workers=2, **kw)
+    assert [r["loss"] for r in there.history] == [r["loss"] for r in here.history]
+
+
+def test_cli_runs_under_accelerate_launch(tmp_path, shapes):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MMCORE_DEVICE": "cpu"}
+    launcher = Path(sys.executable).with_name("accelerate")
+    out = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "1",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                          "no", "-m", "mmcore.train", str(shapes), "--out", str(tmp_path / "ck"),
+                          "--kit", "tiny", "--epochs", "1", "--batch-size", "16"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "after" in out.stdout and (tmp_path / "ck" / "model.safetensors").exists()
