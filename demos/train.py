@@ -221,12 +221,12 @@ def build(ctx: AppContext) -> None:
                     "auto", job.stop):
                 job.rows = list(result.history)
                 yield job.status(), plot_frame(job.rows), gr.skip(), gr.skip()
+            if result is not None:
+                ended(run, out, result)
         except Exception as exc:  # noqa: BLE001 - shown to every user, logged
             failed(run, exc)
         finally:
-            job.in_chunks = False
-        if result is not None and not job.error:
-            ended(run, out, result)
+            job.in_chunks = False   # a closed request leaves its run "running": resumable
         yield from final(request)
 
     def final(request):

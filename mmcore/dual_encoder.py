@@ -173,9 +173,7 @@ class ClipEncoder(DualEncoder):
         return self.model.get_image_features(pixel_values=pixels).pooler_output
 
     def _texts(self, texts):
-        enc = self.tokenizer(texts, padding=True, truncation=True,
-                             max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
-        return self.model.get_text_features(**enc).pooler_output
+        return self.model.get_text_features(**self.tokenize(texts)).pooler_output
 
     # ---- training surface
     @property
@@ -298,9 +296,7 @@ class TowerDualEncoder(nn.Module, DualEncoder):
         return self.image_projection(self.image_features(pixels))
 
     def _texts(self, texts):
-        enc = self.tokenizer(texts, padding=True, truncation=True,
-                             max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
-        return self.text_projection(F.normalize(self.text_features(dict(enc)), dim=-1))
+        return self.text_projection(F.normalize(self.text_features(self.tokenize(texts)), dim=-1))
 
     def fork(self, copy_text: bool = False, copy_image: bool = False,
              name: str | None = None) -> "TowerDualEncoder":
