@@ -383,3 +383,42 @@ def test_cli_runs_under_accelerate_launch(tmp_path, shapes):
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "after" in out.stdout and (tmp_path / "ck" / "model.safetensors").exists()
+
+
+def test_accumulation_with_a_trained_tower_equals_the_full_batch(tiny_kit, shapes, tmp_path):
+    """Micro-batches recompute the tower with gradients against the cached rest (open_clip):
+    the run's losses equal the full batch's step for step."""
+    kw = dict(epochs=1, batch_size=16, train="text", lr=1e-3)
+    full = mmcore.finetune(tiny_kit, shapes, tmp_path / "full", accum_steps=1, **kw)
+    accum = mmcore.finetune(tiny_kit, shapes, tmp_path / "accum", accum_steps=4, **kw)
+    assert len(accum.history) == len(full.history) > 1
+    for a, b in zip(full.history, accum.history):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+
+
+def test_towers_run_under_autocast_where_the_device_has_it(tiny_kit, shapes, tmp_path,
+                                                           monkeypatch):
+    """Mixed precision wraps the whole forward, towers included (here bf16 on the CPU, as a
+    stand-in for a GPU: accelerate autocasts the same way on both)."""
+    from accelerate.state import AcceleratorState
+
+    from mmcore.tiny import SIZES
+
+    seen = set()
+
+    def hook(module, args, output):            # the tower's layers, not the projections
+        if isinstance(module, torch.nn.Linear) and torch.is_grad_enabled() and \
+                module.out_features != SIZES.projection:
+            seen.add(output.dtype)
+
+    AcceleratorState._reset_state(True)
+    monkeypatch.setattr(train, "mixed_precision", lambda device: "bf16")
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        result = mmcore.finetune(tiny_kit, shapes, tmp_path / "bf16", epochs=1, batch_size=16,
+                                 train="text")
+    finally:
+        handle.remove()
+        AcceleratorState._reset_state(True)
+    assert torch.bfloat16 in seen and result.checkpoint is not None
+    assert all(math.isfinite(r["loss"]) for r in result.history)
