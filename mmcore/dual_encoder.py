@@ -439,21 +439,24 @@ def build_tower(cfg: TowerConfig, device=None, pretrained_image: bool = False,
     return enc.eval().to(device or "cpu")
 
 
-def load_encoder(folder, base: DualEncoder | None = None, device=None) -> DualEncoder:
+def load_encoder(folder, base: DualEncoder | None = None, device=None,
+                 name: str | None = None) -> DualEncoder:
     """The dual encoder a folder written by `save` holds: a CLIPModel folder as is; a tower
     folder on top of `base` (the encoder it was trained from: its towers fill in those the
-    folder lacks, e.g. ConSE's), or, without one, built from its config."""
+    folder lacks, e.g. ConSE's), or, without one, built from its config. `name` (a tower's;
+    its identity, which saved indexes key on, includes it): default the folder's name."""
     folder = Path(folder)
+    name = name or folder.name
     if (folder / "tower_config.json").exists():
         if base is None:
             raw = json.loads((folder / "tower_config.json").read_text())
             cfg = TowerConfig(**{k: v for k, v in raw.items()
                                  if k in TowerConfig.__dataclass_fields__})
-            enc = build_tower(cfg, device, name=folder.name)
+            enc = build_tower(cfg, device, name=name)
         elif isinstance(base, TowerDualEncoder):
             enc = base.fork(copy_text=(folder / "text_model.safetensors").exists(),
                             copy_image=(folder / "image_model.safetensors").exists(),
-                            name=folder.name)
+                            name=name)
         else:
             raise InputError(f"'{folder.name}' is a tower checkpoint; {type(base).__name__} "
                              "cannot be its base.")

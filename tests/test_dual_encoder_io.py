@@ -75,3 +75,17 @@ def test_a_checkpoint_of_another_model_is_refused(offline_kit, tiny_kit, tmp_pat
     de.build_tower(cfg).save(tmp_path / "small")
     with pytest.raises(de.InputError, match="another tower model"):
         offline_kit.encoder().trainable_copy("projections", "y").load(tmp_path / "small")
+
+
+def test_load_encoder_is_what_the_kit_loads_for_a_checkpoint(offline_kit, chelsea, tmp_path):
+    """The one call kits.py can use for a fine-tuned tower (today: fork + load_head)."""
+    import mmcore
+
+    base = offline_kit.encoder()
+    tuned = base.trainable_copy("text", "tuned")
+    perturb(tuned.trainable_parameters("text"))
+    tuned.save(tmp_path / "ck", part="text")
+    ours = de.load_encoder(tmp_path / "ck", base=base, name="finetuned-ck")
+    kits = mmcore.load_kit("offline", dual_encoder=str(tmp_path / "ck")).encoder()
+    assert ours.identity == kits.identity
+    same_embeddings(ours, kits, chelsea)
