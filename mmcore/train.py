@@ -199,6 +199,8 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, resume: str = "
     time_budget: pause (checkpointed; reason `PAUSED`) after the step that passes this many
     seconds; the next call with resume="auto" continues exactly where it paused.
     workers: processes decoding images (default `default_workers()`).
+    Under torchrun / accelerate launch, create `accelerate.PartialState()` before loading the
+    kit (as `main` does), so that each process loads it on its own device.
     """
     try:
         return _finetune(kit, data, out_dir, stop_event, progress, resume, overwrite,
@@ -232,6 +234,8 @@ def _finetune(kit, data, out_dir, stop_event, progress, resume, overwrite, time_
     accelerator = Accelerator(cpu=base.device.type == "cpu",
                               mixed_precision=mixed_precision(base.device))
     rank, world = accelerator.process_index, accelerator.num_processes
+    if time_budget is not None and world > 1:       # ranks' clocks would pause at other steps
+        raise InputError("time_budget is for a run in one process.")
     fp = train_state.fingerprint(report.pairs, base.identity, {**asdict(opts), "world": world})
     saved = train_state.resume_point(out, fp, resume, overwrite)
     encoder = base.trainable_copy(opts.train, f"{getattr(base, 'name', 'clip')}+{out.name}")
