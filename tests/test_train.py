@@ -422,3 +422,25 @@ def test_towers_run_under_autocast_where_the_device_has_it(tiny_kit, shapes, tmp
         AcceleratorState._reset_state(True)
     assert torch.bfloat16 in seen and result.checkpoint is not None
     assert all(math.isfinite(r["loss"]) for r in result.history)
+
+
+@pytest.mark.parametrize("n_pairs", [2, 3, 5, 17, 58])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_rank_gets_equal_shards_that_make_the_one_process_batch(n_pairs, world):
+    """all_gather needs shards of one size, also with fewer pairs than one global batch; the
+    ranks' k-th batches together are one process's k-th batch of world x the size."""
+    from mmcore.train_batches import epoch_batches
+
+    if n_pairs < world:
+        with pytest.raises(mmcore.InputError, match="cannot be shared"):
+            epoch_batches(n_pairs, 8, 0, 0, 0, world)
+        return
+    ranks = [epoch_batches(n_pairs, 8, 1, 7, r, world) for r in range(world)]
+    one = epoch_batches(n_pairs, 8 * world, 1, 7, 0, 1)
+    assert len({len(r) for r in ranks}) == 1
+    for k, batches in enumerate(zip(*ranks)):
+        assert len({len(b) for b in batches}) == 1 and len(batches[0]) >= 1
+        combined = sorted(i for b in batches for i in b)
+        assert len(set(combined)) == len(combined)
+        if n_pairs % world == 0:                 # else the ranks leave the remainder out
+            assert combined == sorted(one[k])
