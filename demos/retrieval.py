@@ -17,6 +17,7 @@ from PIL import Image
 
 from mmcore import Index, InputError, archives, demo_data, images as mm_images
 from mmcore import index as index_mod
+from mmcore.datadir import RESTART_NOTICE
 
 from .context import AppContext, guarded, text_md
 from .files import uploaded, uploaded_list
@@ -221,6 +222,8 @@ def build(ctx: AppContext) -> None:
         return str(index.export(ctx.files.download(request, f"embeddings.{fmt}")))
 
     state = gr.State(None)
+    if ctx.data.lost_on_restart:
+        gr.Markdown(RESTART_NOTICE)
     gr.Markdown(f"Dual encoder: **{ctx.kit.spec('dual_encoder').name}**. Your gallery is yours "
                 f"alone (up to {MAX_IMAGES} images) and lasts for this browser session.")
     with gr.Row():

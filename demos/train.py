@@ -7,6 +7,10 @@ its page goes away (the request is cancelled), the job stops at its next step.
 
 Models and runs live in the data dir (mmcore.datadir): a restart lists finished models again
 and offers to resume runs that were cut short, from their last checkpoint.
+
+On a ZeroGPU Space a GPU is lent per call for a limited time, to a separate worker: there the
+job runs in the request as a series of `@spaces.GPU` calls (`train_chunk`), each training
+for CHUNK_SECONDS and checkpointing, the next resuming it; the plot updates after each.
 """
 
 import hmac
@@ -19,7 +23,9 @@ import gradio as gr
 import pandas as pd
 
 import mmcore
-from mmcore import InputError, archives, demo_data, train_data
+from mmcore import InputError, archives, demo_data, train, train_data
+from mmcore.datadir import RESTART_NOTICE
+from mmcore.device import gpu_task, on_zero_gpu
 from mmcore.text import as_number
 from mmcore.train import PARTS
 
@@ -28,6 +34,8 @@ from .files import uploaded
 
 TITLE = "Fine-tune"
 log = logging.getLogger("mmcore.app")
+CHUNK_SECONDS = 60          # training per ZeroGPU call
+GPU_SECONDS = 180           # a call's GPU loan: the chunk, plus loading and validation
 
 
 class TrainingJob:
@@ -42,10 +50,11 @@ class TrainingJob:
         self.error = ""
         self.name = ""
         self.owner = None          # the session hash that started it (never shown)
+        self.in_chunks = False     # ZeroGPU: running as GPU calls from its request
 
     @property
     def running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return self.in_chunks or (self.thread is not None and self.thread.is_alive())
 
     def status(self) -> str:
         if self.running:
@@ -58,6 +67,8 @@ class TrainingJob:
                     f"{last['loss']:.4f}, {per_step:.2f} s/step, about {left:.0f} s left.")
         if self.error:
             return f"The last job failed: {text_md(self.error)}"
+        if self.result is not None and self.result.checkpoint is None:
+            return f"{self.name} stopped before any model was saved: {text_md(self.result.reason)}."
         if self.result is not None:
             return f"{self.name} finished{' (stopped)' if self.result.stopped else ''}."
         if self.name:
@@ -156,31 +167,75 @@ def build(ctx: AppContext) -> None:
                     accum_steps=as_number(accum, "Accumulation steps", integer=True),
                     seed=as_number(seed, "Seed", 0, 2**32 - 1, integer=True))
 
-    def launch(run, data, request):
-        """Start `run` in the job's thread (the caller holds job.lock)."""
-        out = ctx.data.model(run)
+    def begin(run, request) -> None:
+        """Make `run` the job (the caller holds job.lock)."""
         job.stop.clear()
         job.rows, job.result, job.error, job.name = [], None, "", run.name
         job.owner = getattr(request, "session_hash", None)
 
-        def work():
-            try:
-                job.result = mmcore.finetune(ctx.kit, data, out, stop_event=job.stop,
-                                             progress=job.rows.append, **run.options)
-            except Exception as exc:  # noqa: BLE001 - shown to every user, logged
-                job.error = str(exc) if isinstance(exc, mmcore.MmcoreError) else \
-                    f"{type(exc).__name__} (logged on the server)"
-                if not isinstance(exc, mmcore.MmcoreError):
-                    log.exception("training failed")
-                ctx.data.finish(run, "failed", job.error)
-                return
-            # a killed process never gets here: its run stays "running", to be resumed
-            ctx.data.finish(run, "stopped" if job.result.stopped else "finished")
+    def failed(run, exc) -> None:
+        job.error = str(exc) if isinstance(exc, mmcore.MmcoreError) else \
+            f"{type(exc).__name__} (logged on the server)"
+        if not isinstance(exc, mmcore.MmcoreError):
+            log.exception("training failed", exc_info=exc)
+        ctx.data.finish(run, "failed", job.error)
+
+    def ended(run, out, result) -> None:
+        """A killed process never gets here: its run stays "running", to be resumed."""
+        job.result = result
+        ctx.data.finish(run, "stopped" if result.stopped else "finished")
+        if result.checkpoint is not None:          # else nothing was saved: no model to use
             ctx.forget_kit(run.name)
             ctx.checkpoints[run.name] = str(out)
 
+    def launch(run, data, request):
+        """Start `run` in the job's thread (the caller holds job.lock)."""
+        out = ctx.data.model(run)
+        begin(run, request)
+
+        def work():
+            try:
+                result = mmcore.finetune(ctx.kit, data, out, stop_event=job.stop,
+                                         progress=job.rows.append, **run.options)
+            except Exception as exc:  # noqa: BLE001 - shown to every user, logged
+                failed(run, exc)
+                return
+            ended(run, out, result)
+
         job.thread = threading.Thread(target=work, name="mmcore-train", daemon=True)
         job.thread.start()
+
+    @gpu_task(GPU_SECONDS)
+    def train_chunk(data: str, out: str, options: dict, resume: str):
+        """One ZeroGPU call's share of a run: train for CHUNK_SECONDS, checkpoint, return."""
+        return mmcore.finetune(ctx.kit, data, out, resume=resume, time_budget=CHUNK_SECONDS,
+                               **options)
+
+    def in_chunks(run, data, request):
+        """ZeroGPU: the run as GPU calls made from this request (the caller holds job.lock
+        for the start only); progress is streamed after each call."""
+        out, result = ctx.data.model(run), None
+        try:
+            for result in train.chunks(
+                    lambda resume: train_chunk(str(data), str(out), run.options, resume),
+                    "auto", job.stop):
+                job.rows = list(result.history)
+                yield job.status(), plot_frame(job.rows), gr.skip(), gr.skip()
+            if result is not None:
+                ended(run, out, result)
+        except Exception as exc:  # noqa: BLE001 - shown to every user, logged
+            failed(run, exc)
+        finally:
+            job.in_chunks = False   # a closed request leaves its run "running": resumable
+        yield from final(request)
+
+    def final(request):
+        zipped = None
+        if job.result is not None and job.result.checkpoint is not None:
+            target = ctx.files.download(request, f"{job.name}.zip")
+            zipped = shutil.make_archive(str(target.with_suffix("")), "zip",
+                                         ctx.data.models / job.name)
+        yield job.status(), plot_frame(list(job.rows)), compare(job.result), zipped
 
     def follow(request):
         """Stream the job's progress; if this request goes away first, the job stops."""
@@ -193,12 +248,17 @@ def build(ctx: AppContext) -> None:
         finally:
             if not done:
                 job.stop.set()
-        zipped = None
-        if job.result is not None:
-            target = ctx.files.download(request, f"{job.name}.zip")
-            zipped = shutil.make_archive(str(target.with_suffix("")), "zip",
-                                         ctx.data.models / job.name)
-        yield job.status(), plot_frame(list(job.rows)), compare(job.result), zipped
+        yield from final(request)
+
+    def run_job(run, data, request):
+        """The job in this server's way: GPU calls on ZeroGPU, else a background thread
+        (the caller holds job.lock; it is released before the streaming starts)."""
+        if on_zero_gpu():
+            begin(run, request)
+            job.in_chunks = True            # the job is taken before the lock goes
+            return in_chunks(run, data, request)
+        launch(run, data, request)
+        return follow(request)
 
     @guarded
     def start(file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed,
@@ -215,8 +275,8 @@ def build(ctx: AppContext) -> None:
             except Exception:
                 ctx.data.finish(run, "failed", "bad data")
                 raise
-            launch(run, data, request)
-        yield from follow(request)
+            stream = run_job(run, data, request)
+        yield from stream
 
     @guarded
     def resume(name: str, request: gr.Request = None):
@@ -230,8 +290,8 @@ def build(ctx: AppContext) -> None:
             run = ctx.data.load(name)
             run.state = "running"
             ctx.data.save(run)
-            launch(run, ctx.data.data(run), request)
-        yield from follow(request)
+            stream = run_job(run, ctx.data.data(run), request)
+        yield from stream
 
     @guarded
     def stop(request: gr.Request = None):
@@ -263,6 +323,8 @@ def build(ctx: AppContext) -> None:
         "`captions.csv` (columns image, caption), `captions.jsonl` or sidecar `.txt` files, "
         "or try the bundled demo set. The result appears in the Zero-shot and Retrieval tabs "
         "and is kept across restarts.")
+    if ctx.data.lost_on_restart:
+        gr.Markdown(RESTART_NOTICE)
     with gr.Row():
         file = gr.File(label="Data (.zip)", file_types=[".zip"])
         with gr.Column():

@@ -24,6 +24,21 @@ from .errors import InputError
 STATES = ("running", "finished", "stopped", "failed")
 
 
+RESTART_NOTICE = ("**This Space has no persistent storage**: fine-tuned models and saved "
+                  "indexes are lost when it restarts. Download what you want to keep.")
+
+
+def lost_on_restart(root, persistent="/data") -> bool:
+    """True on a Hugging Face Space whose data dir is not on its persistent storage (mounted
+    at `persistent`): a restart wipes it."""
+    if not os.environ.get("SPACE_ID"):
+        return False
+    storage = Path(persistent)
+    if not (storage.is_dir() and os.access(storage, os.W_OK)):
+        return True
+    return not Path(root).resolve().is_relative_to(storage.resolve())
+
+
 def default_data_dir() -> Path:
     if os.environ.get("MMCORE_DATA_DIR"):
         return Path(os.environ["MMCORE_DATA_DIR"])
@@ -46,6 +61,10 @@ class DataDir:
         self.root = Path(root) if root else default_data_dir()
         self.models = self.root / "models"
         self.runs = self.root / "runs"
+
+    @property
+    def lost_on_restart(self) -> bool:
+        return lost_on_restart(self.root)
 
     def prepare(self) -> list:
         """Make the folders and remove stale temp folders; returns what was removed."""

@@ -18,6 +18,13 @@ Three kinds:
    initialised to the text embeddings of the class prompts, so at step 0 an image's embedding
    is the probability-weighted mean of its top classes' text embeddings; the text projection
    starts as the identity. Fine-tuning starts from exactly ConSE.
+
+The training surface (all `mmcore.train` knows of a model): `trainable_copy(part, name)`,
+`trainable_parameters(part)`, `image_inputs(pil)` (what a data-loader worker makes of one
+image), `tower_features(pixels, texts)`, `project(image_features, text_features)`,
+`log_logit_scale` (the learnable temperature), `weights` (the nn.Module holding them all),
+and `save(folder, part)` / `load(folder)`; `load_encoder(folder, base)` builds an encoder
+from any saved folder.
 """
 
 import hashlib
@@ -29,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import InputError
 from .images import load_image
 from .lru import BytesLRU
 
@@ -102,6 +110,29 @@ class DualEncoder:
             self._text_cache.update(zip(missing, fresh))
         return torch.stack([found[t] for t in texts])
 
+    # ---- the training surface; `part` is "projections", "text" or "image" (see train.py)
+    def tokenize(self, texts: list) -> dict:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                             max_length=self.max_text_tokens, return_tensors="pt")
+        return dict(enc.to(self.device))
+
+    def project(self, image_features, text_features) -> tuple:
+        """Tower features -> L2-normalised embeddings in the shared space: (image, text)."""
+        image_proj, text_proj = self._projections()
+        return (F.normalize(image_proj(image_features), dim=-1),
+                F.normalize(text_proj(text_features), dim=-1))
+
+    def trainable_parameters(self, part: str) -> list:
+        """The projections and the temperature; + the text tower ("text"); + both ("image")."""
+        image_proj, text_proj = self._projections()
+        params = [image_proj.weight, text_proj.weight, self.log_logit_scale]
+        image_tower, text_tower = self._towers()
+        if part in ("text", "image"):
+            params += list(text_tower.parameters())
+        if part == "image":
+            params += list(image_tower.parameters())
+        return params
+
 
 # ------------------------------------------------------------------ 1. Hugging Face CLIP
 
@@ -120,12 +151,17 @@ class ClipEncoder(DualEncoder):
         super().__init__()
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
         self.identity = f"hf-clip:{public_name(name)}"
-        self.logit_scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
         bias = getattr(model, "logit_bias", None)          # SiglipModel has one; CLIP has not
         self.logit_bias = float(bias.detach().reshape(-1)[0]) if bias is not None else None
         cfg = getattr(model.config, "text_config", model.config)
         self.max_text_tokens = getattr(cfg, "max_position_embeddings", 77)
         self.dim = getattr(model.config, "projection_dim", None)
+
+    @property
+    def logit_scale(self) -> float:
+        """From the model's weights (they change when it is trained or loaded)."""
+        scale = getattr(self.model, "logit_scale", None)
+        return 100.0 if scale is None else float(scale.detach().exp())
 
     @property
     def device(self):
@@ -137,9 +173,58 @@ class ClipEncoder(DualEncoder):
         return self.model.get_image_features(pixel_values=pixels).pooler_output
 
     def _texts(self, texts):
-        enc = self.tokenizer(texts, padding=True, truncation=True,
-                             max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
-        return self.model.get_text_features(**enc).pooler_output
+        return self.model.get_text_features(**self.tokenize(texts)).pooler_output
+
+    # ---- training surface
+    @property
+    def weights(self) -> nn.Module:
+        return self.model
+
+    @property
+    def log_logit_scale(self) -> nn.Parameter:
+        return self.model.logit_scale
+
+    def _projections(self):
+        return self.model.visual_projection, self.model.text_projection
+
+    def _towers(self):
+        return self.model.vision_model, self.model.text_model
+
+    def trainable_copy(self, part: str, name: str) -> "ClipEncoder":
+        """A copy to train, in fp32 even when the shared model runs bf16 (`fast`)."""
+        import copy
+
+        return ClipEncoder(copy.deepcopy(self.model).float(), self.processor, name)
+
+    def image_inputs(self, pil) -> torch.Tensor:
+        return self.processor.image_processor(images=[pil], return_tensors="pt")["pixel_values"][0]
+
+    def tower_features(self, pixels=None, texts=None) -> tuple:
+        """(pooled image features or None, pooled text features or None), before projection."""
+        image = text = None
+        if pixels is not None:
+            image = self.model.vision_model(pixel_values=pixels.to(self.device)).pooler_output
+        if texts is not None:
+            text = self.model.text_model(**self.tokenize(texts)).pooler_output
+        return image, text
+
+    def save(self, folder, part: str = "image") -> None:
+        """A CLIPModel folder (`from_pretrained` loads it, so does any tab), whatever the part."""
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+
+    def load(self, folder) -> None:
+        """The weights of a folder written by `save`, in place (every weight must be there)."""
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(Path(folder).glob("model*.safetensors")):     # shards too
+            state.update(load_file(str(f)))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise InputError(f"'{Path(folder).name}' does not fit this model (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}).")
+        self._text_cache.clear()
 
 
 # ------------------------------------------------------------------ 2. tower dual encoder
@@ -211,9 +296,7 @@ class TowerDualEncoder(nn.Module, DualEncoder):
         return self.image_projection(self.image_features(pixels))
 
     def _texts(self, texts):
-        enc = self.tokenizer(texts, padding=True, truncation=True,
-                             max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
-        return self.text_projection(F.normalize(self.text_features(dict(enc)), dim=-1))
+        return self.text_projection(F.normalize(self.text_features(self.tokenize(texts)), dim=-1))
 
     def fork(self, copy_text: bool = False, copy_image: bool = False,
              name: str | None = None) -> "TowerDualEncoder":
@@ -230,8 +313,35 @@ class TowerDualEncoder(nn.Module, DualEncoder):
                               if not k.startswith(("image_model.", "text_model."))}, strict=False)
         return twin.eval().to(self.device)
 
-    # a checkpoint: the head (and any tower that was trained) as safetensors, config as JSON
-    def save_head(self, folder, towers=()) -> None:
+    # ---- training surface
+    @property
+    def weights(self) -> nn.Module:
+        return self
+
+    def _projections(self):
+        return self.image_projection, self.text_projection
+
+    def _towers(self):
+        return self.image_model, self.text_model
+
+    def trainable_copy(self, part: str, name: str) -> "TowerDualEncoder":
+        """Own head; the towers `part` trains copied, the others shared with this one."""
+        return self.fork(copy_text=part in ("text", "image"), copy_image=part == "image",
+                         name=name)
+
+    def image_inputs(self, pil) -> torch.Tensor:
+        return self.transform(pil)
+
+    def tower_features(self, pixels=None, texts=None) -> tuple:
+        """(image features or None, L2-normalised pooled text features or None)."""
+        image = None if pixels is None else self.image_features(pixels.to(self.device))
+        text = None if texts is None else F.normalize(self.text_features(self.tokenize(texts)),
+                                                      dim=-1)
+        return image, text
+
+    def save(self, folder, part: str = "image") -> None:
+        """The head, the towers `part` trains (the others are the base model's) as
+        safetensors, and the config as JSON; default: everything."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -240,17 +350,23 @@ class TowerDualEncoder(nn.Module, DualEncoder):
                    "text_projection": self.text_projection.weight.detach().cpu().contiguous(),
                    "log_logit_scale": self.log_logit_scale.detach().cpu().reshape(1)},
                   str(folder / "head.safetensors"))
-        for tower in towers:                                   # "text_model", "image_model"
+        for tower in TOWERS_TRAINED[part]:
             state = {k: v.detach().cpu().contiguous()
                      for k, v in getattr(self, tower).state_dict().items()}
             save_file(state, str(folder / f"{tower}.safetensors"))
         (folder / "tower_config.json").write_text(json.dumps(
             {**asdict(self.cfg), "base": self.name}, indent=2))
 
-    def load_head(self, folder) -> None:
+    def load(self, folder) -> None:
+        """The weights of a folder written by `save`, in place: the head, and each tower the
+        folder holds (fork with that tower copied first, or the shared one changes too)."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
+        saved = json.loads((folder / "tower_config.json").read_text())
+        if (saved.get("image_dim"), saved.get("text_dim"), saved.get("embed_dim")) != \
+                (self.cfg.image_dim, self.cfg.text_dim, self.cfg.embed_dim):
+            raise InputError(f"'{folder.name}' was trained from another tower model.")
         state = load_file(str(folder / "head.safetensors"))
         with torch.no_grad():
             self.image_projection.weight.copy_(state["image_projection"])
@@ -261,6 +377,12 @@ class TowerDualEncoder(nn.Module, DualEncoder):
                 getattr(self, tower).load_state_dict(
                     load_file(str(folder / f"{tower}.safetensors")), strict=True)
         self._text_cache.clear()
+
+
+
+# what a tower checkpoint holds besides the head, by the part that was trained
+TOWERS_TRAINED = {"projections": (), "text": ("text_model",),
+                  "image": ("text_model", "image_model")}
 
 
 # ------------------------------------------------------------------ 3. ConSE
@@ -316,10 +438,34 @@ def build_tower(cfg: TowerConfig, device=None, pretrained_image: bool = False,
     return enc.eval().to(device or "cpu")
 
 
-def load_tower(folder, device=None) -> TowerDualEncoder:
-    """A tower saved with `save_head` (config JSON + head safetensors)."""
-    raw = json.loads((Path(folder) / "tower_config.json").read_text())
-    cfg = TowerConfig(**{k: v for k, v in raw.items() if k in TowerConfig.__dataclass_fields__})
-    enc = build_tower(cfg, device, name=Path(folder).name)
-    enc.load_head(folder)
-    return enc
+def load_encoder(folder, base: DualEncoder | None = None, device=None,
+                 name: str | None = None) -> DualEncoder:
+    """The dual encoder a folder written by `save` holds: a CLIPModel folder as is; a tower
+    folder on top of `base` (the encoder it was trained from: its towers fill in those the
+    folder lacks, e.g. ConSE's), or, without one, built from its config. `name` (a tower's;
+    its identity, which saved indexes key on, includes it): default the folder's name."""
+    folder = Path(folder)
+    name = name or folder.name
+    if (folder / "tower_config.json").exists():
+        if base is None:
+            raw = json.loads((folder / "tower_config.json").read_text())
+            cfg = TowerConfig(**{k: v for k, v in raw.items()
+                                 if k in TowerConfig.__dataclass_fields__})
+            enc = build_tower(cfg, device, name=name)
+        elif isinstance(base, TowerDualEncoder):
+            enc = base.fork(copy_text=(folder / "text_model.safetensors").exists(),
+                            copy_image=(folder / "image_model.safetensors").exists(),
+                            name=name)
+        else:
+            raise InputError(f"'{folder.name}' is a tower checkpoint; {type(base).__name__} "
+                             "cannot be its base.")
+        enc.load(folder)
+        return enc
+    if (folder / "config.json").exists():
+        from transformers import AutoModel, AutoProcessor
+
+        model = AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+        return ClipEncoder(model.eval().to(device or "cpu"), processor, str(folder))
+    raise InputError(f"'{folder.name}' holds no dual encoder (no tower_config.json or "
+                     "config.json).")

@@ -18,7 +18,7 @@ import torch
 
 from . import hub, offline
 from . import precision as prec
-from .dual_encoder import ClipEncoder, TowerDualEncoder
+from .dual_encoder import ClipEncoder, TowerDualEncoder, load_encoder
 from .errors import ModelUnavailable
 from .roles import CausalLM, MaskedLM, NSPHead
 
@@ -89,10 +89,7 @@ def load_tower(spec, role: str, device, precision: str) -> TowerDualEncoder:
 
     base = get_loaded(offline_specs()["dual_encoder"], "dual_encoder", device, precision)
     folder = Path(spec.source)
-    enc = base.fork(copy_text=(folder / "text_model.safetensors").exists(),
-                    copy_image=(folder / "image_model.safetensors").exists(),
-                    name=f"finetuned-{folder.name}")
-    enc.load_head(folder)
+    enc = load_encoder(folder, base=base, name=f"finetuned-{folder.name}")
     enc.class_names, enc.precision = base.class_names, base.precision
     enc.image_batch = prec.image_batch("conse", next(enc.image_model.parameters()).dtype)
     return enc

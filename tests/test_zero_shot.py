@@ -220,11 +220,11 @@ def test_tower_from_config_saves_and_loads_as_safetensors(tmp_path, chelsea):
     with torch.no_grad():
         enc.image_projection.weight.normal_()
         enc.log_logit_scale.fill_(3.0)
-    enc.save_head(tmp_path / "head")
+    enc.save(tmp_path / "head", part="projections")
     assert {p.name for p in (tmp_path / "head").iterdir()} == {"head.safetensors",
                                                                "tower_config.json"}
     torch.manual_seed(0)
-    again = de.load_tower(tmp_path / "head")
+    again = de.load_encoder(tmp_path / "head")
     assert again.identity.split(":")[-1] == enc.identity.split(":")[-1]
     torch.testing.assert_close(again.encode_images([chelsea]), enc.encode_images([chelsea]))
     torch.testing.assert_close(again.encode_texts(["a cat"]), enc.encode_texts(["a cat"]))
