@@ -36,6 +36,7 @@ import gc
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from torch import nn
 from . import cache, losses, train_batches, train_state
 from .device import mixed_precision
 from .errors import InputError
-from .train_data import load_pairs, split
+from .train_data import DataReport, load_pairs, split
 from .train_options import PARTS, TrainOptions  # noqa: F401 - PARTS is public here too
 
 PAUSED = "paused: this call's time budget is spent (resume continues the run)"
@@ -227,7 +228,9 @@ def _finetune(kit, data, out_dir, stop_event, progress, resume, overwrite, time_
     base = kit.encoder() if hasattr(kit, "encoder") else kit
     out = Path(out_dir)
     cache.check_target(out, overwrite)           # before any work: never the user's files
-    report = load_pairs(data)
+    report = data if isinstance(data, DataReport) else load_pairs(data)
+    if not report.pairs:
+        raise InputError("No usable image-caption pairs.\n" + report.summary())
     train, val = split(report.pairs, opts.val_fraction, opts.seed)
     if len(train) < 2:
         raise InputError("Need at least two training pairs.\n" + report.summary())
@@ -352,17 +355,34 @@ def chunks(run_chunk, resume: str = "auto", stop_event=None):
         yield result
 
 
-def main(argv=None) -> int:
-    """python -m mmcore.train DATA --out DIR [--epochs N ...]; under torchrun or
-    `accelerate launch`, one process per device with features all-gathered across them."""
+OPTION_HELP = {
+    "epochs": "passes over the training pairs",
+    "batch_size": "pairs per optimiser step (the in-batch negatives)",
+    "accum_steps": "micro-batches per step (same negatives, less memory)",
+    "lr": "peak learning rate (linear warm-up, cosine decay)",
+    "weight_decay": "AdamW weight decay, on 2-D weights only",
+    "warmup": "share of the steps spent warming up",
+    "train": "what learns: the projections only, + the text tower, or + both towers",
+    "val_fraction": "share of the pairs held out for recall@k",
+    "seed": "seed of the data split and order",
+}
+
+
+def parser():
     import argparse
 
-    from . import load_kit
+    from .kits import KIT_NAMES
 
-    p = argparse.ArgumentParser(prog="python -m mmcore.train")
-    p.add_argument("data", help="folder or .zip of images with captions.csv/.jsonl/.txt")
-    p.add_argument("--out", required=True)
-    p.add_argument("--kit", default=os.environ.get("MMCORE_KIT", "offline"))
+    p = argparse.ArgumentParser(
+        prog="mmcore-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fine-tune the kit's dual encoder (CLIP's contrastive loss) on your own "
+                    "image-caption pairs. Under torchrun or `accelerate launch`, one process "
+                    "per device.")
+    p.add_argument("data", help="folder or .zip of images with captions.csv, captions.jsonl "
+                                "or a .txt caption beside each image")
+    p.add_argument("--out", required=True, help="folder for the fine-tuned model")
+    p.add_argument("--kit", choices=KIT_NAMES, default=os.environ.get("MMCORE_KIT", "offline"),
+                   help="model kit whose dual encoder is fine-tuned ($MMCORE_KIT)")
     p.add_argument("--resume", choices=train_state.RESUME, default="auto",
                    help="auto: resume a checkpoint in --out made from the same data, model "
                         "and options, refuse anything else; never: start afresh over it; "
@@ -371,29 +391,77 @@ def main(argv=None) -> int:
                    help="processes decoding images")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files mmcore did not write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     for name, value in asdict(TrainOptions()).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = vars(p.parse_args(argv))
+        extra = {"choices": PARTS} if name == "train" else {}
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
+                       help=OPTION_HELP.get(name, name), **extra)
+    return p
+
+
+def _report(report: DataReport) -> None:
+    """The data report on stderr: each skipped file with its reason, then the summary."""
+    for name, why in report.unreadable:
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    for name in report.missing_images:
+        print(f"skipped caption row {name}: no such image", file=sys.stderr)
+    for name in report.uncaptioned:
+        print(f"skipped {name}: no caption", file=sys.stderr)
+    for name in report.empty_captions:
+        print(f"skipped {name}: empty caption", file=sys.stderr)
+    print(report.summary().splitlines()[0], file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    """mmcore-train DATA --out DIR [--epochs N ...]: results on stdout; progress, the data
+    report and errors on stderr. Exit 0 done, 1 nothing usable (no pairs, the model cannot
+    load, no checkpoint saved), 2 a bad argument or input."""
+    from tqdm import tqdm
+
+    from . import load_kit
+    from .errors import ModelUnavailable
+
+    args = vars(parser().parse_args(argv))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
         # before the kit loads: one process per device (set_device(LOCAL_RANK)), NCCL on GPUs
         PartialState(cpu=os.environ.get("MMCORE_DEVICE") == "cpu")
     data, out, kit_name = args.pop("data"), args.pop("out"), args.pop("kit")
+    quiet = args.pop("quiet")
+    main_process = os.environ.get("RANK", "0") == "0"          # one process prints
+    bar = tqdm(unit="step", desc="training", file=sys.stderr,
+               disable=quiet or not main_process)
+
+    def show(row):
+        bar.total = row["steps"]
+        bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        bar.update(row["step"] - bar.n)
+
     try:
-        main_process = os.environ.get("RANK", "0") == "0"     # one process prints
-
-        def show(row):
-            if main_process:
-                print(f"step {row['step']}/{row['steps']} loss {row['loss']:.4f}", flush=True)
-
-        result = finetune(load_kit(kit_name), data, out, progress=show, **args)
+        report = load_pairs(data, require=False)
+        if main_process:
+            _report(report)
+        if len(report.pairs) < 2:
+            print("error: fewer than two usable image-caption pairs; nothing to train on.",
+                  file=sys.stderr)
+            return 1
+        result = finetune(load_kit(kit_name), report, out, progress=show, **args)
     except InputError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModelUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted (a checkpoint saved so far is kept; --resume auto continues it)",
+              file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
     if main_process:
         if result.reason:
-            print(f"stopped: {result.reason}")
+            print(f"stopped: {result.reason}", file=sys.stderr)
         print(f"before {result.before}\nafter  {result.after}\ncheckpoint {result.checkpoint}")
     return 0 if result.checkpoint is not None else 1
 

@@ -88,8 +88,10 @@ def _relative(path: Path, folder: Path) -> str:
         return "../" + path.name            # points outside the data: never matches an image
 
 
-def load_pairs(data, check_images: bool = True, stop_event=None) -> DataReport:
-    """Read a folder or .zip of images and captions; nothing bad is fatal except no pairs.
+def load_pairs(data, check_images: bool = True, stop_event=None,
+               require: bool = True) -> DataReport:
+    """Read a folder or .zip of images and captions; nothing bad is fatal except no pairs
+    (with `require=False`, not even that: the report says so).
     `stop_event` (set by a cancelled request) ends the image checks early: InputError."""
     report = DataReport()
     data = Path(data)
@@ -130,7 +132,7 @@ def load_pairs(data, check_images: bool = True, stop_event=None) -> DataReport:
     if len(report.pairs) > MAX_PAIRS:
         report.notices.append(f"{len(report.pairs)} pairs; only the first {MAX_PAIRS} are used.")
         report.pairs = report.pairs[:MAX_PAIRS]
-    if not report.pairs:
+    if not report.pairs and require:
         raise InputError("No usable image-caption pairs.\n" + report.summary())
     return report
 
