@@ -104,3 +104,24 @@ def wait_until(predicate, timeout=15.0, step=0.2):
             return True
         time.sleep(step)
     return predicate()
+
+
+def tuned_clip(folder, seed: int = 0):
+    """A copy of the tiny CLIP at `folder` with its projections moved: a "fine-tuned" dual
+    encoder whose answers differ from the base model's."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mmcore import tiny
+
+    shutil.copytree(tiny.folder("clip"), folder)
+    weights = next(Path(folder).glob("*.safetensors"))
+    state = load_file(str(weights))
+    g = torch.Generator().manual_seed(seed)
+    for key in state:
+        if "projection" in key:
+            state[key] = state[key] + 0.5 * torch.randn(state[key].shape, generator=g)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return Path(folder)

@@ -3,32 +3,18 @@ Models tab, /models lists it, and Zero-shot answers with it; loading is refused 
 operator did not allow it, and a bad --models file stops the app at start with a message."""
 
 import json
-import shutil
 import time
 
 import pytest
-import torch
 from gradio_client import Client, handle_file
-from safetensors.torch import load_file, save_file
 
 import app as app_module
-from appclient import launch
+from appclient import launch, tuned_clip
 
 
 @pytest.fixture(scope="module")
 def other_clip(tmp_path_factory):
-    from mmcore import tiny
-
-    folder = tmp_path_factory.mktemp("clips") / "my-clip"
-    shutil.copytree(tiny.folder("clip"), folder)
-    weights = next(folder.glob("*.safetensors"))
-    state = load_file(str(weights))
-    g = torch.Generator().manual_seed(1)
-    for key in state:
-        if "projection" in key:
-            state[key] = state[key] + 0.5 * torch.randn(state[key].shape, generator=g)
-    save_file(state, str(weights), metadata={"format": "pt"})
-    return folder
+    return tuned_clip(tmp_path_factory.mktemp("clips") / "my-clip", seed=1)
 
 
 @pytest.fixture(scope="module")

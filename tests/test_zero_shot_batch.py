@@ -3,33 +3,20 @@ chosen dual encoder and threshold; rows follow the uploads (not their base names
 file is a row, and an image with junk EXIF works in a batch and a gallery as it does alone."""
 
 import io
-import shutil
 
 import pytest
-import torch
 from gradio_client import Client, handle_file
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from skimage import data
 
-from appclient import launch
+from appclient import launch, tuned_clip
 
 
 @pytest.fixture(scope="module")
 def served(tiny_kit, tmp_path_factory):
-    from mmcore import tiny
-
     demo, ctx, url = launch(["--kit", "tiny"])
     # a "fine-tuned" dual encoder: the tiny CLIP with its projections moved
-    folder = tmp_path_factory.mktemp("tuned") / "tuned-clip"
-    shutil.copytree(tiny.folder("clip"), folder)
-    weights = next(folder.glob("*.safetensors"))
-    state = load_file(str(weights))
-    g = torch.Generator().manual_seed(0)
-    for key in state:
-        if "projection" in key:
-            state[key] = state[key] + 0.5 * torch.randn(state[key].shape, generator=g)
-    save_file(state, str(weights), metadata={"format": "pt"})
+    folder = tuned_clip(tmp_path_factory.mktemp("tuned") / "tuned-clip")
     ctx.checkpoints["tuned-clip"] = str(folder)
     yield demo, ctx, url
     demo.close()
