@@ -4,10 +4,10 @@ import os
 
 import gradio as gr
 
-from . import attention, fill_mask, generate, models, retrieval, train, zero_shot
+from . import attention, compare, fill_mask, generate, models, retrieval, train, zero_shot
 from .context import MODEL_GROUP, AppContext
 
-TABS = [generate, fill_mask, zero_shot, retrieval, train, attention, models]   # each module: TITLE and build(ctx)
+TABS = [generate, fill_mask, zero_shot, retrieval, train, compare, attention, models]   # each module: TITLE and build(ctx)
 
 
 def harden_cache_cleanup() -> None:
