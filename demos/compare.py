@@ -40,6 +40,7 @@ def build(ctx: AppContext) -> None:
                 "settings. Models loaded on the Models tab appear as \"loaded: NAME\".")
     lm_choices = lambda: ["base model"] + ctx.loaded_choices("causal_lm")        # noqa: E731
     mlm_choices = lambda: ["base model"] + ctx.loaded_choices("masked_lm")       # noqa: E731
+    nsp_choices = lambda: ["base model"] + ctx.loaded_choices("next_sentence")   # noqa: E731
     indexes: dict = {}            # encoder identity -> Index of the demo photos (server data)
 
     @guarded
@@ -80,6 +81,15 @@ def build(ctx: AppContext) -> None:
         top = "; ".join(f"mask {i + 1}: A {text_md(x[0]['token_str'])}, B "
                         f"{text_md(y[0]['token_str'])}" for i, (x, y) in enumerate(zip(a, b)))
         return rows, f"Best words: {top}."
+
+    @guarded
+    def compare_next_sentence(first: str, second: str, model_a: str = "base model",
+                              model_b: str = "base model"):
+        """P(second follows first) by A and by B."""
+        first, second = clean_text(first, "Sentence A"), clean_text(second, "Sentence B")
+        pa = ctx.role_kit("next_sentence", model_a).next_sentence(first, second)
+        pb = ctx.role_kit("next_sentence", model_b).next_sentence(first, second)
+        return pa, pb, f"B says {pb - pa:+.3f} against A."
 
     @guarded
     def compare_zero_shot(image, labels: str, model_a: str = "base model",
@@ -147,7 +157,7 @@ def build(ctx: AppContext) -> None:
         for menu in (lm_a, lm_b):
             menu.focus(lambda: gr.update(choices=lm_choices()), None, menu,
                        api_visibility="private")
-    with gr.Tab("Fill mask"):
+    with gr.Tab("Fill mask & NSP"):
         text = gr.Textbox("The capital of France is [MASK].", label="Text with [MASK] or <mask>")
         mlm_a, mlm_b = model_menus(mlm_choices(), "Model")
         top_k = gr.Slider(1, 20, 5, step=1, label="Top k")
@@ -157,8 +167,23 @@ def build(ctx: AppContext) -> None:
         fill_summary = gr.Markdown(label="Summary")
         go.click(compare_fill_mask, [text, mlm_a, mlm_b, top_k], [fill_table, fill_summary],
                  api_name="compare_fill_mask", **ctx.model_event("short"))
+        with gr.Row():
+            first = gr.Textbox("The cat sat on the mat.", label="Sentence 1")
+            second = gr.Textbox("Then it fell asleep.", label="Sentence 2")
+        nsp_a, nsp_b = model_menus(nsp_choices(), "NSP model")
+        go_nsp = gr.Button("Compare next sentence")
+        with gr.Row():
+            p_a = gr.Number(label="A: P(2 follows 1)", precision=4)
+            p_b = gr.Number(label="B: P(2 follows 1)", precision=4)
+        nsp_summary = gr.Markdown(label="NSP summary")
+        go_nsp.click(compare_next_sentence, [first, second, nsp_a, nsp_b],
+                     [p_a, p_b, nsp_summary], api_name="compare_next_sentence",
+                     **ctx.model_event("short"))
         for menu in (mlm_a, mlm_b):
             menu.focus(lambda: gr.update(choices=mlm_choices()), None, menu,
+                       api_visibility="private")
+        for menu in (nsp_a, nsp_b):
+            menu.focus(lambda: gr.update(choices=nsp_choices()), None, menu,
                        api_visibility="private")
     with gr.Tab("Zero-shot"):
         with gr.Row():

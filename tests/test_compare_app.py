@@ -63,6 +63,10 @@ def test_fill_mask_and_retrieval(served, tiny_kit):
     want = tiny_kit.fill_mask("the cat sat on the [MASK] .", 3)[0]
     assert [r[1] for r in table["data"]] == [w["token_str"] for w in want]
     assert all(r[6] == "=" for r in table["data"])                  # same model: no moves
+    pa, pb, _ = client.predict("the cat sat .", "it slept .", "base model", "base model",
+                               api_name="/compare_next_sentence")
+    assert pa == pb == pytest.approx(tiny_kit.next_sentence("the cat sat .", "it slept ."),
+                                     abs=1e-4)
     rows, summary = client.predict("a cat", "base model", "tuned-clip", 4,
                                    api_name="/compare_retrieval")
     kept = [r for r in rows["data"] if r[5] == "in both"]
