@@ -282,10 +282,11 @@ class MaskedFill:
 # ------------------------------------------------------------------ causal-LM backend
 
 class CausalFill:
-    """BERT's task approximated by a `roles.CausalLM` (see the module's docstring)."""
+    """BERT's task approximated by a `roles.CausalLM` (see the module's docstring).
+    `scorer`: the role's micro-batcher, so candidates share forwards across requests."""
 
-    def __init__(self, role):
-        self.model, self.tok = role.model, role.tokenizer
+    def __init__(self, role, scorer=None):
+        self.model, self.tok, self.scorer = role.model, role.tokenizer, scorer
         self.max_len = role.max_length()
 
     def candidates(self, prefix_text: str, right: str, rest: str, top_k: int,
@@ -321,10 +322,11 @@ class CausalFill:
             conts = [lm_scoring.encode(self.tok, space + w + right) for w in pending]
             keep = [(w, c) for w, c in zip(pending, conts) if c]
             totals, following = lm_scoring.score_continuations(
-                self.model, prefix, [c for _, c in keep], want_next=True)
+                self.model, prefix, [c for _, c in keep], want_next=True, batcher=self.scorer)
             # a product of two experts: the sentence read left to right, and the same words
             # as the answer to the blank, read after the whole sentence
-            asked = lm_scoring.score_continuations(self.model, cloze, [c for _, c in keep])
+            asked = lm_scoring.score_continuations(self.model, cloze, [c for _, c in keep],
+                                                   batcher=self.scorer)
             totals = [a + b for a, b in zip(totals, asked)]
             grown = []
             for (w, _), total, nxt in zip(keep, totals, following):
