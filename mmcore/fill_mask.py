@@ -305,7 +305,7 @@ class CausalFill:
         right = self.tok.decode(lm_scoring.encode(self.tok, right)[:RIGHT_CONTEXT])
         core = prefix_text.rstrip()
         space = " " if (prefix_text != core and core) else ""
-        prefix = lm_scoring.run_prefix(self.model, self.tok, core)
+        prefix = lm_scoring.run_prefix(self.model, self.tok, core, self.scorer)
         cloze = self.cloze_prefix(prefix_text, rest, core)
         if targets:
             words = list(targets)
@@ -358,7 +358,8 @@ class CausalFill:
         if cached is None or cached[0] != key:
             cached = (key, lm_scoring.run_ids(self.model, head_ids))
             _cloze_heads[self.model] = cached
-        return lm_scoring.run_ids(self.model, lm_scoring.encode(self.tok, tail), after=cached[1])
+        return lm_scoring.run_ids(self.model, lm_scoring.encode(self.tok, tail), cached[1],
+                                  self.scorer)
 
     def next_words(self, prefix, spaced: bool, n: int) -> list:
         """The n likeliest next tokens that begin a word (after a space, if one precedes)."""

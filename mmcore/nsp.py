@@ -53,10 +53,10 @@ def pmi_per_token(model, tok, first: str, second: str, batcher=None) -> float:
     limit = getattr(model.config, "max_position_embeddings", 2048)
     if len(lm_scoring.encode(tok, first)) + len(cont) + 1 > limit:
         raise InputError(f"The two sentences are longer than the model's {limit} tokens.")
-    given = lm_scoring.score_continuations(model, lm_scoring.run_prefix(model, tok, first), [cont],
-                                           batcher=batcher)
-    prior = lm_scoring.score_continuations(model, lm_scoring.run_prefix(model, tok, ""), [alone],
-                                           batcher=batcher)
+    after_first = lm_scoring.run_prefix(model, tok, first, batcher)
+    given = lm_scoring.score_continuations(model, after_first, [cont], batcher=batcher)
+    at_start = lm_scoring.run_prefix(model, tok, "", batcher)
+    prior = lm_scoring.score_continuations(model, at_start, [alone], batcher=batcher)
     return (given[0] - prior[0]) / len(cont)
 
 

@@ -105,9 +105,10 @@ class CausalLM(TextRole):
         return nsp.logistic(calib["weight"] * pmi + calib["bias"])
 
     def scorer(self):
-        """The micro-batcher of this model's text scoring (`lm_scoring.score_rows`): when
-        serving, concurrent fill-mask / NSP requests score their candidates in shared
-        forwards. None for a model whose KV cache cannot be padded and stacked."""
+        """The micro-batcher of this model's text scoring (`lm_scoring.run_rows`): when
+        serving, concurrent fill-mask / NSP requests run their prefixes and score their
+        candidates in shared forwards. None for a model whose KV cache cannot be padded and
+        stacked."""
         from functools import partial
 
         from . import lm_scoring, serving
@@ -115,7 +116,7 @@ class CausalLM(TextRole):
 
         with self._guard:
             if self._scorer is None and serving.Scheduler.supports(self.model):
-                self._scorer = MicroBatcher(partial(lm_scoring.score_rows, self.model),
+                self._scorer = MicroBatcher(partial(lm_scoring.run_rows, self.model),
                                             max_batch=96)
             return self._scorer
 

@@ -255,3 +255,29 @@ def test_offline_kit_fill_mask_and_nsp_share_forwards_when_serving(offline_kit):
     for have, want in zip(got[:3], alone_fill):
         assert_fills_equal(have, want)
     assert got[3:] == pytest.approx(alone_nsp, abs=1e-5)
+
+
+def test_prefix_runs_and_scores_of_different_requests_share_one_forward(tiny_kit):
+    """lm_scoring.run_rows: rows after no prefix, after different prefixes and of both kinds
+    in one call give what each gives alone (the caches they leave too)."""
+    from mmcore import lm_scoring as L
+
+    lm = tiny_kit.model("causal_lm")
+    model, tok = lm.model, lm.tokenizer
+    a, b = L.run_prefix(model, tok, "The cat sat on the mat and"), L.run_prefix(model, tok, "Once")
+    ids = [L.encode(tok, t) for t in (" then it slept", " upon a time there", " it", " was")]
+    rows = [(None, [L.start_id(tok)] + ids[0], "run"), (a, ids[1], "run"), (b, ids[2], "run"),
+            (a, ids[0], "score"), (b, ids[1], "score"), (a, ids[3], "score")]
+    together = L.run_rows(model, rows)
+    for row, got in zip(rows, together):
+        want = L.run_rows(model, [row])[0]
+        if row[2] == "score":
+            assert abs(got[0] - want[0]) < 1e-5
+            torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+            continue
+        assert got.length == want.length
+        torch.testing.assert_close(got.next_logp, want.next_logp, atol=1e-5, rtol=1e-5)
+        # the cache it leaves scores what follows as the lone one does
+        after = L.score_continuations(model, got, [ids[3], ids[2]])
+        assert after == pytest.approx(L.score_continuations(model, want, [ids[3], ids[2]]),
+                                      abs=1e-5)
