@@ -15,6 +15,7 @@
 
     .venv/bin/python bench/bench_fill_mask.py [--rounds 3] [--threads 2]
     .venv/bin/python bench/bench_fill_mask.py --only-concurrency [--requests 3]
+                                              [--precision exact]
 """
 
 import argparse
@@ -144,11 +145,11 @@ def drive(call, work: list, users: int, per_user: int) -> tuple:
     return latencies, time.perf_counter() - start
 
 
-def offline_concurrency(per_user: int, levels=(1, 8)) -> None:
+def offline_concurrency(per_user: int, precision=None, levels=(1, 8)) -> None:
     import mmcore
     from mmcore import kits, nsp
 
-    plain = mmcore.load_kit("offline")
+    plain = mmcore.load_kit("offline", precision=precision)
     served = kits.Kit(plain.name, plain.specs, precision=plain.precision).serve()
     with open(ROOT / "tests/data/fill_mask_probes.tsv", encoding="utf-8") as f:
         probes = [r["sentence"] for r in csv.DictReader(f, delimiter="\t")]
@@ -184,6 +185,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--only-concurrency", action="store_true", help="part (3) only")
     p.add_argument("--requests", type=int, default=3, help="per user, part (3)")
+    p.add_argument("--precision", default=None, help="part (3): exact or fast (default: auto)")
     args = p.parse_args()
     import roofline
 
@@ -192,7 +194,7 @@ def main() -> None:
         bert_base_side_by_side(args.rounds)
         if not args.skip_offline:
             offline_latency()
-    offline_concurrency(args.requests)
+    offline_concurrency(args.requests, args.precision)
 
 
 if __name__ == "__main__":
