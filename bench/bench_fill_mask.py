@@ -7,8 +7,15 @@
     forward over the measured read bandwidth: at batch 1 a short sentence is memory-bound).
 (2) The offline kit (causal-LM backend): median latency per single-mask query over the
     probe set, `exact` and `fast` interleaved.
+(3) Micro-batching of short requests on the offline kit: 1 and 8 concurrent users (threads)
+    each making short fill-mask (or NSP) requests back to back, through a served kit
+    (`kit.serve()`: candidates of concurrent requests scored in shared forwards) and a plain
+    one (each request its own forwards) on the same loaded model, interleaved: p50/p95
+    latency, requests/s, and batched over unbatched.
 
     .venv/bin/python bench/bench_fill_mask.py [--rounds 3] [--threads 2]
+    .venv/bin/python bench/bench_fill_mask.py --only-concurrency [--requests 3]
+                                              [--precision exact]
 """
 
 import argparse
@@ -17,6 +24,7 @@ import os
 import random
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,18 +119,82 @@ def offline_latency() -> None:
           f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
 
 
+def percentile(values: list, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def drive(call, work: list, users: int, per_user: int) -> tuple:
+    """`users` threads, each making `per_user` calls back to back: (latencies, seconds)."""
+    latencies, lock = [], threading.Lock()
+
+    def user(u):
+        for i in range(per_user):
+            item = work[(u * per_user + i) % len(work)]
+            start = time.perf_counter()
+            call(item)
+            with lock:
+                latencies.append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, time.perf_counter() - start
+
+
+def offline_concurrency(per_user: int, precision=None, levels=(1, 8)) -> None:
+    import mmcore
+    from mmcore import kits, nsp
+
+    plain = mmcore.load_kit("offline", precision=precision)
+    served = kits.Kit(plain.name, plain.specs, precision=plain.precision).serve()
+    with open(ROOT / "tests/data/fill_mask_probes.tsv", encoding="utf-8") as f:
+        probes = [r["sentence"] for r in csv.DictReader(f, delimiter="\t")]
+    pairs = [(a, b) for a, b, _ in nsp.labelled_pairs()]
+    tasks = {"fill-mask": (probes, lambda kit: lambda text: kit.fill_mask(text)),
+             "NSP": (pairs, lambda kit: lambda pair: kit.next_sentence(*pair))}
+    lm = plain.model("causal_lm")
+    print(f"offline kit ({lm.name}, {plain.precision}), short requests from concurrent users, "
+          f"{per_user} each, {torch.get_num_threads()} threads:")
+    for task, (work, make) in tasks.items():
+        make(plain)(work[0])                               # warm
+        for users in levels:
+            got = {}
+            for mode, kit in (("unbatched", plain), ("batched", served)):
+                scorer = lm.scorer()
+                before, scorer.peak = scorer.batches, 0
+                lat, wall = drive(make(kit), work, users, per_user)
+                got[mode] = (statistics.median(lat), percentile(lat, 0.95), len(lat) / wall)
+                shared = scorer.batches - before
+                print(f"  {task:9s} {users} user(s) {mode:9s} p50 {got[mode][0] * 1000:6.0f} ms  "
+                      f"p95 {got[mode][1] * 1000:6.0f} ms  {got[mode][2]:5.2f} req/s"
+                      + (f"  ({shared} scoring forwards, up to {scorer.peak} requests in one)"
+                         if mode == "batched" else ""))
+            b, u = got["batched"], got["unbatched"]
+            print(f"  {task:9s} {users} user(s) batched/unbatched: p50 {b[0] / u[0]:.2f}x  "
+                  f"p95 {b[1] / u[1]:.2f}x  throughput {b[2] / u[2]:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--only-concurrency", action="store_true", help="part (3) only")
+    p.add_argument("--requests", type=int, default=3, help="per user, part (3)")
+    p.add_argument("--precision", default=None, help="part (3): exact or fast (default: auto)")
     args = p.parse_args()
     import roofline
 
     print(roofline.header(args.threads))
-    bert_base_side_by_side(args.rounds)
-    if not args.skip_offline:
-        offline_latency()
+    if not args.only_concurrency:
+        bert_base_side_by_side(args.rounds)
+        if not args.skip_offline:
+            offline_latency()
+    offline_concurrency(args.requests, args.precision)
 
 
 if __name__ == "__main__":

@@ -282,10 +282,11 @@ class MaskedFill:
 # ------------------------------------------------------------------ causal-LM backend
 
 class CausalFill:
-    """BERT's task approximated by a `roles.CausalLM` (see the module's docstring)."""
+    """BERT's task approximated by a `roles.CausalLM` (see the module's docstring).
+    `scorer`: the role's micro-batcher, so candidates share forwards across requests."""
 
-    def __init__(self, role):
-        self.model, self.tok = role.model, role.tokenizer
+    def __init__(self, role, scorer=None):
+        self.model, self.tok, self.scorer = role.model, role.tokenizer, scorer
         self.max_len = role.max_length()
 
     def candidates(self, prefix_text: str, right: str, rest: str, top_k: int,
@@ -304,7 +305,7 @@ class CausalFill:
         right = self.tok.decode(lm_scoring.encode(self.tok, right)[:RIGHT_CONTEXT])
         core = prefix_text.rstrip()
         space = " " if (prefix_text != core and core) else ""
-        prefix = lm_scoring.run_prefix(self.model, self.tok, core)
+        prefix = lm_scoring.run_prefix(self.model, self.tok, core, self.scorer)
         cloze = self.cloze_prefix(prefix_text, rest, core)
         if targets:
             words = list(targets)
@@ -321,10 +322,11 @@ class CausalFill:
             conts = [lm_scoring.encode(self.tok, space + w + right) for w in pending]
             keep = [(w, c) for w, c in zip(pending, conts) if c]
             totals, following = lm_scoring.score_continuations(
-                self.model, prefix, [c for _, c in keep], want_next=True)
+                self.model, prefix, [c for _, c in keep], want_next=True, batcher=self.scorer)
             # a product of two experts: the sentence read left to right, and the same words
             # as the answer to the blank, read after the whole sentence
-            asked = lm_scoring.score_continuations(self.model, cloze, [c for _, c in keep])
+            asked = lm_scoring.score_continuations(self.model, cloze, [c for _, c in keep],
+                                                   batcher=self.scorer)
             totals = [a + b for a, b in zip(totals, asked)]
             grown = []
             for (w, _), total, nxt in zip(keep, totals, following):
@@ -356,7 +358,8 @@ class CausalFill:
         if cached is None or cached[0] != key:
             cached = (key, lm_scoring.run_ids(self.model, head_ids))
             _cloze_heads[self.model] = cached
-        return lm_scoring.run_ids(self.model, lm_scoring.encode(self.tok, tail), after=cached[1])
+        return lm_scoring.run_ids(self.model, lm_scoring.encode(self.tok, tail), cached[1],
+                                  self.scorer)
 
     def next_words(self, prefix, spaced: bool, n: int) -> list:
         """The n likeliest next tokens that begin a word (after a space, if one precedes)."""

@@ -202,7 +202,7 @@ class Kit:
 
         role = self.model("next_sentence")
         with PRIORITY.short():
-            return next_sentence(role, first, second)
+            return next_sentence(role, first, second, batched=self.serving is not None)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed=None, stop=None,

@@ -3,6 +3,12 @@
 The prefix runs once; its KV cache is repeated across the batch of continuations, so scoring
 N candidates costs one forward over their own tokens only (right-padded: under a causal mask,
 padding after a sequence cannot change its scores).
+
+When serving many users, a `batcher` (a MicroBatcher of `run_rows`, see
+`roles.CausalLM.scorer`) shares prefix runs and candidate scoring with other requests', other
+prefixes too: their prefix caches are left-padded to one width, each row with its own
+attention mask and position ids, so a row reads the same keys at the same positions as alone
+(as serving.Scheduler does).
 """
 
 import copy
@@ -50,48 +56,120 @@ class Prefix:
     length: int
 
 
-def run_prefix(model, tokenizer, text: str) -> Prefix:
+def run_prefix(model, tokenizer, text: str, batcher=None) -> Prefix:
     """`text` after the start token (so its first token is scored too)."""
-    return run_ids(model, [start_id(tokenizer)] + encode(tokenizer, text))
+    return run_ids(model, [start_id(tokenizer)] + encode(tokenizer, text), batcher=batcher)
 
 
-@torch.inference_mode()
-def run_ids(model, ids: list, after: Prefix | None = None) -> Prefix:
+def run_ids(model, ids: list, after: Prefix | None = None, batcher=None) -> Prefix:
     """`ids` run through the model, after the prefix `after` if given (its cache is copied,
-    never changed, so a fixed prompt head is computed once and reused)."""
-    device = next(model.parameters()).device
-    cache = copy.deepcopy(after.cache) if after is not None else None
-    out = model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True)
-    start = after.length if after is not None else 0
-    return Prefix(out.cache, out.logits[0, -1].float().log_softmax(-1), start + len(ids))
+    never changed, so a fixed prompt head is computed once and reused). With `batcher`, the
+    forward is shared with concurrent requests."""
+    row = [(after, list(ids), "run")]
+    return (batcher(row) if batcher is not None else run_rows(model, row))[0]
 
 
-@torch.inference_mode()
-def score_continuations(model, prefix: Prefix, continuations: list, want_next: bool = False):
+def score_continuations(model, prefix: Prefix, continuations: list, want_next: bool = False,
+                        batcher=None):
     """Total log P(c | prefix) for each token list c (each non-empty).
 
     With `want_next`, also returns each continuation's (V,) log-probabilities of the token
-    that would follow it (used to extend partial words).
+    that would follow it (used to extend partial words). With `batcher` (a MicroBatcher of
+    `run_rows` on this model), the forward is shared with concurrent requests.
     """
-    n = len(continuations)
-    if n == 0:
+    if not continuations:
         return ([], []) if want_next else []
-    device = prefix.next_logp.device
-    width = max(len(c) for c in continuations)
-    ids = torch.zeros((n, width), dtype=torch.long, device=device)
-    for row, cont in enumerate(continuations):
-        ids[row, :len(cont)] = torch.tensor(cont, device=device)
-    cache = copy.deepcopy(prefix.cache)
-    cache.batch_repeat_interleave(n)
-    logp = model(input_ids=ids, cache=cache, use_cache=True).logits.float()
-    logp = logp.log_softmax(-1)                                            # (n, width, V)
-    totals, following = [], []
-    for row, cont in enumerate(continuations):
-        total = prefix.next_logp[cont[0]]
-        if len(cont) > 1:
-            steps = torch.tensor(cont[1:], device=device)
-            total = total + logp[row, torch.arange(len(cont) - 1, device=device), steps].sum()
-        totals.append(float(total))
-        if want_next:
-            following.append(logp[row, len(cont) - 1])
-    return (totals, following) if want_next else totals
+    rows = [(prefix, list(c), "score") for c in continuations]
+    scored = batcher(rows) if batcher is not None else run_rows(model, rows)
+    totals = [t for t, _ in scored]
+    return (totals, [f for _, f in scored]) if want_next else totals
+
+
+def run_rows(model, rows: list) -> list:
+    """Rows (after: Prefix | None, ids, kind), of one request or several, in one forward per
+    kind. Per row, kind "run": the Prefix after `ids`; kind "score" (`after` given):
+    (log P(ids | after), (V,) log P(next token | after, ids))."""
+    out: list = [None] * len(rows)
+    for kind in ("run", "score"):
+        picked = [r for r, row in enumerate(rows) if row[2] == kind]
+        if picked:
+            for r, result in zip(picked, _forward(model, [rows[r] for r in picked])):
+                out[r] = result
+    return out
+
+
+@torch.inference_mode()
+def _forward(model, rows: list) -> list:
+    """Rows of one kind: ids right-padded; one `after` shared by all rows (one request) is
+    repeated as is, several are left-padded to one width, masked and positioned."""
+    device = next(model.parameters()).device
+    width = max(len(ids) for _, ids, _ in rows)
+    x = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for r, (_, ids, _) in enumerate(rows):
+        x[r, :len(ids)] = torch.tensor(ids, device=device)
+    afters = list({id(a): a for a, _, _ in rows}.values())
+    longest = max((a.length for a in afters if a is not None), default=0)
+    if len(afters) == 1:                      # one request: no padding before, no mask
+        cache = None if afters[0] is None else copy.deepcopy(afters[0].cache)
+        if cache is not None and len(rows) > 1:
+            cache.batch_repeat_interleave(len(rows))
+        out = model(input_ids=x, cache=cache, use_cache=True)
+    else:
+        out = _padded_forward(model, rows, x, longest)
+    if rows[0][2] == "score":
+        return [_scored(after, ids, out.logits[r]) for r, (after, ids, _) in enumerate(rows)]
+    return [_cut(out, r, after, ids, longest) for r, (after, ids, _) in enumerate(rows)]
+
+
+def _scored(prefix: Prefix, cont: list, logits: torch.Tensor) -> tuple:
+    logp = logits[:len(cont)].float().log_softmax(-1)                       # (len(c), V)
+    total = prefix.next_logp[cont[0]]
+    if len(cont) > 1:
+        steps = torch.tensor(cont[1:], device=logp.device)
+        total = total + logp[torch.arange(len(cont) - 1, device=logp.device), steps].sum()
+    return float(total), logp[-1]
+
+
+def _cut(out, r: int, after: Prefix | None, ids: list, longest: int) -> Prefix:
+    """Row r's own Prefix out of a batched forward (its cache without any padding)."""
+    from transformers import DynamicCache
+
+    start = after.length if after is not None else 0
+    next_logp = out.logits[r, len(ids) - 1].float().log_softmax(-1)
+    if out.logits.shape[0] == 1:
+        return Prefix(out.cache, next_logp, start + len(ids))
+    lo, hi = longest - start, longest + len(ids)     # its prefix and its ids, no padding
+    layers = [(layer.keys[r:r + 1, :, lo:hi].clone(), layer.values[r:r + 1, :, lo:hi].clone())
+              for layer in out.cache.layers]
+    return Prefix(DynamicCache(ddp_cache_data=layers), next_logp, start + len(ids))
+
+
+def _padded_forward(model, rows: list, x: torch.Tensor, longest: int):
+    """Rows after different prefixes: their caches left-padded to `longest`, masked, and
+    each row's positions counted from its own prefix's length."""
+    from transformers import DynamicCache
+
+    layers = []
+    for i, like in enumerate(next(a for a, _, _ in rows if a is not None).cache.layers):
+        layers.append((torch.cat([_part(a, i, "keys", like, longest) for a, _, _ in rows]),
+                       torch.cat([_part(a, i, "values", like, longest) for a, _, _ in rows])))
+    cache = DynamicCache(ddp_cache_data=layers)
+    lengths = [a.length if a is not None else 0 for a, _, _ in rows]
+    mask = torch.zeros((len(rows), longest + x.shape[1]), dtype=torch.long, device=x.device)
+    for r, length in enumerate(lengths):
+        mask[r, longest - length:] = 1
+    positions = torch.tensor(lengths, device=x.device)[:, None] + \
+        torch.arange(x.shape[1], device=x.device)
+    return model(input_ids=x, attention_mask=mask, position_ids=positions, cache=cache,
+                 use_cache=True)
+
+
+def _part(after, layer: int, name: str, like, longest: int) -> torch.Tensor:
+    """A row's keys or values of one layer, left-padded to `longest` (all padding when the
+    row has no prefix)."""
+    from .serving import _pad_left
+
+    if after is None:
+        return like.keys.new_zeros(getattr(like, name).shape[:2] + (longest,) +
+                                   getattr(like, name).shape[3:])
+    return _pad_left(getattr(after.cache.layers[layer], name), longest)

@@ -35,6 +35,7 @@ class MicroBatcher:
         self._run = threading.Lock()    # one batch runs at a time
         self._open: _Batch | None = None
         self.batches = 0                # batches run (stats and tests)
+        self.peak = 0                   # the most requests one batch served
 
     def __call__(self, items):
         items = list(items)
@@ -74,6 +75,7 @@ class MicroBatcher:
 
     def _execute(self, batch: _Batch) -> None:
         self.batches += 1
+        self.peak = max(self.peak, len(batch.parts))
         try:
             try:
                 flat = [item for part in batch.parts for item in part]

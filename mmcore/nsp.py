@@ -30,20 +30,22 @@ CALIBRATION = DATA / "nsp_calibration.json"
 SHUFFLE_OFFSET = 7        # negative i pairs first[i] with second[i + 7]
 
 
-def next_sentence(role, first, second) -> float:
-    """P(second follows first) from the kit's next_sentence role object."""
+def next_sentence(role, first, second, batched: bool = False) -> float:
+    """P(second follows first) from the kit's next_sentence role object. `batched`: the
+    forward may be shared with concurrent requests (serving; equal up to float rounding)."""
     score = require(role, "next_sentence", "score sentence pairs")
     first = clean_text(first, "First sentence").strip()
     second = clean_text(second, "Second sentence").strip()
-    return score(first, second)
+    return score(first, second, batched)
 
 
 def logistic(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0
 
 
-def pmi_per_token(model, tok, first: str, second: str) -> float:
-    """[log P(second | first) - log P(second)] / tokens(second)."""
+def pmi_per_token(model, tok, first: str, second: str, batcher=None) -> float:
+    """[log P(second | first) - log P(second)] / tokens(second). `batcher`: see
+    lm_scoring.score_continuations."""
     cont = lm_scoring.encode(tok, " " + second)
     alone = lm_scoring.encode(tok, second)
     if not cont or not alone:
@@ -51,8 +53,10 @@ def pmi_per_token(model, tok, first: str, second: str) -> float:
     limit = getattr(model.config, "max_position_embeddings", 2048)
     if len(lm_scoring.encode(tok, first)) + len(cont) + 1 > limit:
         raise InputError(f"The two sentences are longer than the model's {limit} tokens.")
-    given = lm_scoring.score_continuations(model, lm_scoring.run_prefix(model, tok, first), [cont])
-    prior = lm_scoring.score_continuations(model, lm_scoring.run_prefix(model, tok, ""), [alone])
+    after_first = lm_scoring.run_prefix(model, tok, first, batcher)
+    given = lm_scoring.score_continuations(model, after_first, [cont], batcher=batcher)
+    at_start = lm_scoring.run_prefix(model, tok, "", batcher)
+    prior = lm_scoring.score_continuations(model, at_start, [alone], batcher=batcher)
     return (given[0] - prior[0]) / len(cont)
 
 

@@ -58,6 +58,7 @@ class CausalLM(TextRole):
     def __init__(self, model, tokenizer, name: str, precision: str = "exact (fp32)"):
         super().__init__(model, tokenizer, name, precision)
         self._scheduler = None
+        self._scorer = None
         self._guard = threading.Lock()
 
     def generate(self, prompt, params, num_candidates: int = 1):
@@ -92,15 +93,32 @@ class CausalLM(TextRole):
         """BERT's task approximated left to right (see fill_mask.py)."""
         from .fill_mask import CausalFill
 
-        return CausalFill(self).fill(text, top_k, targets)
+        return CausalFill(self, self.scorer() if batched else None).fill(text, top_k, targets)
 
-    def next_sentence(self, first: str, second: str) -> float:
+    def next_sentence(self, first: str, second: str, batched: bool = False) -> float:
         """P(second follows first) from calibrated pointwise mutual information (nsp.py)."""
         from . import nsp
 
         calib = nsp.calibration(self.name)
-        pmi = nsp.pmi_per_token(self.model, self.tokenizer, first, second)
+        pmi = nsp.pmi_per_token(self.model, self.tokenizer, first, second,
+                                self.scorer() if batched else None)
         return nsp.logistic(calib["weight"] * pmi + calib["bias"])
+
+    def scorer(self):
+        """The micro-batcher of this model's text scoring (`lm_scoring.run_rows`): when
+        serving, concurrent fill-mask / NSP requests run their prefixes and score their
+        candidates in shared forwards. None for a model whose KV cache cannot be padded and
+        stacked."""
+        from functools import partial
+
+        from . import lm_scoring, serving
+        from .microbatch import MicroBatcher
+
+        with self._guard:
+            if self._scorer is None and serving.Scheduler.supports(self.model):
+                self._scorer = MicroBatcher(partial(lm_scoring.run_rows, self.model),
+                                            max_batch=96)
+            return self._scorer
 
     @staticmethod
     def make_fast(model) -> str:
@@ -172,8 +190,25 @@ class MaskedLM(TextRole):
 class NSPHead(TextRole):
     """BERT's next-sentence head: softmax over IsNext / NotNext, as transformers has it."""
 
-    def next_sentence(self, first: str, second: str) -> float:
-        return self.postprocess(self.forward(self.preprocess([(first, second)])))[0]
+    def __init__(self, model, tokenizer, name: str, precision: str = "exact (fp32)"):
+        super().__init__(model, tokenizer, name, precision)
+        self._batcher = None
+        self._guard = threading.Lock()
+
+    def next_sentence(self, first: str, second: str, batched: bool = False) -> float:
+        """With `batched`, the pair shares its forward with other requests' (serving)."""
+        if not batched:
+            return self.score([(first, second)])[0]
+        from .microbatch import MicroBatcher
+
+        with self._guard:
+            if self._batcher is None:
+                self._batcher = MicroBatcher(self.score, max_batch=32)
+        return self._batcher([(first, second)])[0]
+
+    def score(self, pairs: list) -> list:
+        """P(IsNext) of each (first, second) pair, one forward."""
+        return self.postprocess(self.forward(self.preprocess(pairs)))
 
     def preprocess(self, pairs: list) -> dict:
         """Token ids of (first, second) pairs, padded to one batch."""
