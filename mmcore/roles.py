@@ -114,6 +114,11 @@ class CausalLM(TextRole):
         from . import lm_scoring, serving
         from .microbatch import MicroBatcher
 
+        if self.device.type == "cpu" and str(self.precision).startswith("fast"):
+            # measured (bench_fill_mask.py part 3): the CPU's int4/int8 kernels cost grows
+            # with the rows, so 8 users sharing forwards got 0.82x (fill-mask) and 0.93x
+            # (NSP) the throughput of taking turns; at fp32 (and on a GPU) sharing pays
+            return None
         with self._guard:
             if self._scorer is None and serving.Scheduler.supports(self.model):
                 self._scorer = MicroBatcher(partial(lm_scoring.run_rows, self.model),
