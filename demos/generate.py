@@ -159,3 +159,6 @@ def build(ctx: AppContext) -> None:
                                  api_visibility="private", **ctx.model_event("generate"))
     stop_btn.click(None, None, None, cancels=[event, again_event, here_event],
                    api_visibility="private")
+    from . import chat
+
+    chat.build(ctx)                   # chat mode, below plain completion

@@ -1,0 +1,50 @@
+"""Chat mode in the Generate tab (issue 18 item 5) through the running app: the answer is
+the model's continuation of the conversation as its chat template (or transcript) renders
+it; Continue goes on inside the last answer; bad histories get a message."""
+
+import pytest
+from gradio_client import Client
+
+from appclient import launch
+from mmcore import chat
+
+
+@pytest.fixture(scope="module")
+def served():
+    demo, ctx, url = launch(["--kit", "tiny", "--no-warm"])
+    client = Client(url, verbose=False)
+    yield ctx, client
+    client.close()
+    demo.close()
+
+
+def text_of(message) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
+
+
+def test_send_and_continue_equal_the_model_on_the_rendered_conversation(served, tiny_kit):
+    ctx, client = served
+    tok = tiny_kit.model("causal_lm").tokenizer
+    history = client.predict("hello there", [], "Be brief.", 12, 0, "1", "base model",
+                             api_name="/chat")
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    want = tiny_kit.generate(chat.render(tok, convo), max_new_tokens=12, chat=False)
+    assert text_of(history[-1]) == want
+    more = client.predict(history, "Be brief.", 6, 0, "1", "base model",
+                          api_name="/chat_continue")
+    convo.append({"role": "assistant", "content": want})
+    extra = tiny_kit.generate(chat.render(tok, convo, continue_last=True), max_new_tokens=6,
+                              chat=False)
+    assert len(more) == 2 and text_of(more[-1]) == want + extra
+
+
+def test_bad_chat_requests_get_messages(served):
+    _, client = served
+    with pytest.raises(Exception, match="Nothing to continue"):
+        client.predict([], "", 4, 0, "", "base model", api_name="/chat_continue")
+    with pytest.raises(Exception, match="Message is empty"):
+        client.predict("   ", [], "", 4, 0, "", "base model", api_name="/chat")
+    with pytest.raises(Exception, match="No model named"):
+        client.predict("hi", [], "", 4, 0, "", "gpt-9", api_name="/chat")
