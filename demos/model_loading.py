@@ -62,6 +62,15 @@ def build(ctx: AppContext) -> None:
                 "Once ready, pick it as \"loaded: ...\" in that role's tabs.")
 
     @guarded
+    def model_status(role: str, source: str) -> str:
+        """The status of a model you asked to load: "loading", "ready", "not loaded" or
+        "error: why" (a failed load's reason)."""
+        from mmcore.dual_encoder import public_name
+
+        listed = {public_name(s): s for v in ctx.allowed_models.values() for s in v}
+        return ctx.pool.status(role, listed.get(source, str(source or "").strip()))
+
+    @guarded
     def models() -> list:
         """Every model a user can pick: [{role, model, kind, status}] (kind: kit,
         fine-tuned, run-time)."""
@@ -78,18 +87,35 @@ def build(ctx: AppContext) -> None:
                              label="Hub id or listed folder", scale=2,
                              interactive=bool(listed) or ctx.allow_model_loading)
         load = gr.Button("Load", scale=0, interactive=bool(listed) or ctx.allow_model_loading)
-    status = gr.Markdown()
+    status = gr.Markdown(label="Load status")
+    asked = gr.State(None)                         # this user's last (role, source)
     catalogue_table = gr.Dataframe(value=table(ctx), headers=["role", "model", "kind", "status"],
                                    interactive=False, label="Models you can pick")
     timer = gr.Timer(1.0, active=False)
     api = gr.JSON(visible=False, label="Models")
 
-    def refresh():
+    def refresh(mine):
+        """The table, and this user's own load: its status (an error says why) until done."""
+        line = gr.update()
         busy = any(r["status"] == "loading" for r in catalogue(ctx))
-        return table(ctx), gr.Timer(active=busy)
+        if mine:
+            state = ctx.pool.status(mine[0], mine[1])
+            busy = busy or state == "loading"
+            line = f"{text_md(mine[2])} for {mine[0]}: {text_md(state)}."
+        return table(ctx), gr.Timer(active=busy), line
+
+    def remember(role_name, name):
+        from mmcore.dual_encoder import public_name
+
+        listed = {public_name(s): s for v in ctx.allowed_models.values() for s in v}
+        name = str(name or "").strip()
+        return (role_name, listed.get(name, name), name)
 
     load.click(load_model, [role, source], status, api_name="load_model").then(
-        refresh, outputs=[catalogue_table, timer], api_visibility="private")
-    timer.tick(refresh, outputs=[catalogue_table, timer], show_progress="hidden",
+        remember, [role, source], asked, api_visibility="private").then(
+        refresh, asked, [catalogue_table, timer, status], api_visibility="private")
+    timer.tick(refresh, asked, [catalogue_table, timer, status], show_progress="hidden",
                api_visibility="private")
+    gr.Button("Status of my model", size="sm", visible=False).click(
+        model_status, [role, source], status, api_name="model_status")
     gr.Button("List models", size="sm").click(models, outputs=api, api_name="models")

@@ -70,14 +70,26 @@ def _number(body: dict, name: str, cast, default):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"'{name}' must be a number, not {json.dumps(value)[:40]}.")
+    if value != value or value in (float("inf"), float("-inf")):     # json takes NaN, 1e999
+        raise ApiError(400, f"'{name}' must be a finite number, not {value}.")
+    if cast is int and value != int(value):
+        raise ApiError(400, f"'{name}' must be a whole number, not {value}.")
     return cast(value)
+
+
+# values of refused fields that ask for nothing (clients send them by default)
+NOTHING = {"best_of": (1,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+           "suffix": ("",)}
 
 
 def sampling(body: dict, default_max: int) -> tuple:
     """(SamplingParams, n) from an OpenAI request body, checked like the Generate tab's."""
-    unknown = sorted(k for k in body if k in REFUSED and body[k] not in (None, False, 0))
+    unknown = sorted(k for k in body if k in REFUSED and body[k] not in (None, False, 0)
+                     and body[k] not in NOTHING.get(k, ()))
     if unknown:
         raise ApiError(400, f"Not supported by this server: {', '.join(unknown)}.")
+    if body.get("stream") not in (None, True, False):
+        raise ApiError(400, "'stream' must be true or false.")
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or
                                  (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
@@ -262,10 +274,12 @@ def mount(app, ctx, running: int = 1) -> Api:
     router = APIRouter(prefix="/v1")
 
     async def read(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"The request body is {len(raw):,} bytes; the limit is "
-                                f"{MAX_BODY:,}.")
+        from mmcore.http_body import TooLarge, read_limited
+
+        try:
+            raw = await read_limited(request, MAX_BODY)
+        except TooLarge as exc:
+            raise ApiError(413, str(exc)) from None
         try:
             return json.loads(raw or b"null")
         except (ValueError, UnicodeDecodeError):

@@ -85,7 +85,7 @@ def ranks(a, b) -> list:
 @dataclass
 class RetrievalDiff:
     k: int
-    overlap: float               # |top-k of A and top-k of B| / k
+    overlap: float               # |top-k of A and B| / k (or the lists' length when shorter)
     kept: list = field(default_factory=list)      # [(id, rank A, rank B)]
     gained: list = field(default_factory=list)    # ids in B's top k only
     lost: list = field(default_factory=list)      # ids in A's top k only
@@ -104,6 +104,7 @@ def retrieval(a: list, b: list, k: int | None = None) -> RetrievalDiff:
     top_a, top_b = ids_a[:k], ids_b[:k]
     in_b = {pid: i + 1 for i, pid in enumerate(top_b)}
     kept = [(pid, i + 1, in_b[pid]) for i, pid in enumerate(top_a) if pid in in_b]
-    return RetrievalDiff(k, len(kept) / k, kept,
+    shown = max(min(k, max(len(top_a), len(top_b))), 1)     # lists shorter than k (few items)
+    return RetrievalDiff(k, len(kept) / shown, kept,
                          [pid for pid in top_b if pid not in set(top_a)],
                          [pid for pid in top_a if pid not in in_b])

@@ -146,11 +146,22 @@ def public_name(source: str) -> str:
     return f"{Path(source).name}@{digest}"
 
 
+def weights_version(source: str) -> str:
+    """For a local folder, a digest of its weight files' names, sizes and times: a model
+    retrained into the same folder is another model (caches and saved indexes key on it)."""
+    folder = Path(str(source)).expanduser()
+    if not folder.is_dir():
+        return ""
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+             for p in sorted(folder.glob("*.safetensors"))]
+    return "#" + hashlib.sha256(repr(stats).encode()).hexdigest()[:10] if stats else ""
+
+
 class ClipEncoder(DualEncoder):
     def __init__(self, model, processor, name: str):
         super().__init__()
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
-        self.identity = f"hf-clip:{public_name(name)}"
+        self.identity = f"hf-clip:{public_name(name)}{weights_version(name)}"
         bias = getattr(model, "logit_bias", None)          # SiglipModel has one; CLIP has not
         self.logit_bias = float(bias.detach().reshape(-1)[0]) if bias is not None else None
         cfg = getattr(model.config, "text_config", model.config)

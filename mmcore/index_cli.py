@@ -39,9 +39,13 @@ def build_folder(kit, folder, out, captions_csv=None, thumbnail_size=THUMBNAIL,
     by torchrun (rank r embeds files r, r+N, ...); rank 0 merges and saves.
     `progress(done, total)` is called per batch; `report` (a dict) receives this process's
     data report (added, duplicates, errors). Nothing is saved when no image is usable."""
-    cache.check_target(out, overwrite)          # refuse before the work, not after it
     if not Path(folder).is_dir():
         raise InputError(f"{folder}: no such folder.")
+    source, target = Path(folder).resolve(), Path(out).resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise InputError("--out must lie outside the folder of images (and not contain it): "
+                         "writing the index there could replace the images.")
+    cache.check_target(out, overwrite)          # refuse before the work, not after it
     files = image_files(folder)
     captions = {}
     if captions_csv:
@@ -52,7 +56,9 @@ def build_folder(kit, folder, out, captions_csv=None, thumbnail_size=THUMBNAIL,
     rank, world = _distributed()
     mine = files[rank::world]
     index = Index(kit.encoder() if hasattr(kit, "encoder") else kit, thumbnail_size)
-    done = index.add(mine, [captions.get(p.name, "") for p in mine], progress)
+    # ids are paths relative to the folder: results never name the server's folders
+    done = index.add(mine, [captions.get(p.name, "") for p in mine], progress,
+                     ids=[p.relative_to(source).as_posix() for p in mine])
     if report is not None:
         report.update(done, files=len(files))
     if world == 1:
@@ -68,9 +74,19 @@ def build_folder(kit, folder, out, captions_csv=None, thumbnail_size=THUMBNAIL,
         merged = Index(index.encoder)
         parts = [Index.load(Path(out).with_name(Path(out).name + f".shard{r}"), kit)
                  for r in range(world)]
-        order = {str(p): i for i, p in enumerate(files)}
-        rows = sorted(((order.get(pid, len(order)), part, i) for part in parts
-                       for i, pid in enumerate(part.ids)), key=lambda x: x[0])
+        order = {p.relative_to(source).as_posix(): i for i, p in enumerate(files)}
+        rows, seen = [], set()
+        # file order, and one copy of each content as a one-process build keeps (the
+        # first in file order): shards only de-duplicate within themselves
+        for row in sorted(((order.get(pid, len(order)), part, i) for part in parts
+                           for i, pid in enumerate(part.ids)), key=lambda x: x[0]):
+            digest = row[1].hashes[row[2]]
+            if digest in seen:
+                if report is not None:
+                    report["duplicates"] = report.get("duplicates", 0) + 1
+                continue
+            seen.add(digest)
+            rows.append(row)
         if rows:
             merged.vectors = torch.stack([part.vectors[i] for _, part, i in rows])
             merged.ids = [part.ids[i] for _, part, i in rows]
@@ -83,6 +99,22 @@ def build_folder(kit, folder, out, captions_csv=None, thumbnail_size=THUMBNAIL,
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return merged
+
+
+def _natural(text: str, low: int = 0, high: int = 2**31 - 1) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be from {low} to {high}, not {value}")
+    return value
+
+
+def port(text: str) -> int:
+    return _natural(text, 0, 65535)
 
 
 def parser():
@@ -112,7 +144,7 @@ def parser():
                    help="texts to search for; '-' reads one query per line from stdin")
     s.add_argument("--image", action="append", default=[], metavar="PHOTO",
                    help="an image file to search by (repeat for several searches)")
-    s.add_argument("-k", type=int, default=5, help="results per query")
+    s.add_argument("-k", type=lambda t: _natural(t, 1), default=5, help="results per query")
     s.add_argument("--negative", help="text to move every query away from")
     s.add_argument("--json", action="store_true",
                    help="one JSON object per query: {query, results: [{id, score, caption}]}")
@@ -120,7 +152,7 @@ def parser():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     v.add_argument("index", help="folder of a saved index")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    v.add_argument("--port", type=int, default=8765, help="port to listen on")
+    v.add_argument("--port", type=port, default=8765, help="port to listen on")
     for sp in (b, s, v):
         sp.add_argument("--kit", **kit)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -192,7 +224,13 @@ def _build(kit, args) -> int:
 def main(argv=None) -> int:
     from . import load_kit
 
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # queries may follow options (`search DIR -k 2 "a cat"`): argparse leaves them over
+    if args.command == "search" and all(e == "-" or not e.startswith("-") for e in extra):
+        args.queries += extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         kit = load_kit(args.kit)
         if args.command == "build":

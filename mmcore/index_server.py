@@ -66,12 +66,12 @@ def make_app(index):
 
     @app.post("/search")
     async def search(request: Request):
-        size = request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > MAX_BODY:
-            return error(413, f"The body is over {MAX_BODY:,} bytes.")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            return error(413, f"The body is over {MAX_BODY:,} bytes.")
+        from .http_body import TooLarge, read_limited
+
+        try:
+            raw = await read_limited(request, MAX_BODY)
+        except TooLarge as exc:
+            return error(413, str(exc))
         try:
             import json
 

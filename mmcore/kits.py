@@ -132,6 +132,10 @@ class Kit:
     errors: dict = field(default_factory=dict)        # role -> message of a failed load
     serving: object = None       # a serving.ServingConfig: generation goes through a scheduler
     precision: str = "exact"                          # "exact" or "fast" (precision.py)
+    # the role objects this kit has used: a kit `release`d while a request still holds it
+    # keeps serving that request from these (never loading them again into the registry);
+    # their memory goes when the last holder of the kit does
+    _held: dict = field(default_factory=dict, repr=False, compare=False)
 
     def spec(self, role: str) -> ModelSpec:
         if role not in ROLES:
@@ -146,12 +150,16 @@ class Kit:
         """The role's object (a `roles.CausalLM`, `MaskedLM`, `NSPHead` or a dual encoder),
         loading it on first use (thread-safe, once per process)."""
         spec = self.spec(role)
+        held = self._held.get(role)
+        if held is not None and held[0] == self._key(role):
+            return held[1]
         try:
             obj = get_loaded(spec, role, self.device, self.precision)
         except ModelUnavailable as exc:
             self.errors[role] = str(exc)
             raise
         self.errors.pop(role, None)
+        self._held[role] = (self._key(role), obj)
         return obj
 
     def _key(self, role: str) -> tuple:

@@ -22,6 +22,10 @@ from .kits import ROLES, load_kit, loaded_bytes, release
 
 MB = 1024 * 1024
 MAX_SOURCE = 300
+MAX_LOADING = 2               # loads in flight at once; more are told to try again
+MAX_ERRORS = 64               # failed loads remembered (their status), oldest forgotten
+# what a hub model needs (never every format in its repository)
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 
 
 def read_allowed(path) -> dict:
@@ -60,6 +64,30 @@ def _hub_id(source: str) -> bool:
             and not source.startswith(("~", "/")) and "\\" not in source)
 
 
+def fetch(source: str) -> str:
+    """A user's hub id as a folder in the Hugging Face cache (downloaded when the hub is
+    reachable): a name is never looked up as a folder on this server, however it reads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, allow_patterns=HUB_FILES)
+    except Exception as exc:  # noqa: BLE001 - no network, no such repo, gated, ...
+        raise ModelUnavailable(f"'{source}' could not be fetched from the Hugging Face hub "
+                               f"({type(exc).__name__}).") from None
+
+
+def _scrub(message: str, source: str, path: str) -> str:
+    """A load's message fit for any user: no folder of this server in it."""
+    import re
+
+    from .dual_encoder import public_name
+
+    for raw, shown in ((path, source), (source, public_name(source))):
+        if raw != shown:
+            message = message.replace(raw, shown)
+    return re.sub(r"(?<![\w.])/[^\s'\"]+", "<path>", message)[:500]
+
+
 class ModelPool:
     def __init__(self, kit, allowed: dict | None = None, open_loading: bool = False,
                  budget_mb: float = 4096):
@@ -69,7 +97,7 @@ class ModelPool:
         self.budget_mb = budget_mb
         self._lock = threading.Lock()
         self._kits: OrderedDict = OrderedDict()     # (role, source) -> Kit, least recent first
-        self._errors: dict = {}                     # (role, source) -> message
+        self._errors: OrderedDict = OrderedDict()   # (role, source) -> message
         self._loading: set = set()
 
     # ---- policy
@@ -102,6 +130,9 @@ class ModelPool:
         with self._lock:
             if key in self._kits or key in self._loading:
                 return source
+            if len(self._loading) >= MAX_LOADING:
+                raise InputError(f"{len(self._loading)} models are loading now; try again in "
+                                 "a minute.")
             self._loading.add(key)
             self._errors.pop(key, None)
         thread = threading.Thread(target=self._load, args=(key,), daemon=True,
@@ -113,17 +144,19 @@ class ModelPool:
 
     def _load(self, key) -> None:
         role, source = key
+        path = source
         try:
-            kit = load_kit(self.base.name, precision=self.base.precision, **{role: source})
+            if source not in self.allowed.get(role, []):
+                path = fetch(source)           # a user's hub id: only ever from the hub
+            kit = load_kit(self.base.name, precision=self.base.precision, **{role: path})
             kit.model(role)
-        except (InputError, ModelUnavailable) as exc:
-            with self._lock:
-                self._errors[key] = str(exc)
-                self._loading.discard(key)
-            return
         except Exception as exc:  # noqa: BLE001 - a failed load is reported, never raised
+            known = isinstance(exc, (InputError, ModelUnavailable))
+            message = str(exc) if known else f"{type(exc).__name__}: could not load it."
             with self._lock:
-                self._errors[key] = f"{type(exc).__name__}: could not load this model."
+                self._errors[key] = _scrub(message, source, path)
+                while len(self._errors) > MAX_ERRORS:
+                    self._errors.popitem(last=False)
                 self._loading.discard(key)
             return
         with self._lock:

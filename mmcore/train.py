@@ -368,6 +368,14 @@ OPTION_HELP = {
 }
 
 
+def _workers(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or int(text) > 64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 64, not {text!r}")
+    return int(text)
+
+
 def parser():
     import argparse
 
@@ -387,8 +395,8 @@ def parser():
                    help="auto: resume a checkpoint in --out made from the same data, model "
                         "and options, refuse anything else; never: start afresh over it; "
                         "require: resume or fail")
-    p.add_argument("--workers", type=int, default=default_workers(),
-                   help="processes decoding images")
+    p.add_argument("--workers", type=_workers, default=default_workers(),
+                   help="processes decoding images (0: in the training process)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files mmcore did not write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -430,15 +438,20 @@ def main(argv=None) -> int:
     data, out, kit_name = args.pop("data"), args.pop("out"), args.pop("kit")
     quiet = args.pop("quiet")
     main_process = os.environ.get("RANK", "0") == "0"          # one process prints
-    bar = tqdm(unit="step", desc="training", file=sys.stderr,
-               disable=quiet or not main_process)
+    bar = None
 
     def show(row):
+        nonlocal bar
+        if bar is None:                    # made after the data report: its own lines
+            bar = tqdm(unit="step", desc="training", file=sys.stderr,
+                       disable=quiet or not main_process)
         bar.total = row["steps"]
         bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         bar.update(row["step"] - bar.n)
 
     try:
+        options = {k: v for k, v in args.items() if k in TrainOptions.__dataclass_fields__}
+        TrainOptions(**options).check()            # a bad option fails before the data
         report = load_pairs(data, require=False)
         if main_process:
             _report(report)
@@ -458,7 +471,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     if main_process:
         if result.reason:
             print(f"stopped: {result.reason}", file=sys.stderr)

@@ -90,7 +90,7 @@ def test_chat_uses_the_transcript_when_the_model_has_no_template(server):
 
 @pytest.mark.parametrize("body, status, message", [
     ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_new_tokens must be between"),
-    ({"prompt": PROMPT, "temperature": float("nan")}, 400, "NaN"),
+    ({"prompt": PROMPT, "temperature": float("nan")}, 400, "must be a finite number, not nan"),
     ({"prompt": PROMPT, "temperature": "hot"}, 400, "must be a number"),
     ({"prompt": PROMPT, "logprobs": 3}, 400, "Not supported by this server: logprobs"),
     ({"prompt": PROMPT, "frobnicate": 1}, 400, "Unknown field"),
