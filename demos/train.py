@@ -101,13 +101,14 @@ def build(ctx: AppContext) -> None:
         return folder
 
     def unpack(file, use_demo: bool, dest, budget) -> tuple:
-        """(folder, notes): the demo set (copied to `dest` when given), or the upload
-        extracted into `dest`, with the archive entries that were left out."""
-        if use_demo:
-            return (demo_set() if dest is None else shutil.copytree(demo_set(), dest)), []
+        """(folder, notes): the upload extracted into `dest` (an upload always wins), else
+        the demo set when asked for (copied to `dest` when given), with the archive entries
+        that were left out."""
         upload = uploaded(file, "training data")
+        if upload is None and use_demo:
+            return (demo_set() if dest is None else shutil.copytree(demo_set(), dest)), []
         if upload is None:
-            raise InputError("Upload a .zip of images with captions, or tick 'use the demo "
+            raise InputError("Upload a .zip of images with captions, or click 'Use the demo "
                              "set'.")
         folder, _, skipped = archives.safe_extract(
             upload.path, tuple(train_data.IMAGE_SUFFIXES) + (".csv", ".jsonl", ".txt"), dest,
@@ -119,7 +120,8 @@ def build(ctx: AppContext) -> None:
         """The validation report of an upload (or of the demo set). The images are checked in
         a worker; if this request is cancelled, the worker stops at the next image."""
         with ctx.files.request(request) as work:
-            folder, notes = unpack(file, bool(use_demo), None if use_demo else work / "data",
+            demo = bool(use_demo) and uploaded(file, "training data") is None
+            folder, notes = unpack(file, demo, None if demo else work / "data",
                                    ctx.files.budget(request))
             stop, out = threading.Event(), {}
 
@@ -143,7 +145,8 @@ def build(ctx: AppContext) -> None:
             if "error" in out:
                 raise out["error"]
             out["report"].notices += notes
-            yield report_md(out["report"].summary())
+            source = "the demo set" if demo else "your upload"
+            yield f"**Data: {source}.** " + report_md(out["report"].summary())
 
     def options_from(epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed) -> dict:
         if parts not in PARTS:
@@ -266,9 +269,11 @@ def build(ctx: AppContext) -> None:
     with gr.Row():
         file = gr.File(label="Data (.zip)", file_types=[".zip"])
         with gr.Column():
-            use_demo = gr.Checkbox(label="Use the demo set (drawn shapes + packaged photos)",
-                                   value=True)
+            demo_btn = gr.Button("Use the demo set (drawn shapes + packaged photos)")
             check = gr.Button("Validate the data")
+    # what the data is: an upload selects the upload, the button the demo set (the API's
+    # `use_demo` flag; an upload still wins)
+    use_demo = gr.Checkbox(value=False, visible=False, label="Use the demo set")
     report = gr.Markdown()
     with gr.Row():
         epochs = gr.Slider(1, 100, value=20, step=1, label="Epochs")
@@ -298,6 +303,9 @@ def build(ctx: AppContext) -> None:
     outputs = [status_md, plot, before_after, download]
     check.click(validate, [file, use_demo], report, api_name="validate_training_data",
                 preprocess=False)
+    file.upload(lambda: False, None, use_demo, api_visibility="private")
+    demo_btn.click(lambda: (True, None), None, [use_demo, file], api_visibility="private").then(
+        validate, [file, use_demo], report, preprocess=False, api_visibility="private")
     go.click(start, [file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum,
                      seed], outputs, api_name="train", preprocess=False,
              concurrency_id="train", concurrency_limit=4)
