@@ -123,3 +123,81 @@ def test_fine_tune_flow(browser, served, tmp_path):
     wait_text(page, r"Data: your upload\. 6 usable")
     shot(page, "fine-tune")
     page.close()
+
+
+def set_number(panel, label, value):
+    """Type into a slider's or number box's number field."""
+    box = panel.get_by_label(f"number input for {label}", exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def generate_stats(panel):
+    """(tokens in the stats line, the stats line)."""
+    line = panel.locator(".prose", has_text="tokens/s").first.inner_text()
+    return int(re.match(r"(\d+) tokens", line).group(1)), line
+
+
+STOP_WHILE_STREAMING = """() => new Promise(done => {
+  const button = (name) => [...document.querySelectorAll('button')].find(
+      b => b.innerText.trim() === name && b.offsetParent !== null && b.classList.contains('lg'));
+  const line = () => document.body.innerText.match(/^(\\d{2,}|[2-9]) tokens ·(?!.*finished).*$/m);
+  const check = () => {
+    const m = line();
+    if (!m) return requestAnimationFrame(check);
+    const disabled = button('Generate').disabled;
+    button('Stop').click();
+    done({disabled, line: m[0]});
+  };
+  check();
+})"""
+
+
+def test_generate_flow(browser, served):
+    import mmcore
+
+    page = open_app(browser, served)
+    panel = tab(page, "Generate")
+    go = page.get_by_role("button", name="Generate", exact=True)
+    output = panel.get_by_label("Output")
+    view = panel.locator(".token-container .token")
+    # a first run, to the end
+    panel.get_by_label("Prompt").fill("the sea")
+    set_number(panel, "Max new tokens", 40)
+    panel.get_by_label("Seed (blank").fill("7")
+    go.click()
+    wait_text(page, r"finished: length")
+    assert view.count() == 40
+    # a second, long run: Generate is disabled while it streams, tokens/s reads live
+    panel.get_by_label("Prompt").fill("once upon a time")
+    set_number(panel, "Max new tokens", 1000)
+    go.click()
+    # the moment a few tokens are on screen (in the page, so Stop lands mid-run): is Generate
+    # disabled, does tokens/s read live; then Stop
+    seen = page.evaluate(STOP_WHILE_STREAMING)
+    assert seen["disabled"] and not re.search(r"· (0\.0|–) tokens/s", seen["line"]), seen
+    wait_text(page, r"\d+ tokens · .* · stopped")
+    page.wait_for_timeout(1000)             # late updates of the cancelled run change nothing
+    # one consistent run, marked stopped: stats, token view and code are the stopped run's
+    count, line = generate_stats(panel)
+    assert 0 < count < 1000 and "stopped" in line and "finished" not in line
+    assert view.count() == count
+    assert "once upon a time" in panel.locator(".cm-content").inner_text()
+    assert go.is_enabled()
+    # click a token: its alternatives; regenerate from it with the second one
+    view.nth(4).click()
+    wait_text(page, r"Token 5: ")
+    page.get_by_role("button", name="Regenerate from here with this alternative").click()
+    wait_text(page, r"finished: ")
+    # the old pick's panel goes, Generate is back
+    page.wait_for_function("() => !document.body.innerText.includes('Token 5: ')")
+    go.wait_for(state="visible")
+    assert go.is_enabled()
+    shot(page, "generate")
+    # the copy-as-code reproduces the output on screen
+    code = panel.locator(".cm-content").inner_text()
+    shown = output.input_value()
+    printed = []
+    exec(code.replace("print(", "printed.append("), {"printed": printed, "mmcore": mmcore})
+    assert printed == [shown]
+    page.close()
