@@ -201,3 +201,64 @@ def test_generate_flow(browser, served):
     exec(code.replace("print(", "printed.append("), {"printed": printed, "mmcore": mmcore})
     assert printed == [shown]
     page.close()
+
+
+def test_retrieval_flow(browser, served, tmp_path, chelsea):
+    page = open_app(browser, served)
+    panel = tab(page, "Retrieval")
+    page.get_by_role("button", name="Load the demo photos").click()
+    wait_text(page, r"10 images in the gallery")
+    # adding an upload keeps the gallery
+    chelsea.resize((96, 64)).save(tmp_path / "cat.png")
+    panel.locator("input[type=file]").nth(0).set_input_files(str(tmp_path / "cat.png"))
+    page.get_by_role("button", name="Add uploads").click()
+    wait_text(page, r"11 images in the gallery")
+    # text, then with a negative term; the screen says which query ran
+    panel.get_by_label("Text query").fill("a cat")
+    page.get_by_role("button", name="Search", exact=True).click()
+    wait_text(page, r"Results for the text “a cat”")
+    thumbs = panel.locator("button.thumbnail-item")
+    assert thumbs.count() == 8
+    labels = panel.locator(".caption-label")
+    assert labels.count() == 8 and all(re.match(r"-?\d\.\d{3} · ", t) for t in
+                                       labels.all_inner_texts())
+    assert not panel.get_by_text("1.000 · ").count()                # no text scores 1.0
+    panel.get_by_label("…but not (optional)").fill("a clock")
+    page.get_by_role("button", name="Search", exact=True).click()
+    wait_text(page, r"Results for the text “a cat” but not “a clock”")
+    # search by a result: no preview stays open; the image itself comes first at 1.000
+    name = labels.nth(3).inner_text().split(" · ", 1)[1]
+    thumbs.nth(3).click()
+    wait_text(page, r"Results for the image “")
+    assert labels.first.inner_text() == f"1.000 · {name}"
+    assert not panel.locator(".preview").count()
+    assert thumbs.count() == 8
+    # an uploaded query image with a typed query: the image is used, and the screen says so
+    panel.locator("input[type=file]").nth(1).set_input_files(str(tmp_path / "cat.png"))
+    page.get_by_role("button", name="Search", exact=True).click()
+    wait_text(page, r"Results for your query image \(the typed text was not used")
+    assert labels.first.inner_text().endswith(" · cat.png")
+    # the results download as a table
+    with page.expect_download() as got:
+        panel.locator("a[download='results.csv']").click()
+    rows = got.value.path().read_text().splitlines()
+    assert rows[0] == "rank,score,id,caption" and len(rows) == 9 and ",cat.png," in rows[1]
+    shot(page, "retrieval")
+    # save the index, then load it back in a fresh session
+    page.get_by_text("Save, load, export, evaluate").click()
+    page.get_by_role("button", name="Save index").click()
+    with page.expect_download() as saved:
+        panel.locator("a[download='mmcore-index.zip']").click()
+    saved.value.save_as(tmp_path / "index.zip")
+    page.close()
+    page = open_app(browser, served)
+    panel = tab(page, "Retrieval")
+    page.get_by_text("Save, load, export, evaluate").click()
+    panel.locator("input[type=file]").nth(2).set_input_files(str(tmp_path / "index.zip"))
+    page.get_by_role("button", name="Load index").click()
+    wait_text(page, r"Loaded 11 images")
+    panel.get_by_label("Text query").fill("a cat")
+    page.get_by_role("button", name="Search", exact=True).click()
+    wait_text(page, r"Results for the text “a cat”: 8 images")
+    assert not page.errors, page.errors
+    page.close()
