@@ -65,13 +65,28 @@ class TrainingJob:
         return "No training job yet."
 
 
-def plot_frame(rows: list) -> pd.DataFrame:
-    frame = [{"step": r["step"], "value": r["loss"], "series": "loss"} for r in rows]
-    frame += [{"step": r["step"], "value": r["accuracy"], "series": "in-batch accuracy"}
-              for r in rows]
+# every metric series, named and coloured up front: the legend never depends on which
+# series the first update happened to hold (validation recall arrives once an epoch ends)
+METRICS = {"in-batch accuracy": "#2563eb", "val i2t_r1": "#16a34a", "val t2i_r1": "#dc2626",
+           "val i2t_r5": "#9333ea", "val t2i_r5": "#ea580c"}
+
+
+def loss_frame(rows: list) -> pd.DataFrame:
+    # typed even when empty: the plot reads its axes' types (numbers, not labels) from them
+    return pd.DataFrame([{"step": r["step"], "loss": r["loss"]} for r in rows],
+                        columns=["step", "loss"]).astype({"step": int, "loss": float})
+
+
+def metrics_frame(rows: list) -> pd.DataFrame:
+    frame = [{"step": r["step"], "value": r["accuracy"], "series": "in-batch accuracy"}
+             for r in rows]
     frame += [{"step": r["step"], "value": r[k], "series": f"val {k}"} for r in rows
               for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5") if k in r]
-    return pd.DataFrame(frame or [{"step": 0, "value": 0.0, "series": "loss"}])
+    # the plot fixes its colours from the first update it gets: every series is in each one
+    # (a blank point until its first value)
+    frame += [{"step": 0, "value": None, "series": name} for name in METRICS]
+    return pd.DataFrame(frame, columns=["step", "value", "series"]).astype(
+        {"step": int, "value": float, "series": str})
 
 
 def compare(result) -> list:
@@ -190,7 +205,8 @@ def build(ctx: AppContext) -> None:
         done = False
         try:
             while job.running:
-                yield job.status(), plot_frame(list(job.rows)), gr.skip(), gr.skip()
+                rows = list(job.rows)
+                yield job.status(), loss_frame(rows), metrics_frame(rows), gr.skip(), gr.skip()
                 time.sleep(1.0)
             done = True
         finally:
@@ -201,7 +217,8 @@ def build(ctx: AppContext) -> None:
             target = ctx.files.download(request, f"{job.name}.zip")
             zipped = shutil.make_archive(str(target.with_suffix("")), "zip",
                                          ctx.data.models / job.name)
-        yield job.status(), plot_frame(list(job.rows)), compare(job.result), zipped
+        rows = list(job.rows)
+        yield job.status(), loss_frame(rows), metrics_frame(rows), compare(job.result), zipped
 
     @guarded
     def start(file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed,
@@ -295,12 +312,15 @@ def build(ctx: AppContext) -> None:
                                                   "checkpoint)", value=None)
         again = gr.Button("Resume")
     status_md = gr.Markdown(job.status())
-    plot = gr.LinePlot(x="step", y="value", color="series", label="Loss, accuracy, recall",
-                       height=300)
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="loss", label="Training loss", height=380)
+        metrics_plot = gr.LinePlot(x="step", y="value", color="series", color_map=METRICS,
+                                   y_lim=[0, 1], label="Accuracy and validation recall",
+                                   height=380)     # room for the legend under the plot
     before_after = gr.Dataframe(headers=["validation metric", "base", "fine-tuned"],
                                 interactive=False, label="Before and after")
     download = gr.File(label="Fine-tuned model (.zip)")
-    outputs = [status_md, plot, before_after, download]
+    outputs = [status_md, loss_plot, metrics_plot, before_after, download]
     check.click(validate, [file, use_demo], report, api_name="validate_training_data",
                 preprocess=False)
     file.upload(lambda: False, None, use_demo, api_visibility="private")

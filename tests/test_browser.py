@@ -17,6 +17,7 @@ import pytest
 
 import app as app_module
 from demos import TABS, launch_kwargs
+from demos.train import METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
@@ -121,7 +122,27 @@ def test_fine_tune_flow(browser, served, tmp_path):
     panel.locator("input[type=file]").first.set_input_files(str(caption_zip(tmp_path, 6)))
     page.get_by_role("button", name="Validate the data").click()
     wait_text(page, r"Data: your upload\. 6 usable")
+    # train on a bigger upload; the live plots show the loss and every metric series
+    panel.locator("input[type=file]").first.set_input_files(str(caption_zip(tmp_path, 24)))
+    set_number(panel, "Epochs", 100)
+    set_number(panel, "Batch size", 4)
+    page.get_by_role("button", name="Start", exact=True).click()
+    wait_text(page, r"step \d+/\d+")
+    for series in METRICS:
+        panel.locator("svg text", has_text=series).first.wait_for(timeout=WAIT)
+    page.get_by_role("button", name="Stop", exact=True).click()
+    name = wait_text(page, r"(finetuned-\S+) finished \(stopped\)").group(1)
+    assert panel.locator("svg text", has_text="loss").count()
+    panel.locator(f"a[download='{name}.zip']").wait_for()
     shot(page, "fine-tune")
+    # the fine-tuned model classifies in the Zero-shot tab
+    panel = tab(page, "Zero-shot")
+    panel.locator("input[type=file]").first.set_input_files(str(tmp_path / "0.png"))
+    panel.get_by_label("Labels (comma or newline separated)").fill("a red square, a blue square")
+    panel.get_by_label("Dual encoder (fine-tuned ones").click()
+    page.get_by_role("option", name=name).click()
+    page.get_by_role("button", name="Classify", exact=True).click()
+    wait_text(page, r"a red square")
     page.close()
 
 
