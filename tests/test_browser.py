@@ -79,8 +79,13 @@ def shot(page, name):
 
 def wait_text(page, pattern, timeout=WAIT):
     """Wait until the page's visible text matches `pattern` (a regex); returns the match."""
-    page.wait_for_function("(p) => new RegExp(p).test(document.body.innerText)",
-                           arg=pattern, timeout=timeout)
+    try:
+        page.wait_for_function("(p) => new RegExp(p).test(document.body.innerText)",
+                               arg=pattern, timeout=timeout)
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "failed.png"), full_page=True)
+        raise AssertionError(f"never on screen: {pattern!r} (artifacts/failed.png)") from None
     return re.search(pattern, page.locator("body").inner_text())
 
 
@@ -282,4 +287,42 @@ def test_retrieval_flow(browser, served, tmp_path, chelsea):
     page.get_by_role("button", name="Search", exact=True).click()
     wait_text(page, r"Results for the text “a cat”: 8 images")
     assert not page.errors, page.errors
+    page.close()
+
+
+def test_fill_mask_flow(browser, served, tmp_path):
+    page = open_app(browser, served)
+    panel = tab(page, "Fill mask & NSP")
+    # an example, then two masks written the RoBERTa way
+    panel.locator(".gallery-item, tr.tr-body, button.gallery-item").filter(
+        has_text="I drink a cup of").first.click()
+    page.get_by_role("button", name="Fill", exact=True).click()
+    wait_text(page, r"First mask: probabilities")
+    panel.get_by_label("Sentence with [MASK]").fill("The <mask> of France is <mask>.")
+    page.get_by_role("button", name="Fill", exact=True).click()
+    page.wait_for_function("() => document.querySelectorAll('[role=tabpanel] .token').length")
+    # the joint fills' sentence column shows whole sentences, not cut off
+    cell = panel.get_by_text(re.compile(r"^The \S+ of France is \S+\.$")).locator("visible=true")
+    cell.first.wait_for()
+    assert cell.count() >= 5
+    assert all(c.evaluate("c => c.scrollWidth <= c.clientWidth + 1") for c in cell.all())
+    filled = panel.locator(".token", has_text=re.compile(r"\S")).count()
+    assert filled >= 2
+    # NSP: the answer reads as a sentence about the two orders
+    page.get_by_role("button", name="How likely does B follow A?").click()
+    wait_text(page, r"B follows A with probability 0\.\d+")
+    # CSV in, CSV out (with <mask> too)
+    (tmp_path / "s.csv").write_text("sentence\nParis is the <mask> of France.\n"
+                                    "The [MASK] sat on the mat.\nno mask here\n")
+    page.get_by_text("Batch: CSV in, CSV out").click()
+    panel.locator(".block", has_text="CSV file").locator("input[type=file]").last \
+        .set_input_files(str(tmp_path / "s.csv"))
+    panel.get_by_text("s.csv").first.wait_for()
+    page.get_by_role("button", name="Fill every sentence").click()
+    wait_text(page, r"2 filled, 1 skipped")
+    with page.expect_download() as got:
+        panel.locator("a[download='fill_mask_results.csv']").click()
+    out = got.value.path().read_text()
+    assert out.count("\n") == 4 and "Paris is the " in out
+    shot(page, "fill-mask")
     page.close()
