@@ -326,3 +326,25 @@ def test_fill_mask_flow(browser, served, tmp_path):
     assert out.count("\n") == 4 and "Paris is the " in out
     shot(page, "fill-mask")
     page.close()
+
+
+def test_inside_the_transformer_flow(browser, served):
+    page = open_app(browser, served)
+    panel = tab(page, "Inside the Transformer")
+    page.get_by_role("button", name="Show attention").click()
+    wait_text(page, r"Showing layer 1, mean of all heads")
+    assert panel.get_by_text("attention sink").count()       # the default view, explained
+    # a layer typed and entered, then a head typed at once: neither overwrites the other
+    set_number(panel, "Layer", 2)
+    box = panel.get_by_label("number input for Head (0 = mean of all heads)", exact=True)
+    box.fill("2")
+    wait_text(page, r"Showing layer 2, mean of all heads")
+    page.wait_for_timeout(500)
+    assert box.input_value() == "2"                 # the layer's answer left the head alone
+    page.get_by_role("button", name="Show attention").click()
+    wait_text(page, r"Showing layer 2, head 2")
+    assert panel.get_by_label("number input for Layer", exact=True).input_value() == "2"
+    # the plots' own titles are not covered by label badges
+    assert not panel.locator("[data-testid=block-label]", has_text="Attention heatmap").count()
+    shot(page, "inside-the-transformer")
+    page.close()
