@@ -103,11 +103,14 @@ def build(ctx: AppContext) -> None:
                 "Transformer of *Attention Is All You Need* written from scratch in "
                 "`mmcore.transformer` (tested equal to PyTorch's own layers).")
     with gr.Row():
-        text = gr.Textbox(label="Sentence", value=EXAMPLES[0], max_length=2000, scale=3)
-        model = gr.Dropdown(labels, value=labels[0], label="Model", scale=2)
+        # min widths: on a phone each control gets a line of its own (the model was cut)
+        text = gr.Textbox(label="Sentence", value=EXAMPLES[0], max_length=2000, scale=3,
+                          min_width=320)
+        model = gr.Dropdown(labels, value=labels[0], label="Model", scale=2, min_width=320)
     with gr.Row():
-        layer = gr.Slider(1, 64, value=1, step=1, label="Layer")
-        head = gr.Slider(0, 64, value=0, step=1, label="Head (0 = mean of all heads)")
+        layer = gr.Slider(1, 64, value=1, step=1, label="Layer", min_width=320)
+        head = gr.Slider(0, 64, value=0, step=1, label="Head (0 = mean of all heads)",
+                         min_width=320)
     show = gr.Button("Show attention", variant="primary")
     notes = gr.Markdown()
     with gr.Row():

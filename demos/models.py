@@ -16,8 +16,11 @@ def header_markdown(ctx: AppContext) -> str:
     rows = ctx.kit.describe()
     parts = [f"**{r['role'].replace('_', ' ')}**: {r['name']} <small>({r['licence']}) · "
              f"{BADGES[r['status']]}</small>" for r in rows]
-    return (f"### mmcore · kit `{ctx.kit.name}` · {ctx.kit.device} · precision "
-            f"`{ctx.kit.precision}`\n" + " &nbsp;|&nbsp; ".join(parts))
+    ready = sum(r["status"] == "ready" for r in rows)
+    # one line (a phone showed ~40% header), the roles on demand
+    return (f"**mmcore** · kit `{ctx.kit.name}` · {ctx.kit.device} · precision "
+            f"`{ctx.kit.precision}`\n<details><summary>{ready} of {len(rows)} models ready"
+            "</summary>\n\n" + " &nbsp;|&nbsp; ".join(parts) + "\n</details>")
 
 
 def busy(ctx: AppContext) -> bool:

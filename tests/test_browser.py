@@ -62,8 +62,13 @@ def open_app(browser, served, width=1400, height=1000):
 
 
 def tab(page, title):
-    """Open a tab; returns its panel."""
-    page.get_by_role("tab", name=title, exact=True).click()
+    """Open a tab (from the "More tabs" menu on a narrow screen); returns its panel."""
+    direct = page.get_by_role("tab", name=title, exact=True)
+    if direct.count():
+        direct.click()
+    else:
+        page.get_by_role("button", name="More tabs").click()
+        page.locator(".overflow-dropdown button", has_text=title).click()
     panel = page.locator("[role=tabpanel]:visible").first
     panel.wait_for()
     return panel
@@ -347,4 +352,25 @@ def test_inside_the_transformer_flow(browser, served):
     # the plots' own titles are not covered by label badges
     assert not panel.locator("[data-testid=block-label]", has_text="Attention heatmap").count()
     shot(page, "inside-the-transformer")
+    page.close()
+
+
+def test_phone(browser, served):
+    page = open_app(browser, served, width=390, height=844)
+    # the model-status header is one line, details on demand
+    header = page.locator(".prose", has_text="kit tiny").first
+    assert header.bounding_box()["height"] < 0.12 * 844
+    page.get_by_text("models ready").first.click()
+    page.get_by_text("tiny random GPT-2").first.wait_for()
+    panel = tab(page, "Inside the Transformer")
+    page.get_by_role("button", name="Show attention").click()
+    wait_text(page, r"Showing layer 1")
+    # the model box fits the screen; the head label is not one word a line
+    model = panel.get_by_label("Model")
+    box = model.bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390
+    assert model.evaluate("e => e.scrollWidth <= e.clientWidth + 1")      # not cut off
+    label = panel.get_by_text("Head (0 = mean of all heads)").first.bounding_box()
+    assert label["height"] < 30, label                                   # one line
+    shot(page, "phone")
     page.close()
