@@ -313,17 +313,18 @@ def build(ctx: AppContext) -> None:
         again = gr.Button("Resume")
     status_md = gr.Markdown(job.status())
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", label="Training loss", height=380)
+        loss_plot = gr.LinePlot(x="step", y="loss", label="Training loss")
         metrics_plot = gr.LinePlot(x="step", y="value", color="series", color_map=METRICS,
                                    y_lim=[0, 1], label="Accuracy and validation recall",
-                                   height=380)     # room for the legend under the plot
+                                   color_title="")   # no title row: the legend fits
     before_after = gr.Dataframe(headers=["validation metric", "base", "fine-tuned"],
                                 interactive=False, label="Before and after")
     download = gr.File(label="Fine-tuned model (.zip)")
     outputs = [status_md, loss_plot, metrics_plot, before_after, download]
     check.click(validate, [file, use_demo], report, api_name="validate_training_data",
                 preprocess=False)
-    file.upload(lambda: False, None, use_demo, api_visibility="private")
+    # a new upload: the last report was about other data
+    file.upload(lambda: (False, ""), None, [use_demo, report], api_visibility="private")
     demo_btn.click(lambda: (True, None), None, [use_demo, file], api_visibility="private").then(
         validate, [file, use_demo], report, preprocess=False, api_visibility="private")
     go.click(start, [file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum,
