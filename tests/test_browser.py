@@ -118,6 +118,12 @@ def test_every_tab_renders(browser, served):
     panel.get_by_text("tiny random CLIP").first.wait_for(timeout=WAIT)
     page.wait_for_function("() => document.body.innerText.split('ready').length > 4",
                            timeout=WAIT)
+    # each loaded model's memory, dtype, device and load time; Refresh says it refreshed
+    page.get_by_role("button", name="Refresh", exact=True).click()
+    wait_text(page, r"Refreshed at \d\d:\d\d:\d\d")
+    text = panel.inner_text()
+    assert len(re.findall(r"\d[\d.,]* MB", text)) >= 4 and "float32" in text and "cpu" in text
+    assert len(re.findall(r"\d+\.\d s", text)) >= 4
     shot(page, "models")
     page.close()
 
