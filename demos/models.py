@@ -66,7 +66,9 @@ def memory_md(ctx: AppContext) -> str:
     mem = ctx.memory()
     extra = mem["extra_models"]
     loaded = ", ".join(f"{text_md(m['name'])} ({m['mb']:.0f} MB)" for m in extra["loaded"])
-    return (f"Process memory: **{mem['rss_mb']:.0f} MB**. Fine-tuned models loaded: "
+    tuned = ", ".join(f"`{text_md(n)}`" for n in sorted(ctx.checkpoints)) or "none yet"
+    return (f"Fine-tuned models on this server (Zero-shot and Retrieval offer them): {tuned}."
+            f"\n\nProcess memory: **{mem['rss_mb']:.0f} MB**. Fine-tuned models loaded: "
             f"{len(extra['loaded'])} of at most {extra['limit']}"
             + (f": {loaded}." if loaded else "."))
 

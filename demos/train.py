@@ -14,6 +14,7 @@ import logging
 import shutil
 import threading
 import time
+import zipfile
 
 import gradio as gr
 import pandas as pd
@@ -27,6 +28,18 @@ from .context import AppContext, guarded, text_md
 from .files import uploaded
 
 TITLE = "Fine-tune"
+HOW_TO_LOAD = """{name}: a dual encoder fine-tuned with mmcore (the base model with trained
+projection heads, or towers, as chosen).
+
+Load it in Python, with the kit it was trained from:
+
+    import mmcore
+    # the kit it came from ("offline", "hub" or "tiny"), this zip unpacked into a folder
+    kit = mmcore.load_kit("offline", dual_encoder="path/to/the/unzipped/folder")
+    scores = kit.zero_shot(image, ["a cat", "a dog"])
+
+In the app, a fine-tuned model appears in the Zero-shot and Retrieval model lists.
+"""
 log = logging.getLogger("mmcore.app")
 
 
@@ -217,19 +230,21 @@ def build(ctx: AppContext) -> None:
             target = ctx.files.download(request, f"{job.name}.zip")
             zipped = shutil.make_archive(str(target.with_suffix("")), "zip",
                                          ctx.data.models / job.name)
+            with zipfile.ZipFile(zipped, "a") as zf:
+                zf.writestr("HOW-TO-LOAD.txt", HOW_TO_LOAD.format(name=job.name))
         rows = list(job.rows)
         yield job.status(), loss_frame(rows), metrics_frame(rows), compare(job.result), zipped
 
     @guarded
     def start(file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed,
-              request: gr.Request = None):
+              run_name="", request: gr.Request = None):
         """Start fine-tuning (one job per server) and stream its progress."""
         options = options_from(epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed)
         mmcore.train.TrainOptions(**options).check()
         with job.lock:
             if job.running:
                 raise InputError(job.status() + " Only one training job runs at a time.")
-            run = ctx.data.new_run(options)
+            run = ctx.data.new_run(options, run_name if isinstance(run_name, str) else "")
             try:
                 data, _ = unpack(file, bool(use_demo), ctx.data.data(run), archives.MAX_TOTAL)
             except Exception:
@@ -305,6 +320,8 @@ def build(ctx: AppContext) -> None:
                               "image: + both towers")
         seed = gr.Number(value=0, precision=0, label="Seed")
     with gr.Row():
+        run_name = gr.Textbox(label="Name of the fine-tuned model (blank: a timestamp)",
+                              value="", max_length=60, placeholder="e.g. shapes-v1")
         go = gr.Button("Start", variant="primary")
         halt = gr.Button("Stop", variant="stop")
     with gr.Row():
@@ -328,7 +345,7 @@ def build(ctx: AppContext) -> None:
     demo_btn.click(lambda: (True, None), None, [use_demo, file], api_visibility="private").then(
         validate, [file, use_demo], report, preprocess=False, api_visibility="private")
     go.click(start, [file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum,
-                     seed], outputs, api_name="train", preprocess=False,
+                     seed, run_name], outputs, api_name="train", preprocess=False,
              concurrency_id="train", concurrency_limit=4)
     again.click(resume, [runs], outputs, api_name="resume_training",
                 concurrency_id="train", concurrency_limit=4)

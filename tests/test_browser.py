@@ -146,6 +146,7 @@ def test_fine_tune_flow(browser, served, tmp_path):
     panel.locator("input[type=file]").first.set_input_files(str(caption_zip(tmp_path, 24)))
     set_number(panel, "Epochs", 100)
     set_number(panel, "Batch size", 4)
+    panel.get_by_label("Name of the fine-tuned model").fill("shapes-v1")
     page.get_by_role("button", name="Start", exact=True).click()
     wait_text(page, r"step \d+/\d+")
     plot = panel.locator(".block", has_text="Accuracy and validation recall").last
@@ -155,9 +156,13 @@ def test_fine_tune_flow(browser, served, tmp_path):
         box, frame = entry.bounding_box(), plot.bounding_box()
         assert box["y"] + box["height"] <= frame["y"] + frame["height"], series
     page.get_by_role("button", name="Stop", exact=True).click()
-    name = wait_text(page, r"(finetuned-\S+) finished \(stopped\)").group(1)
+    name = wait_text(page, r"(shapes-v1\S*) finished \(stopped\)").group(1)
     assert panel.locator("svg text", has_text="loss").count()
-    panel.locator(f"a[download='{name}.zip']").wait_for()
+    # the download says how to load it
+    with page.expect_download() as got:
+        panel.locator(f"a[download='{name}.zip']").click()
+    with zipfile.ZipFile(got.value.path()) as zf:
+        assert "load_kit(" in zf.read("HOW-TO-LOAD.txt").decode()
     shot(page, "fine-tune")
     # the fine-tuned model classifies in the Zero-shot tab
     panel = tab(page, "Zero-shot")
