@@ -145,7 +145,8 @@ def test_fine_tune_flow(browser, served, tmp_path):
     # train on a bigger upload; the live plots show the loss and every metric series
     panel.locator("input[type=file]").first.set_input_files(str(caption_zip(tmp_path, 24)))
     set_number(panel, "Epochs", 100)
-    set_number(panel, "Batch size", 4)
+    set_number(panel, "Batch size", 2)
+    panel.get_by_label("image", exact=True).check()      # both towers: slow enough to stop
     panel.get_by_label("Name of the fine-tuned model").fill("shapes-v1")
     page.get_by_role("button", name="Start", exact=True).click()
     wait_text(page, r"step \d+/\d+")
@@ -172,6 +173,17 @@ def test_fine_tune_flow(browser, served, tmp_path):
     page.get_by_role("option", name=name).click()
     page.get_by_role("button", name="Classify", exact=True).click()
     wait_text(page, r"a red square")
+    # Retrieval: a gallery built with the base model keeps its images when uploads come
+    # with the fine-tuned one chosen, and says so
+    panel = tab(page, "Retrieval")
+    page.get_by_role("button", name="Load the demo photos").click()
+    wait_text(page, r"10 images in the gallery")
+    panel.get_by_label("Dual encoder for new galleries").click()
+    page.get_by_role("option", name=name).click()
+    panel.locator("input[type=file]").nth(0).set_input_files(str(tmp_path / "1.png"))
+    page.get_by_role("button", name="Add uploads").click()
+    wait_text(page, r"11 images in the gallery")
+    assert panel.get_by_text("built with another model").count()
     page.close()
 
 
