@@ -15,6 +15,20 @@ EXAMPLES = ["The animal didn't cross the street because it was too tired.",
             "A photo of a cat sitting on a red sofa."]
 
 
+SINK_NOTE = ("\n**Why does almost every token attend to “{first}”?** ({n} of {total} here.) "
+             "Many heads park the attention they do not need on the first token, an *attention "
+             "sink* (Xiao et al., 2023, *Efficient Streaming Language Models with Attention "
+             "Sinks*): softmax weights must sum to 1, and the first token, seen by every "
+             "position, becomes the place to put them. Pick single heads and later layers to "
+             "see the patterns that carry meaning.")
+
+
+SINK_HINT = ("\nIn trained models most tokens often attend to the first token (here "
+             "“{first}”; {n} of {total} do now): an *attention sink*, where heads park the "
+             "attention they do not need (Xiao et al., 2023). Pick single heads and later "
+             "layers to see the patterns that carry meaning.")
+
+
 def whole(value, name: str) -> int:
     """A slider value from a client, which may send anything (NaN, inf, text)."""
     try:
@@ -45,11 +59,22 @@ def build(ctx: AppContext) -> None:
         grid = plots.heads_grid(maps.weights[layer_i], f"layer {layer_i + 1}: every head")
         table = [[t, to, round(v, 3)] for t, to, v in
                  maps.most_attended(layer_i, None if mean else head_i - 1)]
-        notes = "\n".join([f"**{maps.model_name}**: {n_layers} layers × {n_heads} heads, "
-                           f"{len(maps.tokens)} tokens."] +
-                          [f"- {text_md(n)}" for n in maps.notices])
-        return (heat, grid, table, notes, gr.update(maximum=n_layers, value=layer_i + 1),
-                gr.update(maximum=n_heads, value=head_i))
+        lines = [f"**{maps.model_name}**: {n_layers} layers × {n_heads} heads, "
+                 f"{len(maps.tokens)} tokens. Showing layer {layer_i + 1}, {which}."]
+        if layer_i + 1 != layer or head_i != head:
+            lines.append(f"- This model has {n_layers} layers and {n_heads} heads; the "
+                         "request was brought within them.")
+        sink = sum(1 for _, to, _ in table if to == maps.tokens[0])
+        if sink * 2 > len(table) or mean:
+            note = SINK_NOTE if sink * 2 > len(table) else SINK_HINT
+            lines.append(note.format(first=text_md(maps.tokens[0]), n=sink, total=len(table)))
+        notes = "\n".join(lines + [f"- {text_md(n)}" for n in maps.notices])
+        # a slider's value changes only when it was out of range: the answer to a layer
+        # change must not overwrite a head typed meanwhile
+        return (heat, grid, table, notes,
+                gr.update(maximum=n_layers, **({"value": layer_i + 1} if layer_i + 1 != layer
+                                                else {})),
+                gr.update(maximum=n_heads, **({"value": head_i} if head_i != head else {})))
 
     @guarded
     def worked_example(text: str):
@@ -78,16 +103,21 @@ def build(ctx: AppContext) -> None:
                 "Transformer of *Attention Is All You Need* written from scratch in "
                 "`mmcore.transformer` (tested equal to PyTorch's own layers).")
     with gr.Row():
-        text = gr.Textbox(label="Sentence", value=EXAMPLES[0], max_length=2000, scale=3)
-        model = gr.Dropdown(labels, value=labels[0], label="Model", scale=2)
+        # min widths: on a phone each control gets a line of its own (the model was cut)
+        text = gr.Textbox(label="Sentence", value=EXAMPLES[0], max_length=2000, scale=3,
+                          min_width=320)
+        model = gr.Dropdown(labels, value=labels[0], label="Model", scale=2, min_width=320)
     with gr.Row():
-        layer = gr.Slider(1, 64, value=1, step=1, label="Layer")
-        head = gr.Slider(0, 64, value=0, step=1, label="Head (0 = mean of all heads)")
+        layer = gr.Slider(1, 64, value=1, step=1, label="Layer", min_width=320)
+        head = gr.Slider(0, 64, value=0, step=1, label="Head (0 = mean of all heads)",
+                         min_width=320)
     show = gr.Button("Show attention", variant="primary")
     notes = gr.Markdown()
     with gr.Row():
-        heat = gr.Image(label="Attention heatmap", type="pil", format="png")
-        grid = gr.Image(label="Every head of the layer", type="pil", format="png")
+        # no label badge: it covered the plots' own titles, which say what each shows
+        heat = gr.Image(label="Attention heatmap", show_label=False, type="pil", format="png")
+        grid = gr.Image(label="Every head of the layer", show_label=False, type="pil",
+                        format="png")
     attends = gr.Dataframe(headers=["token", "attends most to", "weight"], interactive=False,
                            label="Where each token attends most")
     gr.Examples([[e] for e in EXAMPLES], [text])
@@ -95,8 +125,10 @@ def build(ctx: AppContext) -> None:
     show.click(show_attention, [text, model, layer, head], outputs, api_name="attention",
                **ctx.model_event())
     for control in (layer, head):
+        # always_last: a head entered while the layer's answer is pending still runs
         control.release(show_attention, [text, model, layer, head], outputs,
-                        api_visibility="private", **ctx.model_event())
+                        api_visibility="private", trigger_mode="always_last",
+                        **ctx.model_event())
 
     with gr.Accordion("Positional encoding and one attention step, worked through", open=False):
         run = gr.Button("Work through the first words of the sentence")

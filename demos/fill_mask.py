@@ -1,5 +1,7 @@
 """Fill-mask and next-sentence prediction tab: BERT's two pre-training tasks as probes."""
 
+import re
+
 import gradio as gr
 
 from mmcore import InputError, tables
@@ -42,6 +44,14 @@ def backend_note(ctx: AppContext) -> str:
             "masks are also filled jointly (most confident first, a small beam).")
 
 
+ROBERTA_MASK = re.compile(r"<mask>", re.IGNORECASE)
+
+
+def normalise_masks(text):
+    """`<mask>` (RoBERTa's spelling, as people paste it) counts as `[MASK]`."""
+    return ROBERTA_MASK.sub("[MASK]", text) if isinstance(text, str) else text
+
+
 def highlighted(text: str, result) -> list:
     """The best joint fill as (text, label) pieces, the filled words labelled."""
     segments = split_masks(text)
@@ -57,9 +67,10 @@ def build(ctx: AppContext) -> None:
         """Fill every [MASK] in the text: a chart for the first mask, the best sentence
         highlighted, joint fills and per-mask tables."""
         top_k = as_number(top_k, "Top k", 1, 50, integer=True)
+        text = normalise_masks(text)
         result = ctx.kit.fill_mask_details(text, top_k, targets or None)
         first = {r["token_str"]: r["score"] for r in result.per_mask[0]}
-        joint = [[" | ".join(j["tokens"]), round(j["score"], 5), j["sequence"]]
+        joint = [[" | ".join(j["tokens"]), float(f"{j['score']:.4g}"), j["sequence"]]
                  for j in result.joint]
         per_mask = [[m + 1, r["token_str"], round(r["score"], 5)]
                     for m, rows in enumerate(result.per_mask) for r in rows]
@@ -71,6 +82,14 @@ def build(ctx: AppContext) -> None:
         """P(B follows A) and, for contrast, P(A follows B): two numbers, each the probability
         of one order; they are separate questions and need not sum to 1."""
         return ctx.kit.next_sentence(first, second), ctx.kit.next_sentence(second, first)
+
+    def nsp_words(p_ab, p_ba) -> str:
+        """The two numbers as a sentence (a bare "A then B" read like a class label)."""
+        if p_ab is None or p_ba is None:
+            return ""
+        return (f"**B follows A with probability {p_ab:.3f}** (the model's next-sentence "
+                f"head); for contrast, A follows B with probability {p_ba:.3f}. These are two "
+                "separate questions: they need not sum to 1.")
 
     def read_rows(file, columns: list):
         upload = uploaded(file, "CSV file")
@@ -89,7 +108,7 @@ def build(ctx: AppContext) -> None:
         out = []
         for n, row in enumerate(rows):
             try:
-                result = ctx.kit.fill_mask_details(row["sentence"], top_k)
+                result = ctx.kit.fill_mask_details(normalise_masks(row["sentence"]), top_k)
                 out.append({"sentence": row["sentence"], "best": result.joint[0]["sequence"],
                             "fills": " | ".join(result.joint[0]["tokens"]),
                             "score": f"{result.joint[0]['score']:.5f}", "error": ""})
@@ -125,7 +144,7 @@ def build(ctx: AppContext) -> None:
     gr.Markdown(backend_note(ctx))
     with gr.Row():
         with gr.Column(scale=3):
-            text = gr.Textbox(label="Sentence with [MASK] (up to 5 masks)", lines=2,
+            text = gr.Textbox(label="Sentence with [MASK] or <mask> (up to 5 masks)", lines=2,
                               max_length=5000, value=EXAMPLES[0][0])
             with gr.Row():
                 top_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
@@ -136,11 +155,12 @@ def build(ctx: AppContext) -> None:
             chart = gr.Label(label="First mask: probabilities", num_top_classes=20)
     best = gr.HighlightedText(label="Best fill", color_map={"filled": "green"})
     notes = gr.Markdown()
-    with gr.Row():
-        joint = gr.Dataframe(headers=["fills", "joint probability", "sentence"],
-                             label="Joint fills (whole sentence)", interactive=False, wrap=True)
-        per_mask = gr.Dataframe(headers=["mask", "word", "probability"],
-                                label="Each mask on its own", interactive=False)
+    # the joint fills get the full width, most of it for the sentence (it was cut off)
+    joint = gr.Dataframe(headers=["fills", "joint probability", "sentence"],
+                         label="Joint fills (whole sentence)", interactive=False, wrap=True,
+                         column_widths=["20%", "15%", "65%"])
+    per_mask = gr.Dataframe(headers=["mask", "word", "probability"],
+                            label="Each mask on its own", interactive=False)
     gr.Examples(EXAMPLES, [text, top_k, targets])
     outputs = [chart, best, joint, per_mask, notes]
     fill_btn.click(fill_mask, [text, top_k, targets], outputs, api_name="fill_mask",
@@ -156,9 +176,11 @@ def build(ctx: AppContext) -> None:
     with gr.Row():
         p_ab = gr.Number(label="P(B follows A)", interactive=False)
         p_ba = gr.Number(label="P(A follows B), for contrast", interactive=False)
+    verdict = gr.Markdown()
     gr.Examples(NSP_EXAMPLES, [sent_a, sent_b])
     nsp_btn.click(next_sentence, [sent_a, sent_b], [p_ab, p_ba], api_name="next_sentence",
-                  **ctx.model_event())
+                  **ctx.model_event()).success(nsp_words, [p_ab, p_ba], verdict,
+                                               api_visibility="private")
 
     with gr.Accordion("Batch: CSV in, CSV out", open=False):
         gr.Markdown("Sentences: a CSV with a `sentence` column. Pairs: columns `first`, "

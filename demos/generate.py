@@ -2,8 +2,11 @@
 probability with the alternatives at each step, regenerate-from-here, and copy-as-code."""
 
 import html
+import threading
+import time
 
 import gradio as gr
+import pandas as pd
 
 from mmcore import InputError, generation
 from mmcore.text import as_number
@@ -16,6 +19,7 @@ EXAMPLES = ["Write a haiku about the sea.", "Explain what a transformer model is
             "Once upon a time, in a village by the mountains,"]
 CHAT_MODES = {"auto": None, "chat template": True, "plain continuation": False}
 BUCKETS = [(0.9, "p ≥ 0.9"), (0.5, "0.5 ≤ p < 0.9"), (0.2, "0.2 ≤ p < 0.5"), (0.0, "p < 0.2")]
+LIGHT, HEAVY = 0.1, 1.0   # seconds between streamed updates of the text, of the token view
 COLORS = {"p ≥ 0.9": "#d1fae5", "0.5 ≤ p < 0.9": "#fef9c3", "0.2 ≤ p < 0.5": "#fed7aa",
           "p < 0.2": "#fecaca", "your pick": "#bfdbfe"}
 
@@ -38,48 +42,90 @@ def parse_seed(value):
     return as_number(text, "Seed", -2**63, 2**63 - 1, integer=True)
 
 
-def stats(run: generation.Generation) -> str:
-    return (f"{len(run.tokens)} tokens · {run.tokens_per_second:.1f} tokens/s · "
+def stats(run: generation.Generation, started: float) -> str:
+    """The stats line; tokens/s is live while the run streams (`started`: perf_counter at
+    its start), the run's own figure once it has finished."""
+    rate = run.tokens_per_second
+    if not run.seconds and len(run.tokens) > 1:
+        decode = time.perf_counter() - started - run.ttft
+        rate = (len(run.tokens) - 1) / decode if decode > 0 else 0.0
+    rate = f"{rate:.1f}" if len(run.tokens) > 1 else "–"     # one token has no rate
+    return (f"{len(run.tokens)} tokens · {rate} tokens/s · "
             f"time to first token {run.ttft * 1000:.0f} ms · prompt {run.prompt_tokens} tokens"
             f" · seed {run.params.seed}"
-            + (f" · finished: {run.finish}" if run.finish else ""))
+            + (" · stopped" if run.finish == "cancelled" else
+               f" · finished: {run.finish}" if run.finish else ""))
 
 
-def code_snippet(kit_name: str, prompt: str, p: generation.SamplingParams) -> str:
-    return ("import mmcore\n\n"
+def code_snippet(kit_name: str, prompt: str, p: generation.SamplingParams,
+                 forced=None) -> str:
+    """Python that reproduces the run on screen (with its forced prefix after a
+    regenerate-from-here)."""
+    args = (f"max_new_tokens={p.max_new_tokens}, temperature={p.temperature}, top_k={p.top_k}, "
+            f"top_p={p.top_p},\n    repetition_penalty={p.repetition_penalty}, seed={p.seed}, "
+            f"stop={tuple(p.stop)!r}, chat={p.chat!r},\n")
+    if not forced:
+        return ("import mmcore\n\n"
+                f"kit = mmcore.load_kit({kit_name!r})\n"
+                f"text = kit.generate(\n    {prompt!r},\n    {args})\nprint(text)\n")
+    return ("import mmcore\nfrom mmcore.generation import Generation, SamplingParams\n\n"
             f"kit = mmcore.load_kit({kit_name!r})\n"
-            f"text = kit.generate(\n    {prompt!r},\n    max_new_tokens={p.max_new_tokens}, "
-            f"temperature={p.temperature}, top_k={p.top_k}, top_p={p.top_p},\n"
-            f"    repetition_penalty={p.repetition_penalty}, seed={p.seed}, "
-            f"stop={list(p.stop)!r}, chat={p.chat!r},\n)\nprint(text)\n")
+            f"params = SamplingParams(\n    {args})\n"
+            "# the tokens kept before the point picked, then the alternative chosen there\n"
+            f"forced = {list(forced)!r}\n"
+            "run = Generation(params)\n"
+            f"for _ in kit.generate_tokens({prompt!r}, params, forced=forced, run=run):\n"
+            "    pass\nprint(run.text)\n")
 
 
 def build(ctx: AppContext) -> None:
+    # Stop ends a run from inside (its last update is then whole and marked stopped), not by
+    # cancelling the event, whose late updates would land after Stop's. {session: Event}
+    stops: dict = {}
+
     def run_stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                   stop, chat, forced=None, picked_at=None):
+                   stop, chat, forced=None, picked_at=None, request=None):
         params = generation.SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=parse_seed(seed),
             stop=tuple(s for s in (stop or "").split("\n") if s), chat=CHAT_MODES.get(chat))
         run = generation.Generation(params)
-        tokens = []
-        for i, info in enumerate(ctx.kit.generate_tokens(prompt, params, forced=forced,
-                                                         run=run)):
-            tokens.append({"text": info.text, "prob": info.prob, "id": info.token_id,
-                           "forced": info.forced, "picked": i == picked_at,
-                           "alternatives": info.alternatives})
-            if i % 4 == 0 or info.forced:
-                yield run.text, stats(run), gr.skip(), gr.skip(), gr.skip()
-        state = {"prompt": prompt, "tokens": tokens}
-        yield (run.text, stats(run), token_view(tokens),
-               code_snippet(ctx.kit.name, prompt, run.params), state)
+        session = getattr(request, "session_hash", None)
+        halt = stops.setdefault(session, threading.Event())    # made by Generate's click
+        tokens, started = [], time.perf_counter()
+        shown = {"light": 0.0, "heavy": 0.0}      # when text and token view were last sent
+
+        def update(final=False):
+            """Text and stats at most every LIGHT s, the token view and code every HEAVY s
+            (re-drawing a long token view starves the browser), everything at the end."""
+            now = time.perf_counter()
+            heavy = final or now - shown["heavy"] >= HEAVY
+            light = heavy or now - shown["light"] >= LIGHT
+            shown["light"] = now if light else shown["light"]
+            shown["heavy"] = now if heavy else shown["heavy"]
+            return (run.text if light else gr.skip(), stats(run, started) if light else gr.skip(),
+                    token_view(tokens) if heavy else gr.skip(),
+                    code_snippet(ctx.kit.name, prompt, run.params, forced) if heavy
+                    else gr.skip(), {"prompt": prompt, "tokens": list(tokens)})
+
+        try:
+            for i, info in enumerate(ctx.kit.generate_tokens(prompt, params, halt, forced,
+                                                             run)):
+                tokens.append({"text": info.text, "prob": info.prob, "id": info.token_id,
+                               "forced": info.forced, "picked": i == picked_at,
+                               "alternatives": info.alternatives})
+                yield update()
+            yield update(final=True)
+        finally:
+            if stops.get(session) is halt:
+                stops.pop(session)
 
     @guarded
     def generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                 stop, chat):
+                 stop, chat, request: gr.Request = None):
         """Stream a continuation of the prompt (chat template when `chat`)."""
         yield from run_stream(prompt, max_new_tokens, temperature, top_k, top_p,
-                              repetition_penalty, seed, stop, chat)
+                              repetition_penalty, seed, stop, chat, request=request)
 
     @guarded
     def alternatives(state, evt: gr.SelectData):
@@ -96,7 +142,7 @@ def build(ctx: AppContext) -> None:
 
     @guarded
     def regenerate_from(state, index, choice, prompt, max_new_tokens, temperature, top_k, top_p,
-                        repetition_penalty, seed, stop, chat):
+                        repetition_penalty, seed, stop, chat, request: gr.Request = None):
         """Keep the tokens before the selected one, put the chosen alternative there, go on."""
         if not state or index is None or choice is None:
             raise InputError("Click a token in the token view and choose an alternative first.")
@@ -105,7 +151,7 @@ def build(ctx: AppContext) -> None:
         forced = [t["id"] for t in tokens[:int(index)]] + [alt]
         new = max(1, int(max_new_tokens) - len(forced))
         yield from run_stream(state["prompt"], new, temperature, top_k, top_p,
-                              repetition_penalty, seed, stop, chat, forced, int(index))
+                              repetition_penalty, seed, stop, chat, forced, int(index), request)
 
     spec = ctx.kit.spec("causal_lm")
     gr.Markdown(f"Causal LM: **{spec.name}**. Temperature 0 is greedy (token for token what "
@@ -149,16 +195,47 @@ def build(ctx: AppContext) -> None:
 
     inputs = [prompt, max_new, temperature, top_k, top_p, penalty, seed, stop, chat]
     outputs = [output, live, tokens, code, state]
-    event = go.click(generate, inputs, outputs, api_name="generate",
-                     **ctx.model_event("generate"))
-    again_event = again.click(lambda: "", None, seed, api_visibility="private").then(
-        generate, inputs, outputs, api_visibility="private", **ctx.model_event("generate"))
-    tokens.select(alternatives, [state], [index, alt_table, alt_choice, picked],
-                  api_visibility="private")
-    here_event = from_here.click(regenerate_from, [state, index, alt_choice] + inputs, outputs,
-                                 api_visibility="private", **ctx.model_event("generate"))
-    stop_btn.click(None, None, None, cancels=[event, again_event, here_event],
-                   api_visibility="private")
+    run_buttons, pick = [go, again, from_here], [picked, alt_table, alt_choice, index]
+
+    def lock(request: gr.Request = None):
+        """While a run streams, the run buttons are off (double clicks queue no extra runs);
+        a fresh stop switch, so Stop works even while the run waits in the queue."""
+        stops[getattr(request, "session_hash", None)] = threading.Event()
+        return [gr.update(interactive=False)] * len(run_buttons)
+
+    def unlock():
+        return [gr.update(interactive=True)] * len(run_buttons)
+
+    def unpick():
+        """The last run's token panel goes with it."""
+        return ("Click a token above.", pd.DataFrame(columns=["alternative", "probability"]),
+                gr.update(choices=[], value=None), None)
+
+    def stop_run(request: gr.Request = None):
+        """Stop this session's run at its next token; it then shows itself, marked stopped."""
+        halt = stops.get(getattr(request, "session_hash", None))
+        if halt is not None:
+            halt.set()
+
+    private = dict(api_visibility="private")
+    def start(request: gr.Request = None):
+        return lock(request) + list(unpick())
+
+    def start_new_seed(request: gr.Request = None):
+        return [""] + start(request)
+
+    event = go.click(start, None, run_buttons + pick, **private).then(
+        generate, inputs, outputs, api_name="generate", **ctx.model_event("generate"))
+    again_event = again.click(start_new_seed, None, [seed] + run_buttons + pick, **private).then(
+        generate, inputs, outputs, **private, **ctx.model_event("generate"))
+    tokens.select(alternatives, [state], [index, alt_table, alt_choice, picked], **private)
+    here_event = from_here.click(lock, None, run_buttons, **private).then(
+        regenerate_from, [state, index, alt_choice] + inputs, outputs, **private,
+        **ctx.model_event("generate"))
+    for ran in (event, again_event):
+        ran.then(unlock, None, run_buttons, **private)
+    here_event.then(lambda: unlock() + list(unpick()), None, run_buttons + pick, **private)
+    stop_btn.click(stop_run, None, None, **private)
     from . import chat
 
     chat.build(ctx)                   # chat mode, below plain completion

@@ -1,5 +1,7 @@
 """Models tab: which model plays each role in this kit, its licence and load status."""
 
+import time
+
 import gradio as gr
 
 from mmcore import ROLES
@@ -16,8 +18,11 @@ def header_markdown(ctx: AppContext) -> str:
     rows = ctx.kit.describe()
     parts = [f"**{r['role'].replace('_', ' ')}**: {r['name']} <small>({r['licence']}) · "
              f"{BADGES[r['status']]}</small>" for r in rows]
-    return (f"### mmcore · kit `{ctx.kit.name}` · {ctx.kit.device} · precision "
-            f"`{ctx.kit.precision}`\n" + " &nbsp;|&nbsp; ".join(parts))
+    ready = sum(r["status"] == "ready" for r in rows)
+    # one line (a phone showed ~40% header), the roles on demand
+    return (f"**mmcore** · kit `{ctx.kit.name}` · {ctx.kit.device} · precision "
+            f"`{ctx.kit.precision}`\n<details><summary>{ready} of {len(rows)} models ready"
+            "</summary>\n\n" + " &nbsp;|&nbsp; ".join(parts) + "\n</details>")
 
 
 def busy(ctx: AppContext) -> bool:
@@ -32,16 +37,38 @@ def describe(ctx: AppContext) -> list:
     return [{**r, "source": public_name(r["source"])} for r in ctx.kit.describe()]
 
 
+COLUMNS = ["role", "model", "licence", "source", "status", "error", "precision", "memory",
+           "dtype", "device", "load time"]
+
+
+def footprint(ctx: AppContext, role: str) -> list:
+    """[memory, dtype, device, load time] of a loaded role's model (blank until it loads;
+    asking never loads it)."""
+    if ctx.kit.status(role) != "ready":
+        return ["", "", "", ""]
+    loaded = ctx.kit.model(role)                    # ready: the one already loaded
+    model = loaded.parts.get("model")
+    params = list(model.parameters()) if hasattr(model, "parameters") else []
+    if not params:
+        return ["", "", "", f"{loaded.seconds:.1f} s"]
+    tensors = params + list(model.buffers())
+    mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    dtypes = "/".join(sorted({str(t.dtype).replace("torch.", "") for t in params}))
+    return [f"{mb:,.1f} MB", dtypes, str(params[0].device), f"{loaded.seconds:.1f} s"]
+
+
 def table(ctx: AppContext) -> list:
     return [[r["role"], r["name"], r["licence"], r["source"], r["status"], r["error"],
-             r["precision"]] for r in describe(ctx)]
+             r["precision"]] + footprint(ctx, r["role"]) for r in describe(ctx)]
 
 
 def memory_md(ctx: AppContext) -> str:
     mem = ctx.memory()
     extra = mem["extra_models"]
     loaded = ", ".join(f"{text_md(m['name'])} ({m['mb']:.0f} MB)" for m in extra["loaded"])
-    return (f"Process memory: **{mem['rss_mb']:.0f} MB**. Fine-tuned models loaded: "
+    tuned = ", ".join(f"`{text_md(n)}`" for n in sorted(ctx.checkpoints)) or "none yet"
+    return (f"Fine-tuned models on this server (Zero-shot and Retrieval offer them): {tuned}."
+            f"\n\nProcess memory: **{mem['rss_mb']:.0f} MB**. Fine-tuned models loaded: "
             f"{len(extra['loaded'])} of at most {extra['limit']}"
             + (f": {loaded}." if loaded else "."))
 
@@ -68,11 +95,8 @@ def build(ctx: AppContext) -> None:
     gr.Markdown(
         "Each role is played by one model. Models load on first use, or in the background "
         "when the app starts; the header above shows their status.")
-    models = gr.Dataframe(value=table(ctx),
-                          headers=["role", "model", "licence", "source", "status", "error",
-                                   "precision"],
-                          interactive=False, wrap=True, label="Models in this kit",
-                          column_widths=["10%", "18%", "8%", "20%", "10%", "18%", "16%"])
+    models = gr.Dataframe(value=table(ctx), headers=COLUMNS, interactive=False, wrap=True,
+                          label="Models in this kit (memory: weights and buffers)")
     timer = gr.Timer(2.0)
 
     memory = gr.Markdown(memory_md(ctx))
@@ -88,9 +112,12 @@ def build(ctx: AppContext) -> None:
         refresh_btn = gr.Button("Refresh")
     info = gr.JSON(label="Kit (as the API returns it)", visible=False)
     load_btn.click(load_all, outputs=models, api_name="load_all", **ctx.model_event("long"))
+    def refreshed():
+        """Refresh visibly: the table, memory, and when."""
+        return table(ctx), memory_md(ctx) + f" Refreshed at {time.strftime('%H:%M:%S')}."
+
     refresh_btn.click(kit_info, outputs=info, api_name="kit_info").then(
-        lambda: (table(ctx), memory_md(ctx)), outputs=[models, memory],
-        api_visibility="private")
+        refreshed, outputs=[models, memory], api_visibility="private")
     from . import model_loading
 
     model_loading.build(ctx)

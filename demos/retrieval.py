@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from mmcore import Index, InputError, archives, demo_data, images as mm_images
+from mmcore import Index, InputError, archives, demo_data, images as mm_images, tables
 from mmcore import index as index_mod
 from mmcore.datadir import RESTART_NOTICE
 
@@ -39,6 +39,8 @@ class Gallery:
     """One user's gallery: the index and which rows the results on screen show."""
     index: Index | None = None
     shown: list = field(default_factory=list)      # index positions, in display order
+    scores: list = field(default_factory=list)     # their cosine similarities
+    query: str = ""                                # which query gave them, in words
 
     def require(self) -> Index:
         if self.index is None or len(self.index) == 0:
@@ -78,9 +80,10 @@ def build(ctx: AppContext) -> None:
                 .save(path)
         return str(path)
 
-    def show(gallery: Gallery, hits: list, request) -> tuple:
+    def show(gallery: Gallery, hits: list, request, query: str) -> tuple:
         index, folder = gallery.index, ctx.files.thumbs(request)
         gallery.shown = [pos for pos, _ in hits]
+        gallery.scores, gallery.query = [score for _, score in hits], query
         items = []
         for pos, score in hits:
             path = thumbnail_file(index.thumbnails[pos], folder)
@@ -91,9 +94,14 @@ def build(ctx: AppContext) -> None:
     def grow(gallery, images, ids, captions, model):
         """Embed in chunks, yielding progress; Stop takes effect between chunks."""
         gallery = gallery if isinstance(gallery, Gallery) else Gallery()
-        encoder = ctx.kit_for(model).encoder()
-        if gallery.index is None or gallery.index.identity != encoder.identity:
-            gallery.index, gallery.shown = Index(encoder), []   # another model: start afresh
+        encoder, kept = ctx.kit_for(model).encoder(), ""
+        if gallery.index is None or len(gallery.index) == 0:
+            gallery.index, gallery.shown = Index(encoder), []
+        elif gallery.index.identity != encoder.identity:
+            # one gallery, one model: new images join it, embedded as it was (never dropped)
+            kept = (f"\n\nThe gallery was built with another model than “{text_md(model)}”; "
+                    "the new images were embedded with the gallery's own, so it stays whole. "
+                    "Clear the gallery to start one with the model chosen.")
         index = gallery.index
         if len(index) + len(images) > MAX_IMAGES:
             raise InputError(f"A gallery holds at most {MAX_IMAGES} images here "
@@ -109,7 +117,7 @@ def build(ctx: AppContext) -> None:
             yield gallery, f"Embedding… {min(len(images), start + CHUNK)}/{len(images)}"
         lines = [f"{len(index)} images in the gallery ({added} added, {dupes} already there)."]
         lines += [f"- skipped {text_md(n)}: {text_md(m)}" for n, m in errors[:50]]
-        yield gallery, "\n".join(lines)
+        yield gallery, "\n".join(lines) + kept
 
     @guarded
     def load_demo(gallery, model="base model"):
@@ -165,7 +173,13 @@ def build(ctx: AppContext) -> None:
         vector = index.query_vector(text=None if picture else query,
                                     image=str(picture.path) if picture else None,
                                     negative=negative or None)
-        return show(gallery, index.nearest(vector, k), request)
+        if picture is not None:
+            said = "your query image" + (" (the typed text was not used: clear the image to "
+                                         "search by text)" if query else "")
+        else:
+            said = f"the text “{text_md(query)}”"
+        said += f" but not “{text_md(negative)}”" if negative else ""
+        return show(gallery, index.nearest(vector, k), request, said)
 
     @guarded
     def search_by_result(gallery, k: float, evt: gr.SelectData, request: gr.Request = None):
@@ -177,7 +191,25 @@ def build(ctx: AppContext) -> None:
         if position is None or not 0 <= position < len(gallery.shown):
             raise InputError("Click one of the results shown.")
         row = gallery.shown[position]
-        return show(gallery, index.nearest(index.vectors[row], k), request)
+        said = f"the image “{text_md(index.ids[row])}” (a result you clicked)"
+        return show(gallery, index.nearest(index.vectors[row], k), request, said)
+
+    def results(gallery, request: gr.Request = None):
+        """Which query ran, and the results as a table to download."""
+        if not isinstance(gallery, Gallery) or gallery.index is None or not gallery.shown:
+            return "", None
+        index = gallery.index
+        rows = [{"rank": n + 1, "score": round(score, 4), "id": index.ids[pos],
+                 "caption": index.captions[pos]}
+                for n, (pos, score) in enumerate(zip(gallery.shown, gallery.scores))]
+        target = ctx.files.download(request, "results.csv")
+        path = tables.write_csv(rows, ["rank", "score", "id", "caption"], target.name,
+                                target.parent)
+        return f"Results for {gallery.query}: {len(rows)} images, by cosine similarity.", path
+
+    def clear():
+        return Gallery(), "The gallery is empty: load the demo photos or upload images.", \
+            [], "", None
 
     @guarded
     def recall(gallery):
@@ -238,14 +270,21 @@ def build(ctx: AppContext) -> None:
                               "training)")
     model.focus(lambda: gr.update(choices=ctx.encoder_choices()), None, model,
                 api_visibility="private")
+    clear_btn = gr.Button("Clear the gallery", size="sm")
     status = gr.Markdown()
     with gr.Row():
-        query = gr.Textbox(label="Text query", max_length=2000, scale=3)
-        negative = gr.Textbox(label="…but not (optional)", max_length=2000, scale=2)
-        image = gr.Image(label="…or search by image", type="filepath", height=140, scale=1)
-        k = gr.Slider(1, 50, value=8, step=1, label="Top k", scale=1)
+        with gr.Column(scale=3):
+            query = gr.Textbox(label="Text query", max_length=2000)
+            negative = gr.Textbox(label="…but not (optional)", max_length=2000)
+            k = gr.Slider(1, 50, value=8, step=1, label="Top k")
+        image = gr.Image(label="…or search by image (it wins over the text)", type="filepath",
+                         height=220, scale=2, min_width=220)
     go = gr.Button("Search", variant="primary")
-    gallery = gr.Gallery(label="Results (click one to search by it)", columns=4, height="auto")
+    used = gr.Markdown()
+    # no preview: a click is "search by this" (a preview would stay over the new results)
+    gallery = gr.Gallery(label="Results (click one to search by it)", columns=4, height="auto",
+                         allow_preview=False, buttons=["download_all"])
+    table = gr.File(label="Results (.csv)")
     with gr.Accordion("Save, load, export, evaluate", open=False):
         with gr.Row():
             save_btn = gr.Button("Save index")
@@ -267,12 +306,16 @@ def build(ctx: AppContext) -> None:
                          **ctx.model_event("long")),
     ]
     stop_btn.click(None, None, None, cancels=embed_events, api_visibility="private")
-    go.click(search, [state, query, image, negative, k], [gallery, state], api_name="search",
-             preprocess=False, **ctx.model_event())
-    query.submit(search, [state, query, image, negative, k], [gallery, state],
-                 api_visibility="private", preprocess=False, **ctx.model_event())
-    gallery.select(search_by_result, [state, k], [gallery, state], api_visibility="private",
-                   **ctx.model_event())
+    searches = [
+        go.click(search, [state, query, image, negative, k], [gallery, state], api_name="search",
+                 preprocess=False, **ctx.model_event()),
+        query.submit(search, [state, query, image, negative, k], [gallery, state],
+                     api_visibility="private", preprocess=False, **ctx.model_event()),
+        gallery.select(search_by_result, [state, k], [gallery, state], api_visibility="private",
+                       **ctx.model_event())]
+    for searched in searches:
+        searched.success(results, [state], [used, table], api_visibility="private")
+    clear_btn.click(clear, None, [state, status, gallery, used, table], api_visibility="private")
     save_btn.click(save, [state], download, api_name="save_index")
     load_btn.click(load, [state, load_file, model], [state, status], api_name="load_index",
                    preprocess=False)

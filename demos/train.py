@@ -18,6 +18,7 @@ import logging
 import shutil
 import threading
 import time
+import zipfile
 
 import gradio as gr
 import pandas as pd
@@ -33,6 +34,18 @@ from .context import AppContext, guarded, text_md
 from .files import uploaded
 
 TITLE = "Fine-tune"
+HOW_TO_LOAD = """{name}: a dual encoder fine-tuned with mmcore (the base model with trained
+projection heads, or towers, as chosen).
+
+Load it in Python, with the kit it was trained from:
+
+    import mmcore
+    # the kit it came from ("offline", "hub" or "tiny"), this zip unpacked into a folder
+    kit = mmcore.load_kit("offline", dual_encoder="path/to/the/unzipped/folder")
+    scores = kit.zero_shot(image, ["a cat", "a dog"])
+
+In the app, a fine-tuned model appears in the Zero-shot and Retrieval model lists.
+"""
 log = logging.getLogger("mmcore.app")
 CHUNK_SECONDS = 60          # training per ZeroGPU call
 GPU_SECONDS = 180           # a call's GPU loan: the chunk, plus loading and validation
@@ -76,13 +89,28 @@ class TrainingJob:
         return "No training job yet."
 
 
-def plot_frame(rows: list) -> pd.DataFrame:
-    frame = [{"step": r["step"], "value": r["loss"], "series": "loss"} for r in rows]
-    frame += [{"step": r["step"], "value": r["accuracy"], "series": "in-batch accuracy"}
-              for r in rows]
+# every metric series, named and coloured up front: the legend never depends on which
+# series the first update happened to hold (validation recall arrives once an epoch ends)
+METRICS = {"in-batch accuracy": "#2563eb", "val i2t_r1": "#16a34a", "val t2i_r1": "#dc2626",
+           "val i2t_r5": "#9333ea", "val t2i_r5": "#ea580c"}
+
+
+def loss_frame(rows: list) -> pd.DataFrame:
+    # typed even when empty: the plot reads its axes' types (numbers, not labels) from them
+    return pd.DataFrame([{"step": r["step"], "loss": r["loss"]} for r in rows],
+                        columns=["step", "loss"]).astype({"step": int, "loss": float})
+
+
+def metrics_frame(rows: list) -> pd.DataFrame:
+    frame = [{"step": r["step"], "value": r["accuracy"], "series": "in-batch accuracy"}
+             for r in rows]
     frame += [{"step": r["step"], "value": r[k], "series": f"val {k}"} for r in rows
               for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5") if k in r]
-    return pd.DataFrame(frame or [{"step": 0, "value": 0.0, "series": "loss"}])
+    # the plot fixes its colours from the first update it gets: every series is in each one
+    # (a blank point until its first value)
+    frame += [{"step": 0, "value": None, "series": name} for name in METRICS]
+    return pd.DataFrame(frame, columns=["step", "value", "series"]).astype(
+        {"step": int, "value": float, "series": str})
 
 
 def compare(result) -> list:
@@ -112,13 +140,14 @@ def build(ctx: AppContext) -> None:
         return folder
 
     def unpack(file, use_demo: bool, dest, budget) -> tuple:
-        """(folder, notes): the demo set (copied to `dest` when given), or the upload
-        extracted into `dest`, with the archive entries that were left out."""
-        if use_demo:
-            return (demo_set() if dest is None else shutil.copytree(demo_set(), dest)), []
+        """(folder, notes): the upload extracted into `dest` (an upload always wins), else
+        the demo set when asked for (copied to `dest` when given), with the archive entries
+        that were left out."""
         upload = uploaded(file, "training data")
+        if upload is None and use_demo:
+            return (demo_set() if dest is None else shutil.copytree(demo_set(), dest)), []
         if upload is None:
-            raise InputError("Upload a .zip of images with captions, or tick 'use the demo "
+            raise InputError("Upload a .zip of images with captions, or click 'Use the demo "
                              "set'.")
         folder, _, skipped = archives.safe_extract(
             upload.path, tuple(train_data.IMAGE_SUFFIXES) + (".csv", ".jsonl", ".txt"), dest,
@@ -130,7 +159,8 @@ def build(ctx: AppContext) -> None:
         """The validation report of an upload (or of the demo set). The images are checked in
         a worker; if this request is cancelled, the worker stops at the next image."""
         with ctx.files.request(request) as work:
-            folder, notes = unpack(file, bool(use_demo), None if use_demo else work / "data",
+            demo = bool(use_demo) and uploaded(file, "training data") is None
+            folder, notes = unpack(file, demo, None if demo else work / "data",
                                    ctx.files.budget(request))
             stop, out = threading.Event(), {}
 
@@ -154,7 +184,8 @@ def build(ctx: AppContext) -> None:
             if "error" in out:
                 raise out["error"]
             out["report"].notices += notes
-            yield report_md(out["report"].summary())
+            source = "the demo set" if demo else "your upload"
+            yield f"**Data: {source}.** " + report_md(out["report"].summary())
 
     def options_from(epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed) -> dict:
         if parts not in PARTS:
@@ -220,7 +251,8 @@ def build(ctx: AppContext) -> None:
                     lambda resume: train_chunk(str(data), str(out), run.options, resume),
                     "auto", job.stop):
                 job.rows = list(result.history)
-                yield job.status(), plot_frame(job.rows), gr.skip(), gr.skip()
+                rows = list(job.rows)
+                yield job.status(), loss_frame(rows), metrics_frame(rows), gr.skip(), gr.skip()
             if result is not None:
                 ended(run, out, result)
         except Exception as exc:  # noqa: BLE001 - shown to every user, logged
@@ -235,14 +267,18 @@ def build(ctx: AppContext) -> None:
             target = ctx.files.download(request, f"{job.name}.zip")
             zipped = shutil.make_archive(str(target.with_suffix("")), "zip",
                                          ctx.data.models / job.name)
-        yield job.status(), plot_frame(list(job.rows)), compare(job.result), zipped
+            with zipfile.ZipFile(zipped, "a") as zf:
+                zf.writestr("HOW-TO-LOAD.txt", HOW_TO_LOAD.format(name=job.name))
+        rows = list(job.rows)
+        yield job.status(), loss_frame(rows), metrics_frame(rows), compare(job.result), zipped
 
     def follow(request):
         """Stream the job's progress; if this request goes away first, the job stops."""
         done = False
         try:
             while job.running:
-                yield job.status(), plot_frame(list(job.rows)), gr.skip(), gr.skip()
+                rows = list(job.rows)
+                yield job.status(), loss_frame(rows), metrics_frame(rows), gr.skip(), gr.skip()
                 time.sleep(1.0)
             done = True
         finally:
@@ -262,14 +298,14 @@ def build(ctx: AppContext) -> None:
 
     @guarded
     def start(file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed,
-              request: gr.Request = None):
+              run_name="", request: gr.Request = None):
         """Start fine-tuning (one job per server) and stream its progress."""
         options = options_from(epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed)
         mmcore.train.TrainOptions(**options).check()
         with job.lock:
             if job.running:
                 raise InputError(job.status() + " Only one training job runs at a time.")
-            run = ctx.data.new_run(options)
+            run = ctx.data.new_run(options, run_name if isinstance(run_name, str) else "")
             try:
                 data, _ = unpack(file, bool(use_demo), ctx.data.data(run), archives.MAX_TOTAL)
             except Exception:
@@ -328,9 +364,11 @@ def build(ctx: AppContext) -> None:
     with gr.Row():
         file = gr.File(label="Data (.zip)", file_types=[".zip"])
         with gr.Column():
-            use_demo = gr.Checkbox(label="Use the demo set (drawn shapes + packaged photos)",
-                                   value=True)
+            demo_btn = gr.Button("Use the demo set (drawn shapes + packaged photos)")
             check = gr.Button("Validate the data")
+    # what the data is: an upload selects the upload, the button the demo set (the API's
+    # `use_demo` flag; an upload still wins)
+    use_demo = gr.Checkbox(value=False, visible=False, label="Use the demo set")
     report = gr.Markdown()
     with gr.Row():
         epochs = gr.Slider(1, 100, value=20, step=1, label="Epochs")
@@ -345,6 +383,8 @@ def build(ctx: AppContext) -> None:
                               "image: + both towers")
         seed = gr.Number(value=0, precision=0, label="Seed")
     with gr.Row():
+        run_name = gr.Textbox(label="Name of the fine-tuned model (blank: a timestamp)",
+                              value="", max_length=60, placeholder="e.g. shapes-v1")
         go = gr.Button("Start", variant="primary")
         halt = gr.Button("Stop", variant="stop")
     with gr.Row():
@@ -352,16 +392,23 @@ def build(ctx: AppContext) -> None:
                                                   "checkpoint)", value=None)
         again = gr.Button("Resume")
     status_md = gr.Markdown(job.status())
-    plot = gr.LinePlot(x="step", y="value", color="series", label="Loss, accuracy, recall",
-                       height=300)
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="loss", label="Training loss")
+        metrics_plot = gr.LinePlot(x="step", y="value", color="series", color_map=METRICS,
+                                   y_lim=[0, 1], label="Accuracy and validation recall",
+                                   color_title="")   # no title row: the legend fits
     before_after = gr.Dataframe(headers=["validation metric", "base", "fine-tuned"],
                                 interactive=False, label="Before and after")
     download = gr.File(label="Fine-tuned model (.zip)")
-    outputs = [status_md, plot, before_after, download]
+    outputs = [status_md, loss_plot, metrics_plot, before_after, download]
     check.click(validate, [file, use_demo], report, api_name="validate_training_data",
                 preprocess=False)
+    # a new upload: the last report was about other data
+    file.upload(lambda: (False, ""), None, [use_demo, report], api_visibility="private")
+    demo_btn.click(lambda: (True, None), None, [use_demo, file], api_visibility="private").then(
+        validate, [file, use_demo], report, preprocess=False, api_visibility="private")
     go.click(start, [file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum,
-                     seed], outputs, api_name="train", preprocess=False,
+                     seed, run_name], outputs, api_name="train", preprocess=False,
              concurrency_id="train", concurrency_limit=4)
     again.click(resume, [runs], outputs, api_name="resume_training",
                 concurrency_id="train", concurrency_limit=4)

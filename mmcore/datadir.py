@@ -12,6 +12,7 @@ models, and offers to resume runs that were still running when the server stoppe
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -22,6 +23,7 @@ from . import cache
 from .errors import InputError
 
 STATES = ("running", "finished", "stopped", "failed")
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,59}")   # a folder name, nothing more
 
 
 RESTART_NOTICE = ("**This Space has no persistent storage**: fine-tuned models and saved "
@@ -81,11 +83,16 @@ class DataDir:
         return removed
 
     # ---------------------------------------------------------------- runs
-    def new_run(self, options: dict) -> Run:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name, n = f"finetuned-{stamp}", 2
+    def new_run(self, options: dict, name: str = "") -> Run:
+        """A new run record; `name` is the user's (letters, digits, . _ -; up to 60) or, when
+        blank, a timestamp. A taken name gets -2, -3... ."""
+        base = (name or "").strip() or f"finetuned-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not RUN_NAME.fullmatch(base):
+            raise InputError("A run name uses letters, digits, '.', '_' and '-' (up to 60, "
+                             f"not starting with '.'), not {base[:60]!r}.")
+        name, n = base, 2
         while (self.runs / name).exists() or (self.models / name).exists():
-            name, n = f"finetuned-{stamp}-{n}", n + 1
+            name, n = f"{base}-{n}", n + 1
         run = Run(name, dict(options))
         (self.runs / name).mkdir(parents=True)
         self.save(run)

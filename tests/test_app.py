@@ -262,9 +262,14 @@ def test_training_tab_through_the_client(served):
     client = Client(url, verbose=False)
     report = client.predict(None, True, api_name="/validate_training_data")
     assert "72 usable image-caption pairs" in report
-    status, plot, compare, download = client.predict(
+    status, loss, metrics, compare, download = client.predict(
         None, True, 2, 16, 1e-3, 0.05, 0.1, "projections", 1, 0, api_name="/train")
     assert "finished" in status and download
+    # loss on its own axis; accuracy and every validation recall series on the other
+    steps = [row[0] for row in loss["data"]]
+    assert len(steps) >= 2 and steps == list(range(1, len(steps) + 1))
+    assert {row[2] for row in metrics["data"]} == {
+        "in-batch accuracy", "val i2t_r1", "val t2i_r1", "val i2t_r5", "val t2i_r5"}
     assert {row[0] for row in compare["data"]} >= {"i2t_r1", "t2i_r1"}
     assert len(ctx.checkpoints) == 1
     name = next(iter(ctx.checkpoints))

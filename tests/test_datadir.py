@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mmcore import cache
 from mmcore.datadir import DataDir
 
@@ -35,3 +37,17 @@ def test_restart_lists_finished_models_resumes_cut_runs_and_drops_temp_folders(t
     assert not again.data(done).exists() and not again.data(failed).exists()
     assert again.load(cut.name).options == {"epochs": 2}
     assert len({r.name for r in again.all_runs()}) == 4
+
+
+def test_a_run_takes_the_users_name_or_refuses_it(tmp_path):
+    from mmcore import InputError
+    from mmcore.datadir import DataDir
+
+    data = DataDir(tmp_path)
+    data.prepare()
+    assert data.new_run({}, "shapes-v1").name == "shapes-v1"
+    assert data.new_run({}, "shapes-v1").name == "shapes-v1-2"       # taken: numbered
+    assert data.new_run({}, "").name.startswith("finetuned-")
+    for bad in ("../up", "a/b", ".hidden", "x" * 61, "name with spaces"):
+        with pytest.raises(InputError, match="A run name uses"):
+            data.new_run({}, bad)

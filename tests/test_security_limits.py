@@ -292,7 +292,7 @@ def test_finetuned_models_survive_a_restart_and_runs_resume(tiny_kit, tmp_path, 
         assert not stale.exists()                                 # half-written folders go
         assert len(info["resumable"]) == 1
         run = info["resumable"][0]
-        status, plot, compare, download = client.predict(run, api_name="/resume_training")
+        status, _, _, compare, download = client.predict(run, api_name="/resume_training")
         assert "finished" in status
         info = client.predict(api_name="/kit_info")
         assert run in info["finetuned"] and not info["resumable"]
