@@ -11,6 +11,7 @@ precision never load it twice (see `precision.py` for what each precision loads)
 import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def _load(spec: ModelSpec, role: str, device, precision: str = "exact"):
     return LOADERS[spec.loader].build(spec, role, device, precision)
 
 
+_load_seconds: dict = {}              # key -> seconds its load took (the Models tab shows it)
+
+
 def get_loaded(spec: ModelSpec, role: str, device, precision: str = "exact"):
     """The role object for `spec` (built by its loader on first use, once per key)."""
     key = _load_key(spec, role, device, precision)
@@ -111,6 +115,7 @@ def get_loaded(spec: ModelSpec, role: str, device, precision: str = "exact"):
     with lock:
         if key not in _registry:
             _loading.add(key)
+            start = time.perf_counter()
             try:
                 # never create weights as inference tensors, even when the first use comes
                 # from inside torch.inference_mode(): fine-tuning forks them later
@@ -118,6 +123,7 @@ def get_loaded(spec: ModelSpec, role: str, device, precision: str = "exact"):
                     obj = _load(spec, role, device, precision)
             finally:
                 _loading.discard(key)
+            _load_seconds[key] = time.perf_counter() - start
             _registry[key] = obj
         return _registry[key]
 
@@ -164,6 +170,10 @@ class Kit:
 
     def _key(self, role: str) -> tuple:
         return _load_key(self.spec(role), role, self.device, self.precision)
+
+    def load_seconds(self, role: str) -> float | None:
+        """How long the role's model took to load (None until it has loaded)."""
+        return _load_seconds.get(self._key(role))
 
     def status(self, role: str) -> str:
         """"ready", "loading", "error" or "not loaded"."""

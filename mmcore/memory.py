@@ -27,8 +27,10 @@ def tensors_of(obj):
         if isinstance(item, torch.nn.Module):
             yield from item.parameters()
             yield from item.buffers()
-        elif hasattr(item, "model") and isinstance(item.model, torch.nn.Module):
-            yield from tensors_of(item.model)          # a role object wraps its model
+        elif hasattr(item, "__dict__"):                  # a role object wraps its modules
+            for value in vars(item).values():
+                if isinstance(value, torch.nn.Module):
+                    yield from tensors_of(value)
 
 
 def own_bytes(obj, shared: set) -> int:
