@@ -46,15 +46,18 @@ def footprint(ctx: AppContext, role: str) -> list:
     asking never loads it)."""
     if ctx.kit.status(role) != "ready":
         return ["", "", "", ""]
+    from mmcore.memory import tensors_of
+
     loaded = ctx.kit.model(role)                    # ready: the one already loaded
-    model = loaded.parts.get("model")
-    params = list(model.parameters()) if hasattr(model, "parameters") else []
-    if not params:
-        return ["", "", "", f"{loaded.seconds:.1f} s"]
-    tensors = params + list(model.buffers())
+    seconds = ctx.kit.load_seconds(role)
+    took = "" if seconds is None else f"{seconds:.1f} s"
+    tensors = {t.data_ptr(): t for t in tensors_of(loaded)}.values()   # each tensor once
+    if not tensors:
+        return ["", "", "", took]
     mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
-    dtypes = "/".join(sorted({str(t.dtype).replace("torch.", "") for t in params}))
-    return [f"{mb:,.1f} MB", dtypes, str(params[0].device), f"{loaded.seconds:.1f} s"]
+    dtypes = "/".join(sorted({str(t.dtype).replace("torch.", "") for t in tensors
+                              if t.is_floating_point()}))
+    return [f"{mb:,.1f} MB", dtypes, str(next(iter(tensors)).device), took]
 
 
 def table(ctx: AppContext) -> list:

@@ -128,7 +128,7 @@ def test_zero_gpu_trains_in_gpu_calls_that_add_up_to_one_run(tiny_kit, shapes, t
     monkeypatch.setattr(tab, "CHUNK_SECONDS", 0)              # one step per GPU call
     demo, ctx, client = serve(tmp_path)
     try:
-        status, _, compare, download = client.predict(*ARGS, 0, api_name="/train")
+        status, _, _, compare, download = client.predict(*ARGS, 0, api_name="/train")
         assert "finished" in status and download and compare["data"]
         assert ctx.training.thread is None                    # no background thread
         name, folder = next(iter(ctx.checkpoints.items()))
@@ -154,7 +154,7 @@ def test_a_bad_seed_is_a_message_and_a_run_that_saved_nothing_is_no_model(
                         accum, backward)
 
         monkeypatch.setattr(train, "step_loss", nan)
-        status, _, _, download = client.predict(*ARGS, 0, api_name="/train")
+        status, _, _, _, download = client.predict(*ARGS, 0, api_name="/train")
         assert "before any model was saved" in status and "non-finite" in status
         assert not download and not ctx.checkpoints
     finally:
