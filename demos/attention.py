@@ -112,7 +112,7 @@ def build(ctx: AppContext) -> None:
         head = gr.Slider(0, 64, value=0, step=1, label="Head (0 = mean of all heads)",
                          min_width=320)
     show = gr.Button("Show attention", variant="primary")
-    notes = gr.Markdown()
+    notes = gr.Markdown(label="Notes")
     with gr.Row():
         # no label badge: it covered the plots' own titles, which say what each shows
         heat = gr.Image(label="Attention heatmap", show_label=False, type="pil", format="png")
@@ -132,7 +132,7 @@ def build(ctx: AppContext) -> None:
 
     with gr.Accordion("Positional encoding and one attention step, worked through", open=False):
         run = gr.Button("Work through the first words of the sentence")
-        steps = gr.Markdown()
+        steps = gr.Markdown(label="Steps")
         weights = gr.Dataframe(label="Softmax weights of head 1", interactive=False)
         pe = gr.Image(label="Positional encoding", type="pil", format="png")
         run.click(worked_example, [text], [steps, weights, pe], api_name="worked_example")

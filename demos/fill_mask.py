@@ -63,7 +63,7 @@ def highlighted(text: str, result) -> list:
 
 def build(ctx: AppContext) -> None:
     @guarded
-    def fill_mask(text: str, top_k: float, targets: str):
+    def fill_mask(text: str, top_k: float = 5, targets: str | None = None):
         """Fill every [MASK] in the text: a chart for the first mask, the best sentence
         highlighted, joint fills and per-mask tables."""
         top_k = as_number(top_k, "Top k", 1, 50, integer=True)
@@ -99,7 +99,7 @@ def build(ctx: AppContext) -> None:
         return rows, [f"- {text_md(n)}" for n in notices]
 
     @guarded
-    def fill_mask_batch(file, top_k: float, request: gr.Request = None):
+    def fill_mask_batch(file=None, top_k: float = 5, request: gr.Request = None):
         """A CSV of sentences (column `sentence`) in; a CSV of fills out. Yields its progress
         row by row, so Stop (or a client's cancel) ends it between rows."""
         top_k = as_number(top_k, "Top k", 1, 50, integer=True)
@@ -123,7 +123,7 @@ def build(ctx: AppContext) -> None:
         yield path, "\n".join([summary] + notes)
 
     @guarded
-    def next_sentence_batch(file, request: gr.Request = None):
+    def next_sentence_batch(file=None, request: gr.Request = None):
         """A CSV of pairs (columns `first`, `second`) in; a CSV of probabilities out,
         yielding its progress pair by pair."""
         rows, notes = read_rows(file, ["first", "second"])
@@ -154,7 +154,7 @@ def build(ctx: AppContext) -> None:
         with gr.Column(scale=2):
             chart = gr.Label(label="First mask: probabilities", num_top_classes=20)
     best = gr.HighlightedText(label="Best fill", color_map={"filled": "green"})
-    notes = gr.Markdown()
+    notes = gr.Markdown(label="Notes")
     # the joint fills get the full width, most of it for the sentence (it was cut off)
     joint = gr.Dataframe(headers=["fills", "joint probability", "sentence"],
                          label="Joint fills (whole sentence)", interactive=False, wrap=True,
@@ -176,7 +176,7 @@ def build(ctx: AppContext) -> None:
     with gr.Row():
         p_ab = gr.Number(label="P(B follows A)", interactive=False)
         p_ba = gr.Number(label="P(A follows B), for contrast", interactive=False)
-    verdict = gr.Markdown()
+    verdict = gr.Markdown(label="Verdict")
     gr.Examples(NSP_EXAMPLES, [sent_a, sent_b])
     nsp_btn.click(next_sentence, [sent_a, sent_b], [p_ab, p_ba], api_name="next_sentence",
                   **ctx.model_event()).success(nsp_words, [p_ab, p_ba], verdict,
@@ -188,7 +188,7 @@ def build(ctx: AppContext) -> None:
         with gr.Row():
             batch_file = gr.File(label="CSV file", file_types=[".csv", ".tsv", ".txt"])
             batch_out = gr.File(label="Results")
-        batch_notes = gr.Markdown()
+        batch_notes = gr.Markdown(label="Report")
         with gr.Row():
             fills = gr.Button("Fill every sentence").click(
                 fill_mask_batch, [batch_file, top_k], [batch_out, batch_notes],

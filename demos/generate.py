@@ -121,8 +121,9 @@ def build(ctx: AppContext) -> None:
                 stops.pop(session)
 
     @guarded
-    def generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                 stop, chat, request: gr.Request = None):
+    def generate(prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+                 repetition_penalty=1.0, seed=None, stop=None, chat="auto",
+                 request: gr.Request = None):
         """Stream a continuation of the prompt (chat template when `chat`)."""
         yield from run_stream(prompt, max_new_tokens, temperature, top_k, top_p,
                               repetition_penalty, seed, stop, chat, request=request)
@@ -165,7 +166,7 @@ def build(ctx: AppContext) -> None:
                 stop_btn = gr.Button("Stop", variant="stop")
                 again = gr.Button("Regenerate (new seed)")
             output = gr.Textbox(label="Output", lines=8, interactive=False)
-            live = gr.Markdown()
+            live = gr.Markdown(label="Stats")
         with gr.Column(scale=2):
             max_new = gr.Slider(1, generation.MAX_NEW_TOKENS, value=128, step=1,
                                 label="Max new tokens")

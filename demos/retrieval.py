@@ -127,7 +127,7 @@ def build(ctx: AppContext) -> None:
                         list(DEMO.values()), model)
 
     @guarded
-    def upload(gallery, files, model="base model", request: gr.Request = None):
+    def upload(gallery, files=None, model="base model", request: gr.Request = None):
         """Index uploaded images and/or .zip archives of images (extracted safely, counted
         against your session's disk space, removed when the request ends)."""
         uploads = uploaded_list(files, "upload", ctx.max_uploads)
@@ -160,8 +160,8 @@ def build(ctx: AppContext) -> None:
                         [p.relative_to(ctx.gallery_dir).as_posix() for p in files], None, model)
 
     @guarded
-    def search(gallery, query: str, image, negative: str, k: float,
-               request: gr.Request = None):
+    def search(gallery, query: str | None = None, image=None, negative: str | None = None,
+               k: float = 10, request: gr.Request = None):
         """Search the gallery by text or image (image wins when both are given)."""
         picture = uploaded(image, "image")
         gallery = gallery if isinstance(gallery, Gallery) else Gallery()
@@ -228,7 +228,7 @@ def build(ctx: AppContext) -> None:
             return shutil.make_archive(str(target.with_suffix("")), "zip", work / "index")
 
     @guarded
-    def load(gallery, file, model="base model", request: gr.Request = None):
+    def load(gallery, file=None, model="base model", request: gr.Request = None):
         """Load a saved index zip; refused if it was built with another model."""
         up = uploaded(file, "saved index")
         if up is None:
@@ -271,7 +271,7 @@ def build(ctx: AppContext) -> None:
     model.focus(lambda: gr.update(choices=ctx.encoder_choices()), None, model,
                 api_visibility="private")
     clear_btn = gr.Button("Clear the gallery", size="sm")
-    status = gr.Markdown()
+    status = gr.Markdown(label="Gallery")
     with gr.Row():
         with gr.Column(scale=3):
             query = gr.Textbox(label="Text query", max_length=2000)
@@ -280,7 +280,7 @@ def build(ctx: AppContext) -> None:
         image = gr.Image(label="…or search by image (it wins over the text)", type="filepath",
                          height=220, scale=2, min_width=220)
     go = gr.Button("Search", variant="primary")
-    used = gr.Markdown()
+    used = gr.Markdown(label="Query used")
     # no preview: a click is "search by this" (a preview would stay over the new results)
     gallery = gr.Gallery(label="Results (click one to search by it)", columns=4, height="auto",
                          allow_preview=False, buttons=["download_all"])

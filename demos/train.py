@@ -155,7 +155,7 @@ def build(ctx: AppContext) -> None:
         return folder, [f"skipped {n} in the archive: {why}" for n, why in skipped[:50]]
 
     @guarded
-    def validate(file, use_demo: bool, request: gr.Request = None):
+    def validate(file=None, use_demo: bool = False, request: gr.Request = None):
         """The validation report of an upload (or of the demo set). The images are checked in
         a worker; if this request is cancelled, the worker stops at the next image."""
         with ctx.files.request(request) as work:
@@ -297,8 +297,9 @@ def build(ctx: AppContext) -> None:
         return follow(request)
 
     @guarded
-    def start(file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed,
-              run_name="", request: gr.Request = None):
+    def start(file=None, use_demo=False, epochs=5, batch_size=32, lr=1e-3, weight_decay=0.05,
+              warmup=0.1, parts="projections", accum=1, seed=0, run_name="",
+              request: gr.Request = None):
         """Start fine-tuning (one job per server) and stream its progress."""
         options = options_from(epochs, batch_size, lr, weight_decay, warmup, parts, accum, seed)
         mmcore.train.TrainOptions(**options).check()
@@ -315,7 +316,7 @@ def build(ctx: AppContext) -> None:
         yield from stream
 
     @guarded
-    def resume(name: str, request: gr.Request = None):
+    def resume(name: str | None = None, request: gr.Request = None):
         """Resume a run that was cut short (the server stopped, or its user stopped it),
         from its last checkpoint, with the same data and options."""
         with job.lock:
@@ -369,7 +370,7 @@ def build(ctx: AppContext) -> None:
     # what the data is: an upload selects the upload, the button the demo set (the API's
     # `use_demo` flag; an upload still wins)
     use_demo = gr.Checkbox(value=False, visible=False, label="Use the demo set")
-    report = gr.Markdown()
+    report = gr.Markdown(label="Data report")
     with gr.Row():
         epochs = gr.Slider(1, 100, value=20, step=1, label="Epochs")
         batch_size = gr.Slider(2, 256, value=16, step=1, label="Batch size")
@@ -391,7 +392,7 @@ def build(ctx: AppContext) -> None:
         runs = gr.Dropdown(ctx.resumable(), label="Runs cut short (resume from the last "
                                                   "checkpoint)", value=None)
         again = gr.Button("Resume")
-    status_md = gr.Markdown(job.status())
+    status_md = gr.Markdown(job.status(), label="Status")
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="loss", label="Training loss")
         metrics_plot = gr.LinePlot(x="step", y="value", color="series", color_map=METRICS,

@@ -56,8 +56,9 @@ def classify(kit, image, labels, template, ensemble, score, threshold):
 
 def build(ctx: AppContext) -> None:
     @guarded
-    def zero_shot(image, labels: str, template: str, ensemble: bool, score: str,
-                  threshold: float, model: str = "base model"):
+    def zero_shot(image=None, labels: str = "", template: str = "a photo of {}.",
+                  ensemble: bool = False, score: str = "softmax", threshold: float = 0,
+                  model: str = "base model"):
         """Classify one image among free-text labels (model: the base or a fine-tuned one)."""
         upload = uploaded(image, "image")
         if upload is None:
@@ -75,7 +76,8 @@ def build(ctx: AppContext) -> None:
         return chart, rows, "\n".join(notes)
 
     @guarded
-    def zero_shot_batch(files, labels: str, template: str, ensemble: bool, score: str,
+    def zero_shot_batch(files=None, labels: str = "", template: str = "a photo of {}.",
+                        ensemble: bool = False, score: str = "softmax",
                         threshold: float = 0, model: str = "base model",
                         request: gr.Request = None):
         """Several images in; a table and a CSV of the best label and every score out (one
@@ -135,8 +137,9 @@ def build(ctx: AppContext) -> None:
             go = gr.Button("Classify", variant="primary")
         with gr.Column():
             chart = gr.Label(label="Labels", num_top_classes=10)
-            table = gr.Dataframe(headers=["label", "score", "cosine"], interactive=False)
-            notes = gr.Markdown()
+            table = gr.Dataframe(headers=["label", "score", "cosine"], interactive=False,
+                                 label="Scores")
+            notes = gr.Markdown(label="Verdict and notes")
     gr.Examples(example_files(ctx), [image, labels])
     model.focus(lambda: gr.update(choices=ctx.encoder_choices()), None, model,
                 api_visibility="private")
@@ -147,9 +150,9 @@ def build(ctx: AppContext) -> None:
         files = gr.File(label="Images", file_count="multiple", file_types=["image"])
         go_batch = gr.Button("Classify all")
         batch_table = gr.Dataframe(headers=["image", "best", "score", "all", "error"],
-                                   interactive=False)
+                                   interactive=False, label="Rows")
         batch_csv = gr.File(label="CSV")
-        batch_note = gr.Markdown()
+        batch_note = gr.Markdown(label="Report")
         stop_batch = gr.Button("Stop", variant="stop")
         batch = go_batch.click(zero_shot_batch, [files, labels, template, ensemble, score,
                                                  threshold, model],
