@@ -147,9 +147,11 @@ def build(ctx: AppContext) -> None:
         go = gr.Button("Compare", variant="primary")
         with gr.Row():
             out_a = gr.HighlightedText(label="A (differences marked)", color_map=MARKS,
-                                       combine_adjacent=False, show_legend=False)
+                                       combine_adjacent=False, show_legend=False,
+                                       show_inline_category=False)
             out_b = gr.HighlightedText(label="B (differences marked)", color_map=MARKS,
-                                       combine_adjacent=False, show_legend=False)
+                                       combine_adjacent=False, show_legend=False,
+                                       show_inline_category=False)
         gen_summary = gr.Markdown(label="Summary")
         go.click(compare_generate, [prompt, lm_a, lm_b, temp_a, temp_b, length, seed],
                  [out_a, out_b, gen_summary], api_name="compare_generate",

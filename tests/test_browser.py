@@ -427,3 +427,32 @@ def test_zero_shot_flow(browser, served, tmp_path, chelsea):
         .inner_text().strip() == "none of these"
     shot(page, "zero-shot")
     page.close()
+
+
+def test_compare_flow(browser, served, tmp_path):
+    """Compare (issue 18): two models side by side in one tab. Retrieval with the base model
+    against a fine-tuned one (overlap@k, gained and lost), then Generate with two
+    temperatures (the differing tokens marked)."""
+    from appclient import tuned_clip
+
+    url, ctx = served
+    ctx.checkpoints["tuned-clip"] = str(tuned_clip(tmp_path / "tuned-clip", seed=3))
+    page = open_app(browser, served)
+    panel = tab(page, "Compare")
+    panel.get_by_role("tab", name="Retrieval", exact=True).click()
+    sub = page.locator("[role=tabpanel]:visible").last
+    model_b = sub.get_by_label("Model B")
+    model_b.click()
+    model_b.fill("tuned-clip")
+    model_b.press("Enter")
+    sub.get_by_role("button", name="Compare", exact=True).click()
+    overlap = wait_text(page, r"overlap@5: \*?\*?(\d+)%")
+    assert 0 <= int(overlap.group(1)) <= 100
+    assert re.search(r"in both|gained by B|lost by B", sub.inner_text())
+    panel.get_by_role("tab", name="Generate", exact=True).click()
+    sub = page.locator("[role=tabpanel]:visible").last
+    set_number(sub, "Temperature B", 1.5)
+    sub.get_by_role("button", name="Compare", exact=True).click()
+    wait_text(page, r"A: \d+ tokens, B: \d+ tokens; (identical|first difference at token \d+)")
+    shot(page, "compare")
+    page.close()
