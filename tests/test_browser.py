@@ -64,10 +64,12 @@ def open_app(browser, served, width=1400, height=1000):
 def tab(page, title):
     """Open a tab (from the "More tabs" menu on a narrow screen); returns its panel."""
     direct = page.get_by_role("tab", name=title, exact=True)
+    more = page.get_by_role("button", name="More tabs")
+    direct.or_(more).first.wait_for()               # the tab bar may be re-laid out
     if direct.count():
         direct.click()
     else:
-        page.get_by_role("button", name="More tabs").click()
+        more.click()
         page.locator(".overflow-dropdown button", has_text=title).click()
     panel = page.locator("[role=tabpanel]:visible").first
     panel.wait_for()
@@ -143,7 +145,12 @@ def test_fine_tune_flow(browser, served, tmp_path):
     page.get_by_role("button", name="Validate the data").click()
     wait_text(page, r"Data: your upload\. 6 usable")
     # train on a bigger upload; the live plots show the loss and every metric series
+    panel.get_by_role("button", name="Clear").first.click()      # the x on the last upload
     panel.locator("input[type=file]").first.set_input_files(str(caption_zip(tmp_path, 24)))
+    # the last report goes with its data
+    page.wait_for_function("() => !document.body.innerText.includes('6 usable')")
+    page.get_by_role("button", name="Validate the data").click()
+    wait_text(page, r"Data: your upload\. 24 usable")
     set_number(panel, "Epochs", 100)
     set_number(panel, "Batch size", 2)
     panel.get_by_label("image", exact=True).check()      # both towers: slow enough to stop

@@ -115,7 +115,7 @@ def test_file_inputs_take_only_uploaded_files(served, tmp_path):
         "load_index": lambda f: [None, f, "base model"],
         "fill_mask_batch": lambda f: [f, 3],
         "next_sentence_batch": lambda f: [f],
-        "train": lambda f: [f, False, 1, 16, 1e-3, 0.05, 0.1, "projections", 1, 0],
+        "train": lambda f: [f, False, 1, 16, 1e-3, 0.05, 0.1, "projections", 1, 0, ""],
     }
     for api, make in calls.items():
         for target in inside + outside:
