@@ -136,7 +136,7 @@ def build(ctx: AppContext) -> None:
                   "lost by B"] for pid in diff.lost]
         return rows, f"overlap@{k}: **{diff.overlap:.0%}** ({len(diff.kept)} of {k} shared)."
 
-    with gr.Tab("Generate"):
+    with gr.Tab("Generate A/B"):
         prompt = gr.Textbox("The capital of France is", label="Prompt")
         lm_a, lm_b = model_menus(lm_choices(), "Model")
         with gr.Row():
@@ -159,7 +159,7 @@ def build(ctx: AppContext) -> None:
         for menu in (lm_a, lm_b):
             menu.focus(lambda: gr.update(choices=lm_choices()), None, menu,
                        api_visibility="private")
-    with gr.Tab("Fill mask & NSP"):
+    with gr.Tab("Fill mask & NSP A/B"):
         text = gr.Textbox("The capital of France is [MASK].", label="Text with [MASK] or <mask>")
         mlm_a, mlm_b = model_menus(mlm_choices(), "Model")
         top_k = gr.Slider(1, 20, 5, step=1, label="Top k")
@@ -187,7 +187,7 @@ def build(ctx: AppContext) -> None:
         for menu in (nsp_a, nsp_b):
             menu.focus(lambda: gr.update(choices=nsp_choices()), None, menu,
                        api_visibility="private")
-    with gr.Tab("Zero-shot"):
+    with gr.Tab("Zero-shot A/B"):
         with gr.Row():
             image = gr.Image(type="filepath", label="Image", height=220)
             with gr.Column():
@@ -203,7 +203,7 @@ def build(ctx: AppContext) -> None:
         go.click(compare_zero_shot, [image, labels, enc_a, enc_b, tmpl_a, tmpl_b],
                  [zs_table, zs_summary], api_name="compare_zero_shot",
                  **ctx.model_event("short"))
-    with gr.Tab("Retrieval"):
+    with gr.Tab("Retrieval A/B"):
         gr.Markdown(f"Searches the {len(DEMO)} demo photos with each model.")
         query = gr.Textbox("a cat", label="Query")
         ret_a, ret_b = model_menus(ctx.encoder_choices(), "Model")

@@ -446,7 +446,7 @@ def test_compare_flow(browser, served, tmp_path):
     ctx.checkpoints["tuned-clip"] = str(tuned_clip(tmp_path / "tuned-clip", seed=3))
     page = open_app(browser, served)
     panel = tab(page, "Compare")
-    panel.get_by_role("tab", name="Retrieval", exact=True).click()
+    panel.get_by_role("tab", name="Retrieval A/B", exact=True).click()
     sub = page.locator("[role=tabpanel]:visible").last
     model_b = sub.get_by_label("Model B")
     model_b.click()
@@ -456,7 +456,7 @@ def test_compare_flow(browser, served, tmp_path):
     overlap = wait_text(page, r"overlap@5: \*?\*?(\d+)%")
     assert 0 <= int(overlap.group(1)) <= 100
     assert re.search(r"in both|gained by B|lost by B", sub.inner_text())
-    panel.get_by_role("tab", name="Generate", exact=True).click()
+    panel.get_by_role("tab", name="Generate A/B", exact=True).click()
     sub = page.locator("[role=tabpanel]:visible").last
     set_number(sub, "Temperature B", 1.5)
     sub.get_by_role("button", name="Compare", exact=True).click()
