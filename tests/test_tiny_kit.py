@@ -86,6 +86,7 @@ def test_kit_is_memoised_and_roles_load_once_under_concurrency(monkeypatch):
     monkeypatch.setattr(kits, "_registry", {})
     monkeypatch.setattr(kits, "_load", slow_load)
     kit = mmcore.load_kit("tiny")
+    monkeypatch.setattr(kit, "_held", {})               # as if this kit had loaded nothing
     results = []
     threads = [threading.Thread(target=lambda: results.append(kit.model("causal_lm")))
                for _ in range(6)]
