@@ -84,12 +84,13 @@ def build(ctx: AppContext) -> None:
         index, folder = gallery.index, ctx.files.thumbs(request)
         gallery.shown = [pos for pos, _ in hits]
         gallery.scores, gallery.query = [score for _, score in hits], query
-        items = []
+        items, rows = [], []
         for pos, score in hits:
             path = thumbnail_file(index.thumbnails[pos], folder)
             label = index.captions[pos] or index.ids[pos]
             items.append((str(path) if path else tile(), f"{score:.3f} · {label}"))
-        return items, gallery
+            rows.append({"id": index.ids[pos], "score": score, "caption": index.captions[pos]})
+        return items, gallery, rows          # rows: the results as numbers, for programs
 
     def grow(gallery, images, ids, captions, model):
         """Embed in chunks, yielding progress; Stop takes effect between chunks."""
@@ -306,12 +307,14 @@ def build(ctx: AppContext) -> None:
                          **ctx.model_event("long")),
     ]
     stop_btn.click(None, None, None, cancels=embed_events, api_visibility="private")
+    hits = gr.JSON(visible=False, label="Results as numbers")     # [{id, score, caption}]
+    found = [gallery, state, hits]
     searches = [
-        go.click(search, [state, query, image, negative, k], [gallery, state], api_name="search",
+        go.click(search, [state, query, image, negative, k], found, api_name="search",
                  preprocess=False, **ctx.model_event()),
-        query.submit(search, [state, query, image, negative, k], [gallery, state],
+        query.submit(search, [state, query, image, negative, k], found,
                      api_visibility="private", preprocess=False, **ctx.model_event()),
-        gallery.select(search_by_result, [state, k], [gallery, state], api_visibility="private",
+        gallery.select(search_by_result, [state, k], found, api_visibility="private",
                        **ctx.model_event())]
     for searched in searches:
         searched.success(results, [state], [used, table], api_visibility="private")

@@ -238,8 +238,14 @@ def test_retrieval_tab_through_the_client(served, tmp_path):
         client.predict("a cat", None, "", 4, api_name="/search")
     status = client.predict("base model", api_name="/load_demo_gallery")
     assert "10 images in the gallery" in status
-    hits = client.predict("a cat", None, "", 4, api_name="/search")
+    hits, numbers = client.predict("a cat", None, "", 4, api_name="/search")
     assert len(hits) == 4
+    # the results as numbers for programs (issue 18), the same as the gallery's captions
+    assert [sorted(r) for r in numbers] == [["caption", "id", "score"]] * 4
+    scores = [r["score"] for r in numbers]
+    assert scores == sorted(scores, reverse=True) and all(isinstance(x, float) for x in scores)
+    assert [h["caption"] for h in hits] == [f"{r['score']:.3f} · {r['caption'] or r['id']}"
+                                            for r in numbers]
     # a zip with a good image, a zip-slip entry and junk
     Image.fromarray(data.coffee()).save(tmp_path / "c.png")
     with zipfile.ZipFile(tmp_path / "up.zip", "w") as zf:

@@ -70,7 +70,7 @@ def test_a_crafted_index_never_serves_server_files(served, tmp_path):
             for name, blob in files.items():
                 zf.writestr(name, blob)
         client.predict(handle_file(str(crafted)), "base model", api_name="/load_index")
-        hits = client.predict("a cat", None, "", 10, api_name="/search")
+        hits, _ = client.predict("a cat", None, "", 10, api_name="/search")
         assert len(hits) == 10
         forbidden = [canary.read_bytes(), (ROOT / "app.py").read_bytes(), svg.read_bytes(),
                      canary_png.read_bytes()]
