@@ -58,18 +58,20 @@ def stats(run: generation.Generation, started: float) -> str:
 
 
 def code_snippet(kit_name: str, prompt: str, p: generation.SamplingParams,
-                 forced=None) -> str:
+                 forced=None, model: str | None = None) -> str:
     """Python that reproduces the run on screen (with its forced prefix after a
-    regenerate-from-here)."""
+    regenerate-from-here; with the model loaded on the Models tab, if one was picked)."""
     args = (f"max_new_tokens={p.max_new_tokens}, temperature={p.temperature}, top_k={p.top_k}, "
             f"top_p={p.top_p},\n    repetition_penalty={p.repetition_penalty}, seed={p.seed}, "
             f"stop={tuple(p.stop)!r}, chat={p.chat!r},\n")
+    load = f"kit = mmcore.load_kit({kit_name!r})\n"
+    if model and model.startswith("loaded: "):
+        load = f"kit = mmcore.load_kit({kit_name!r}, causal_lm={model[len('loaded: '):]!r})\n"
     if not forced:
-        return ("import mmcore\n\n"
-                f"kit = mmcore.load_kit({kit_name!r})\n"
+        return ("import mmcore\n\n" + load +
                 f"text = kit.generate(\n    {prompt!r},\n    {args})\nprint(text)\n")
-    return ("import mmcore\nfrom mmcore.generation import Generation, SamplingParams\n\n"
-            f"kit = mmcore.load_kit({kit_name!r})\n"
+    return ("import mmcore\nfrom mmcore.generation import Generation, SamplingParams\n\n" +
+            load +
             f"params = SamplingParams(\n    {args})\n"
             "# the tokens kept before the point picked, then the alternative chosen there\n"
             f"forced = {list(forced)!r}\n"
@@ -84,7 +86,8 @@ def build(ctx: AppContext) -> None:
     stops: dict = {}
 
     def run_stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                   stop, chat, forced=None, picked_at=None, request=None):
+                   stop, chat, model="base model", forced=None, picked_at=None, request=None):
+        kit = ctx.role_kit("causal_lm", model)
         params = generation.SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=parse_seed(seed),
@@ -105,12 +108,11 @@ def build(ctx: AppContext) -> None:
             shown["heavy"] = now if heavy else shown["heavy"]
             return (run.text if light else gr.skip(), stats(run, started) if light else gr.skip(),
                     token_view(tokens) if heavy else gr.skip(),
-                    code_snippet(ctx.kit.name, prompt, run.params, forced) if heavy
+                    code_snippet(ctx.kit.name, prompt, run.params, forced, model) if heavy
                     else gr.skip(), {"prompt": prompt, "tokens": list(tokens)})
 
         try:
-            for i, info in enumerate(ctx.kit.generate_tokens(prompt, params, halt, forced,
-                                                             run)):
+            for i, info in enumerate(kit.generate_tokens(prompt, params, halt, forced, run)):
                 tokens.append({"text": info.text, "prob": info.prob, "id": info.token_id,
                                "forced": info.forced, "picked": i == picked_at,
                                "alternatives": info.alternatives})
@@ -123,10 +125,11 @@ def build(ctx: AppContext) -> None:
     @guarded
     def generate(prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
                  repetition_penalty=1.0, seed=None, stop=None, chat="auto",
-                 request: gr.Request = None):
-        """Stream a continuation of the prompt (chat template when `chat`)."""
+                 model="base model", request: gr.Request = None):
+        """Stream a continuation of the prompt (chat template when `chat`) by the kit's
+        causal LM, or one loaded on the Models tab ("loaded: NAME")."""
         yield from run_stream(prompt, max_new_tokens, temperature, top_k, top_p,
-                              repetition_penalty, seed, stop, chat, request=request)
+                              repetition_penalty, seed, stop, chat, model, request=request)
 
     @guarded
     def alternatives(state, evt: gr.SelectData):
@@ -143,7 +146,8 @@ def build(ctx: AppContext) -> None:
 
     @guarded
     def regenerate_from(state, index, choice, prompt, max_new_tokens, temperature, top_k, top_p,
-                        repetition_penalty, seed, stop, chat, request: gr.Request = None):
+                        repetition_penalty, seed, stop, chat, model="base model",
+                        request: gr.Request = None):
         """Keep the tokens before the selected one, put the chosen alternative there, go on."""
         if not state or index is None or choice is None:
             raise InputError("Click a token in the token view and choose an alternative first.")
@@ -152,7 +156,8 @@ def build(ctx: AppContext) -> None:
         forced = [t["id"] for t in tokens[:int(index)]] + [alt]
         new = max(1, int(max_new_tokens) - len(forced))
         yield from run_stream(state["prompt"], new, temperature, top_k, top_p,
-                              repetition_penalty, seed, stop, chat, forced, int(index), request)
+                              repetition_penalty, seed, stop, chat, model, forced, int(index),
+                              request)
 
     spec = ctx.kit.spec("causal_lm")
     gr.Markdown(f"Causal LM: **{spec.name}**. Temperature 0 is greedy (token for token what "
@@ -179,6 +184,11 @@ def build(ctx: AppContext) -> None:
             stop = gr.Textbox(label="Stop sequences (one per line)", lines=2, max_length=1000)
             chat = gr.Radio(list(CHAT_MODES), value="auto", label="Prompt format",
                             info="auto: the chat template when the model has one")
+            model_choices = lambda: ["base model"] + ctx.loaded_choices("causal_lm")  # noqa
+            model = gr.Dropdown(model_choices(), value="base model", allow_custom_value=True,
+                                label="Model (load others on the Models tab)")
+            model.focus(lambda: gr.update(choices=model_choices()), None, model,
+                        api_visibility="private")
     gr.Examples([[e] for e in EXAMPLES], [prompt])
     tokens = gr.HighlightedText(label="Token view (coloured by the model's probability)",
                                 color_map=COLORS, show_legend=True, combine_adjacent=False)
@@ -194,7 +204,7 @@ def build(ctx: AppContext) -> None:
     state = gr.State(None)
     index = gr.State(None)
 
-    inputs = [prompt, max_new, temperature, top_k, top_p, penalty, seed, stop, chat]
+    inputs = [prompt, max_new, temperature, top_k, top_p, penalty, seed, stop, chat, model]
     outputs = [output, live, tokens, code, state]
     run_buttons, pick = [go, again, from_here], [picked, alt_table, alt_choice, index]
 

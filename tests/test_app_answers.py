@@ -64,8 +64,8 @@ def raw_call(url: str, api: str, data: list) -> str:
 @pytest.mark.parametrize("api, args, message", [
     ("attention", ["the cat sat", None, float("nan"), 0], "Layer must be a finite number"),
     ("attention", ["the cat sat", None, 1, float("nan")], "Head must be a finite number"),
-    ("generate", ["the cat", 5, 0, 0, 1, 1, "inf", "", "auto"], "Seed must be a finite number"),
-    ("generate", ["the cat", 5, 0, 0, 1, 1, "1e400", "", "auto"], "Seed must be a finite number"),
+    ("generate", ["the cat", 5, 0, 0, 1, 1, "inf", "", "auto", "base model"], "Seed must be a finite number"),
+    ("generate", ["the cat", 5, 0, 0, 1, 1, "1e400", "", "auto", "base model"], "Seed must be a finite number"),
     ("fill_mask", ["the [MASK] sat .", float("nan"), ""], "Top k must be a finite number"),
 ])
 def test_numbers_a_client_can_send_get_clear_messages(served, api, args, message):
@@ -82,5 +82,5 @@ def test_error_messages_reach_api_clients_as_plain_text(served):
     """Quotes in a message come through as written (not &#x27;); only <, > and & are escaped,
     because the browser renders error text as HTML."""
     ctx, client = served
-    reply = raw_call(client.src, "generate", ["the cat", 5, 0, 0, 1, 1, "abc", "", "auto"])
+    reply = raw_call(client.src, "generate", ["the cat", 5, 0, 0, 1, 1, "abc", "", "auto", "base model"])
     assert "Seed must be a number, not 'abc'." in reply and "&#x27;" not in reply

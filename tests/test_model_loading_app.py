@@ -76,3 +76,34 @@ def test_a_bad_models_file_stops_the_app_with_a_message(tmp_path, capsys):
     bad.write_text('{"painter": ["x"]}')
     assert app_module.main(["--kit", "tiny", "--models", str(bad)]) == 2
     assert "unknown role 'painter'" in capsys.readouterr().err
+
+
+def test_a_loaded_causal_lm_generates_in_the_generate_tab(served, tmp_path):
+    """The Generate tab's model menu picks a causal LM loaded at run time; its output and its
+    copy-as-code are that model's."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import mmcore
+    from mmcore import tiny
+    from mmcore.dual_encoder import public_name
+
+    ctx, client = served
+    folder = tmp_path / "my-gpt2"
+    shutil.copytree(tiny.folder("gpt2"), folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(folder)
+    ctx.pool.allowed["causal_lm"] = [str(folder)]
+    ctx.pool.request("causal_lm", str(folder), wait=True)
+    choice = f"loaded: {public_name(str(folder))}"
+    text, stats, tokens, code = client.predict("the cat", 8, 0.0, 0, 1.0, 1.0, "1", "", "auto",
+                                               choice, api_name="/generate")
+    want = mmcore.load_kit("tiny", causal_lm=str(folder)).generate("the cat", max_new_tokens=8)
+    assert text == want != ctx.kit.generate("the cat", max_new_tokens=8)
+    assert f"causal_lm={public_name(str(folder))!r}" in code

@@ -375,7 +375,7 @@ def test_errors_become_clear_messages(served, tmp_path):
         clear(queue_call(url, "zero_shot_batch", [[], "a, b", template, False, "softmax", 0,
                                                   "base model"]))
     for seed in ("inf", "1e400", "-inf", "nan"):
-        clear(queue_call(url, "generate", ["the cat", 4, 0, 0, 1, 1, seed, "", "auto"]), "seed")
+        clear(queue_call(url, "generate", ["the cat", 4, 0, 0, 1, 1, seed, "", "auto", "base model"]), "seed")
     nan = float("nan")
     clear(queue_call(url, "attention", ["the cat", labels[0], nan, 0]), "layer")
     clear(queue_call(url, "attention", ["the cat", labels[0], 1, nan]), "head")
