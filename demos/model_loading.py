@@ -6,11 +6,19 @@ What may load is the operator's choice (`--models FILE`, `--allow-model-loading`
 mmcore/model_pool.py for the policy, the honest checks and the memory budget.
 """
 
+import re
+import shutil
+import uuid
+
 import gradio as gr
 
-from mmcore import ROLES
+from mmcore import ROLES, InputError
+from mmcore.dual_encoder import public_name
 
 from .context import AppContext, guarded, text_md
+from .files import uploaded
+
+MAX_MODEL_BYTES = 2 * 2**30          # unpacked size of an uploaded fine-tuned model
 
 ROLE_LABELS = {"causal_lm": "Generate (causal LM)", "masked_lm": "Fill mask (masked LM)",
                "next_sentence": "Next sentence", "dual_encoder": "Zero-shot and Retrieval "
@@ -71,6 +79,34 @@ def build(ctx: AppContext) -> None:
         return ctx.pool.status(role, listed.get(source, str(source or "").strip()))
 
     @guarded
+    def load_finetuned_zip(file=None) -> str:
+        """Load a fine-tuned model downloaded from the Fine-tune tab (its .zip) as a dual
+        encoder; it is then picked as "loaded: NAME" in Zero-shot and Retrieval. Allowed
+        where the operator allows model loading (it is kept on the server's disk)."""
+        from mmcore import archives
+        from mmcore.dual_encoder import load_encoder
+
+        upload = uploaded(file, "fine-tuned model (.zip)")
+        if upload is None:
+            raise InputError("Upload the .zip the Fine-tune tab gave you.")
+        if not ctx.allow_model_loading:
+            raise InputError("Loading models is off on this server; the operator can allow "
+                             "it with --allow-model-loading.")
+        stem = re.sub(r"[^A-Za-z0-9._-]", "-", upload.name.rsplit(".", 1)[0])[:40] or "model"
+        folder = ctx.data.root / "uploaded-models" / f"{stem}-{uuid.uuid4().hex[:6]}"
+        try:
+            archives.safe_extract(upload.path, (".json", ".safetensors", ".txt"), folder,
+                                  budget=MAX_MODEL_BYTES)
+            load_encoder(folder, base=ctx.kit.encoder())       # checked before it is listed
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        ctx.pool.allowed.setdefault("dual_encoder", []).append(str(folder))
+        name = ctx.pool.request("dual_encoder", str(folder))
+        return (f"{text_md(public_name(name))}: {ctx.pool.status('dual_encoder', name)}. "
+                "Once ready, pick it as \"loaded: ...\" in Zero-shot and Retrieval.")
+
+    @guarded
     def models() -> list:
         """Every model a user can pick: [{role, model, kind, status}] (kind: kit,
         fine-tuned, run-time)."""
@@ -118,4 +154,13 @@ def build(ctx: AppContext) -> None:
                api_visibility="private")
     gr.Button("Status of my model", size="sm", visible=False).click(
         model_status, [role, source], status, api_name="model_status")
+    with gr.Row():
+        tuned_zip = gr.File(label="Load a fine-tuned model (.zip from the Fine-tune tab)",
+                            file_types=[".zip"], interactive=ctx.allow_model_loading)
+        load_zip = gr.Button("Load the fine-tuned model", scale=0,
+                             interactive=ctx.allow_model_loading)
+    load_zip.click(load_finetuned_zip, tuned_zip, status, api_name="load_finetuned_zip",
+                   preprocess=False).then(
+        lambda: (table(ctx), gr.Timer(active=True)), None, [catalogue_table, timer],
+        api_visibility="private")
     gr.Button("List models", size="sm").click(models, outputs=api, api_name="models")

@@ -107,3 +107,50 @@ def test_a_loaded_causal_lm_generates_in_the_generate_tab(served, tmp_path):
     want = mmcore.load_kit("tiny", causal_lm=str(folder)).generate("the cat", max_new_tokens=8)
     assert text == want != ctx.kit.generate("the cat", max_new_tokens=8)
     assert f"causal_lm={public_name(str(folder))!r}" in code
+
+
+def test_a_fine_tuned_zip_loads_where_the_operator_allows_it(served, other_clip, tmp_path,
+                                                             chelsea):
+    """Issue 15 finding 10 / issue 18 item 1: the .zip the Fine-tune tab gives loads back
+    into the app as a dual encoder (checked against the base model first); refused where
+    loading is off, and a zip of something else is refused with a message."""
+    import shutil
+    import zipfile
+
+    import mmcore
+
+    ctx, closed_client = served
+    made = shutil.make_archive(str(tmp_path / "tuned"), "zip", other_clip)
+    with pytest.raises(Exception, match="Loading models is off"):
+        closed_client.predict(handle_file(made), api_name="/load_finetuned_zip")
+    demo, ctx2, url = launch(["--kit", "tiny", "--no-warm", "--allow-model-loading"])
+    client = Client(url, verbose=False)
+    try:
+        junk = tmp_path / "junk.zip"
+        with zipfile.ZipFile(junk, "w") as zf:
+            zf.writestr("notes.txt", "hello")
+        with pytest.raises(Exception, match="holds no dual encoder"):
+            client.predict(handle_file(str(junk)), api_name="/load_finetuned_zip")
+        said = client.predict(handle_file(made), api_name="/load_finetuned_zip")
+        assert "pick it as" in said
+        deadline = time.time() + 120
+        while True:
+            rows = [r for r in client.predict(api_name="/models") if r["kind"] == "run-time"]
+            if rows and rows[0]["status"] == "ready":
+                break
+            assert time.time() < deadline, rows
+            time.sleep(0.5)
+        name = rows[0]["model"]
+        assert name.startswith("tuned-") and str(tmp_path) not in name
+        photo = tmp_path / "cat.png"
+        chelsea.save(photo)
+        labels = "a cat, a rocket, a cup of coffee"
+        _, table, _ = client.predict(handle_file(str(photo)), labels, "a photo of {}.", False,
+                                     "cosine", 0, f"loaded: {name}", api_name="/zero_shot")
+        want = mmcore.load_kit("tiny", dual_encoder=str(other_clip)).zero_shot(
+            str(photo), ["a cat", "a rocket", "a cup of coffee"], score="cosine")
+        got = [r for r in table["data"] if r[0] in labels]
+        assert [r[1] for r in got] == pytest.approx([v for _, v in want], abs=1e-4)
+    finally:
+        client.close()
+        demo.close()
