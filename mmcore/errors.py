@@ -16,3 +16,22 @@ class InputError(MmcoreError, ValueError):
 
 class ModelUnavailable(MmcoreError, RuntimeError):
     """A model cannot be loaded here: missing package, no network, incompatible checkpoint."""
+
+
+def cli_status(body, interrupted: str = "interrupted") -> int:
+    """Run a command line's `body()` and return its exit status: a bad argument or input is
+    status 2 and a model that cannot load status 1, each an `error:` line on stderr, never a
+    traceback; Ctrl-C is 130."""
+    import sys
+
+    try:
+        return body()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModelUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130

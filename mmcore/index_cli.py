@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import cache
-from .errors import InputError, ModelUnavailable
+from .errors import InputError, cli_status
 from .index import THUMBNAIL, Index, image_files
 
 
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         args.queries += extra
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
+    def body() -> int:
         kit = load_kit(args.kit)
         if args.command == "build":
             return _build(kit, args)
@@ -242,16 +242,9 @@ def main(argv=None) -> int:
             serve(index, args.host, args.port)
         else:
             _search(index, args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ModelUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return cli_status(body)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,15 @@ class TextRole:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.precision})"
 
+    FAST = ""           # the mmcore.precision function that converts this role's model
+
+    @classmethod
+    def make_fast(cls, model) -> str:
+        """Convert `model` in place for "fast" precision; returns the form it now runs in."""
+        from . import precision
+
+        return getattr(precision, cls.FAST)(model)
+
 
 class CausalLM(TextRole):
     """Left-to-right generation; also plays masked_lm and next_sentence on the offline kit."""
@@ -125,11 +134,7 @@ class CausalLM(TextRole):
                                             max_batch=96)
             return self._scorer
 
-    @staticmethod
-    def make_fast(model) -> str:
-        from . import precision
-
-        return precision.fast_causal_lm(model)
+    FAST = "fast_causal_lm"
 
 
 class MaskedLM(TextRole):
@@ -185,11 +190,7 @@ class MaskedLM(TextRole):
             return self.head(hidden[batch, at]).float()
         return self.model(input_ids=ids, attention_mask=mask).logits[batch, at].float()
 
-    @staticmethod
-    def make_fast(model) -> str:
-        from . import precision
-
-        return precision.fast_encoder(model)
+    FAST = "fast_encoder"
 
 
 class NSPHead(TextRole):
@@ -230,7 +231,7 @@ class NSPHead(TextRole):
     def postprocess(logits: torch.Tensor) -> list:
         return logits.softmax(-1)[:, 0].tolist()                        # index 0 = IsNext
 
-    make_fast = MaskedLM.make_fast
+    FAST = "fast_encoder"
 
 
 def require(obj, method: str, what: str):

@@ -427,7 +427,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from . import load_kit
-    from .errors import ModelUnavailable
+    from .errors import cli_status
 
     args = vars(parser().parse_args(argv))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -449,7 +449,7 @@ def main(argv=None) -> int:
         bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         bar.update(row["step"] - bar.n)
 
-    try:
+    def body() -> int:
         options = {k: v for k, v in args.items() if k in TrainOptions.__dataclass_fields__}
         TrainOptions(**options).check()            # a bad option fails before the data
         report = load_pairs(data, require=False)
@@ -460,24 +460,19 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 1
         result = finetune(load_kit(kit_name), report, out, progress=show, **args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ModelUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted (a checkpoint saved so far is kept; --resume auto continues it)",
-              file=sys.stderr)
-        return 130
+        if main_process:
+            if result.reason:
+                print(f"stopped: {result.reason}", file=sys.stderr)
+            print(f"before {result.before}\nafter  {result.after}\n"
+                  f"checkpoint {result.checkpoint}")
+        return 0 if result.checkpoint is not None else 1
+
+    try:
+        return cli_status(body, "interrupted (a checkpoint saved so far is kept; --resume "
+                                "auto continues it)")
     finally:
         if bar is not None:
             bar.close()
-    if main_process:
-        if result.reason:
-            print(f"stopped: {result.reason}", file=sys.stderr)
-        print(f"before {result.before}\nafter  {result.after}\ncheckpoint {result.checkpoint}")
-    return 0 if result.checkpoint is not None else 1
 
 
 if __name__ == "__main__":
