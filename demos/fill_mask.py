@@ -62,13 +62,23 @@ def highlighted(text: str, result) -> list:
 
 
 def build(ctx: AppContext) -> None:
+    def model_menu(role: str, label: str):
+        """The kit's model, or one loaded for `role` on the Models tab."""
+        choices = lambda: ["base model"] + ctx.loaded_choices(role)          # noqa: E731
+        menu = gr.Dropdown(choices(), value="base model", allow_custom_value=True,
+                           label=f"{label} (load others on the Models tab)")
+        menu.focus(lambda: gr.update(choices=choices()), None, menu, api_visibility="private")
+        return menu
+
     @guarded
-    def fill_mask(text: str, top_k: float = 5, targets: str | None = None):
+    def fill_mask(text: str, top_k: float = 5, targets: str | None = None,
+                  model: str = "base model"):
         """Fill every [MASK] in the text: a chart for the first mask, the best sentence
         highlighted, joint fills and per-mask tables."""
         top_k = as_number(top_k, "Top k", 1, 50, integer=True)
         text = normalise_masks(text)
-        result = ctx.kit.fill_mask_details(text, top_k, targets or None)
+        kit = ctx.role_kit("masked_lm", model)
+        result = kit.fill_mask_details(text, top_k, targets or None)
         first = {r["token_str"]: r["score"] for r in result.per_mask[0]}
         joint = [[" | ".join(j["tokens"]), float(f"{j['score']:.4g}"), j["sequence"]]
                  for j in result.joint]
@@ -78,10 +88,11 @@ def build(ctx: AppContext) -> None:
         return first, highlighted(text, result), joint, per_mask, notes
 
     @guarded
-    def next_sentence(first: str, second: str):
+    def next_sentence(first: str, second: str, model: str = "base model"):
         """P(B follows A) and, for contrast, P(A follows B): two numbers, each the probability
         of one order; they are separate questions and need not sum to 1."""
-        return ctx.kit.next_sentence(first, second), ctx.kit.next_sentence(second, first)
+        kit = ctx.role_kit("next_sentence", model)
+        return kit.next_sentence(first, second), kit.next_sentence(second, first)
 
     def nsp_words(p_ab, p_ba) -> str:
         """The two numbers as a sentence (a bare "A then B" read like a class label)."""
@@ -150,6 +161,7 @@ def build(ctx: AppContext) -> None:
                 top_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
                 targets = gr.Textbox(label="Only these words (optional, comma separated)",
                                      max_length=2000)
+                mlm = model_menu("masked_lm", "Masked LM")
             fill_btn = gr.Button("Fill", variant="primary")
         with gr.Column(scale=2):
             chart = gr.Label(label="First mask: probabilities", num_top_classes=20)
@@ -163,22 +175,24 @@ def build(ctx: AppContext) -> None:
                             label="Each mask on its own", interactive=False)
     gr.Examples(EXAMPLES, [text, top_k, targets])
     outputs = [chart, best, joint, per_mask, notes]
-    fill_btn.click(fill_mask, [text, top_k, targets], outputs, api_name="fill_mask",
+    fill_btn.click(fill_mask, [text, top_k, targets, mlm], outputs, api_name="fill_mask",
                    **ctx.model_event())
-    text.submit(fill_mask, [text, top_k, targets], outputs, api_visibility="private",
+    text.submit(fill_mask, [text, top_k, targets, mlm], outputs, api_visibility="private",
                 **ctx.model_event())
 
     gr.Markdown("### Next sentence prediction")
     with gr.Row():
         sent_a = gr.Textbox(label="Sentence A", max_length=5000, value=NSP_EXAMPLES[0][0])
         sent_b = gr.Textbox(label="Sentence B", max_length=5000, value=NSP_EXAMPLES[0][1])
+    nsp_model = model_menu("next_sentence", "NSP model")
     nsp_btn = gr.Button("How likely does B follow A?")
     with gr.Row():
         p_ab = gr.Number(label="P(B follows A)", interactive=False)
         p_ba = gr.Number(label="P(A follows B), for contrast", interactive=False)
     verdict = gr.Markdown(label="Verdict")
     gr.Examples(NSP_EXAMPLES, [sent_a, sent_b])
-    nsp_btn.click(next_sentence, [sent_a, sent_b], [p_ab, p_ba], api_name="next_sentence",
+    nsp_btn.click(next_sentence, [sent_a, sent_b, nsp_model], [p_ab, p_ba],
+                  api_name="next_sentence",
                   **ctx.model_event()).success(nsp_words, [p_ab, p_ba], verdict,
                                                api_visibility="private")
 

@@ -66,7 +66,7 @@ def raw_call(url: str, api: str, data: list) -> str:
     ("attention", ["the cat sat", None, 1, float("nan")], "Head must be a finite number"),
     ("generate", ["the cat", 5, 0, 0, 1, 1, "inf", "", "auto", "base model"], "Seed must be a finite number"),
     ("generate", ["the cat", 5, 0, 0, 1, 1, "1e400", "", "auto", "base model"], "Seed must be a finite number"),
-    ("fill_mask", ["the [MASK] sat .", float("nan"), ""], "Top k must be a finite number"),
+    ("fill_mask", ["the [MASK] sat .", float("nan"), "", "base model"], "Top k must be a finite number"),
 ])
 def test_numbers_a_client_can_send_get_clear_messages(served, api, args, message):
     from mmcore import attention

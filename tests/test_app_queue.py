@@ -32,7 +32,7 @@ def test_a_short_click_does_not_wait_behind_generations(served):
     for t in runs:
         t.start()
     time.sleep(1.0)                                         # the generations are streaming
-    click = queue_call(url, "fill_mask", ["the cat sat on the [MASK] .", 5, ""])
+    click = queue_call(url, "fill_mask", ["the cat sat on the [MASK] .", 5, "", "base model"])
     answered = time.monotonic()
     for t in runs:
         t.join()

@@ -154,3 +154,38 @@ def test_a_fine_tuned_zip_loads_where_the_operator_allows_it(served, other_clip,
     finally:
         client.close()
         demo.close()
+
+
+def test_loaded_masked_lm_and_nsp_models_answer_in_the_fill_mask_tab(served, tmp_path):
+    """Fill mask & NSP's model menus pick a BERT loaded at run time for either role."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForPreTraining
+
+    import mmcore
+    from mmcore import tiny
+    from mmcore.dual_encoder import public_name
+
+    ctx, client = served
+    folder = tmp_path / "my-bert"
+    shutil.copytree(tiny.folder("bert"), folder)
+    model = AutoModelForPreTraining.from_pretrained(folder)       # both heads, as saved
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(folder)
+    for role in ("masked_lm", "next_sentence"):
+        ctx.pool.allowed[role] = [str(folder)]
+        ctx.pool.request(role, str(folder), wait=True)
+        assert ctx.pool.status(role, str(folder)) == "ready"
+    choice = f"loaded: {public_name(str(folder))}"
+    mine = mmcore.load_kit("tiny", masked_lm=str(folder), next_sentence=str(folder))
+    *_, per_mask, _ = client.predict("the cat sat on the [MASK] .", 3, "", choice,
+                                     api_name="/fill_mask")
+    want = mine.fill_mask("the cat sat on the [MASK] .", 3)[0]
+    assert [r[1] for r in per_mask["data"]] == [w["token_str"] for w in want]
+    p_ab, _ = client.predict("the cat sat .", "it slept .", choice, api_name="/next_sentence")
+    assert p_ab == pytest.approx(mine.next_sentence("the cat sat .", "it slept ."), abs=1e-5)
+    assert p_ab != pytest.approx(ctx.kit.next_sentence("the cat sat .", "it slept ."), abs=1e-5)

@@ -379,7 +379,7 @@ def test_errors_become_clear_messages(served, tmp_path):
     nan = float("nan")
     clear(queue_call(url, "attention", ["the cat", labels[0], nan, 0]), "layer")
     clear(queue_call(url, "attention", ["the cat", labels[0], 1, nan]), "head")
-    clear(queue_call(url, "fill_mask", ["the [MASK] sat", nan, ""]), "top")
+    clear(queue_call(url, "fill_mask", ["the [MASK] sat", nan, "", "base model"]), "top")
     clear(queue_call(url, "train", [None, True, 1, 16, 1e-3, 0.05, 0.1, "projections", 1, nan,
                                     ""]), "seed")
     clear(queue_call(url, "search", [None, "a cat", None, "", nan]))
