@@ -67,7 +67,7 @@ def test_junk_exif_is_fine_in_a_gallery(served, tmp_path):
         status = client.predict([handle_file(str(junk_exif_jpeg(tmp_path / "z.jpg")))],
                                 "base model", api_name="/add_images")
         assert "1 images in the gallery (1 added" in status
-        hits = client.predict("a cup of coffee", None, "", 1, api_name="/search")
+        hits, _ = client.predict("a cup of coffee", None, "", 1, api_name="/search")
         im = Image.open(io.BytesIO(open(hits[0]["image"], "rb").read()))
         assert im.format == "JPEG" and hits[0]["caption"].endswith("z.jpg")
     finally:
