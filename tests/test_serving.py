@@ -294,3 +294,24 @@ def test_token_budget_holds_streams_back_until_they_fit(tiny_kit):
     for (prompt, kw), run in zip(jobs, runs):
         same_run(run, alone(tiny_kit, prompt, **kw))
     assert len(runs[2].tokens) == 1 and runs[2].finish == "length"
+
+
+def test_the_scheduler_thread_sets_its_own_cpu_threads(tiny_kit):
+    """The scheduler's ops run on its configured thread count (on a small CPU, 1: a non-main
+    thread's OpenMP team made one user's decode 2x slower at 2 threads), and the setting is
+    the scheduler thread's own: the caller's threads are untouched."""
+    model, tok = parts(tiny_kit)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    sched = S.Scheduler(model, tok, S.ServingConfig(threads=1, max_pause=600))
+    try:
+        want = G.generate(model, tok, "the cat", G.SamplingParams(max_new_tokens=4))
+        seen.clear()
+        assert sched.generate("the cat", G.SamplingParams(max_new_tokens=4)) == want
+    finally:
+        sched.close()
+        hook.remove()
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    assert S.decode_threads("cuda") == 0 and S.decode_threads("cpu") >= 1
