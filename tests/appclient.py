@@ -125,3 +125,24 @@ def tuned_clip(folder, seed: int = 0):
             state[key] = state[key] + 0.5 * torch.randn(state[key].shape, generator=g)
     save_file(state, str(weights), metadata={"format": "pt"})
     return Path(folder)
+
+
+def perturbed_copy(kind: str, folder, noise: float = 0.1, seed: int = 0,
+                   model_class: str = "AutoModelForCausalLM") -> Path:
+    """A copy of the tiny kit's `kind` ("gpt2", "bert") at `folder` with seeded noise on every
+    weight: a user's own checkpoint whose answers differ from the kit's."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from mmcore import tiny
+
+    shutil.copytree(tiny.folder(kind), folder)
+    model = getattr(transformers, model_class).from_pretrained(folder)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise)
+    model.save_pretrained(folder)
+    return Path(folder)

@@ -9,7 +9,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 import app as app_module
-from appclient import launch, tuned_clip
+from appclient import launch, perturbed_copy, tuned_clip
 
 
 @pytest.fixture(scope="module")
@@ -81,24 +81,11 @@ def test_a_bad_models_file_stops_the_app_with_a_message(tmp_path, capsys):
 def test_a_loaded_causal_lm_generates_in_the_generate_tab(served, tmp_path):
     """The Generate tab's model menu picks a causal LM loaded at run time; its output and its
     copy-as-code are that model's."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
     import mmcore
-    from mmcore import tiny
     from mmcore.dual_encoder import public_name
 
     ctx, client = served
-    folder = tmp_path / "my-gpt2"
-    shutil.copytree(tiny.folder("gpt2"), folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    model.save_pretrained(folder)
+    folder = perturbed_copy("gpt2", tmp_path / "my-gpt2")
     ctx.pool.allowed["causal_lm"] = [str(folder)]
     ctx.pool.request("causal_lm", str(folder), wait=True)
     choice = f"loaded: {public_name(str(folder))}"
@@ -158,24 +145,12 @@ def test_a_fine_tuned_zip_loads_where_the_operator_allows_it(served, other_clip,
 
 def test_loaded_masked_lm_and_nsp_models_answer_in_the_fill_mask_tab(served, tmp_path):
     """Fill mask & NSP's model menus pick a BERT loaded at run time for either role."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForPreTraining
-
     import mmcore
-    from mmcore import tiny
     from mmcore.dual_encoder import public_name
 
     ctx, client = served
-    folder = tmp_path / "my-bert"
-    shutil.copytree(tiny.folder("bert"), folder)
-    model = AutoModelForPreTraining.from_pretrained(folder)       # both heads, as saved
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    model.save_pretrained(folder)
+    folder = perturbed_copy("bert", tmp_path / "my-bert", noise=0.2,
+                            model_class="AutoModelForPreTraining")     # both heads, as saved
     for role in ("masked_lm", "next_sentence"):
         ctx.pool.allowed[role] = [str(folder)]
         ctx.pool.request(role, str(folder), wait=True)

@@ -173,23 +173,11 @@ def test_api_requests_share_decode_steps_with_the_app(server):
 def test_a_model_loaded_on_the_models_tab_is_served_by_name(server, tmp_path):
     """/v1/models lists a causal LM loaded at run time; naming it answers with that model
     (equal to its own generate), and an unknown name is a 404 in OpenAI's shape."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
     import mmcore
-    from mmcore import tiny
+    from appclient import perturbed_copy
 
     ctx, _, url = server
-    folder = tmp_path / "my-gpt2"
-    shutil.copytree(tiny.folder("gpt2"), folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    model.save_pretrained(folder)
+    folder = perturbed_copy("gpt2", tmp_path / "my-gpt2")
     ctx.pool.allowed["causal_lm"] = [str(folder)]
     ctx.pool.request("causal_lm", str(folder), wait=True)
     ids = [m["id"] for m in httpx.get(f"{url}/models", timeout=30).json()["data"]]
