@@ -28,9 +28,20 @@ def served(other_clip, tmp_path_factory):
     demo.close()
 
 
-def test_a_listed_model_loads_and_answers_in_zero_shot(served, other_clip, chelsea, tmp_path):
+def zero_shot_both(client, name, photo, folder, threshold) -> tuple:
+    """(the label rows the app gives with the loaded model `name`, the cosine ranking of the
+    same folder's model loaded directly)."""
     import mmcore
 
+    labels = "a cat, a rocket, a cup of coffee"
+    _, table, _ = client.predict(handle_file(str(photo)), labels, "a photo of {}.", False,
+                                 "cosine", threshold, f"loaded: {name}", api_name="/zero_shot")
+    want = mmcore.load_kit("tiny", dual_encoder=str(folder)).zero_shot(
+        str(photo), ["a cat", "a rocket", "a cup of coffee"], score="cosine")
+    return [r for r in table["data"] if r[0] in labels], want          # not "none of these"
+
+
+def test_a_listed_model_loads_and_answers_in_zero_shot(served, other_clip, chelsea, tmp_path):
     ctx, client = served
     listed = [r for r in client.predict(api_name="/models") if r["kind"] == "run-time"]
     assert [(r["role"], r["status"]) for r in listed] == [("dual_encoder", "not loaded")]
@@ -47,12 +58,7 @@ def test_a_listed_model_loads_and_answers_in_zero_shot(served, other_clip, chels
         time.sleep(0.5)
     photo = tmp_path / "cat.png"
     chelsea.save(photo)
-    labels = "a cat, a rocket, a cup of coffee"
-    _, table, _ = client.predict(handle_file(str(photo)), labels, "a photo of {}.", False,
-                                 "cosine", 0.5, f"loaded: {name}", api_name="/zero_shot")
-    want = mmcore.load_kit("tiny", dual_encoder=str(other_clip)).zero_shot(
-        str(photo), ["a cat", "a rocket", "a cup of coffee"], score="cosine")
-    rows = [r for r in table["data"] if r[0] in labels]               # not "none of these"
+    rows, want = zero_shot_both(client, name, photo, other_clip, threshold=0.5)
     assert [r[0] for r in rows] == [lab for lab, _ in want]
     assert [r[1] for r in rows] == pytest.approx([v for _, v in want], abs=1e-4)
     base = ctx.kit.zero_shot(str(photo), ["a cat", "a rocket", "a cup of coffee"],
@@ -104,8 +110,6 @@ def test_a_fine_tuned_zip_loads_where_the_operator_allows_it(served, other_clip,
     import shutil
     import zipfile
 
-    import mmcore
-
     ctx, closed_client = served
     made = shutil.make_archive(str(tmp_path / "tuned"), "zip", other_clip)
     with pytest.raises(Exception, match="Loading models is off"):
@@ -131,12 +135,7 @@ def test_a_fine_tuned_zip_loads_where_the_operator_allows_it(served, other_clip,
         assert name.startswith("tuned-") and str(tmp_path) not in name
         photo = tmp_path / "cat.png"
         chelsea.save(photo)
-        labels = "a cat, a rocket, a cup of coffee"
-        _, table, _ = client.predict(handle_file(str(photo)), labels, "a photo of {}.", False,
-                                     "cosine", 0, f"loaded: {name}", api_name="/zero_shot")
-        want = mmcore.load_kit("tiny", dual_encoder=str(other_clip)).zero_shot(
-            str(photo), ["a cat", "a rocket", "a cup of coffee"], score="cosine")
-        got = [r for r in table["data"] if r[0] in labels]
+        got, want = zero_shot_both(client, name, photo, other_clip, threshold=0)
         assert [r[1] for r in got] == pytest.approx([v for _, v in want], abs=1e-4)
     finally:
         client.close()
