@@ -77,7 +77,7 @@ def main() -> None:
     counts = {"a": args.new, "b": args.new, "c": len(toks_c), "d": len(toks_d)}
     rate = {k: counts[k] / best[k][0] for k in "abcd"}
     bandwidth = roofline.read_bandwidth()
-    weights = {"a": model, "b": model, "c": model, "d": fast["model"]}
+    weights = {"a": model, "b": model, "c": model, "d": fast.model}
     print(f"offline causal LM, {n_prompt}-token prompt, {args.new} new tokens, greedy, "
           f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s")
     names = {"a": "pipeline fp32", "b": "model.generate fp32", "c": "mmcore exact",

@@ -7,7 +7,8 @@ import gradio as gr
 from mmcore import InputError, chat
 from mmcore.text import as_number, clean_text
 
-from .context import AppContext, guarded
+from .context import AppContext, Pacer, guarded
+from .generate import LIGHT
 
 MAX_TURN_TOKENS = 512
 
@@ -43,12 +44,13 @@ def build(ctx: AppContext) -> None:
         start = history[-1]["content"]
         pieces = kit.stream(prompt, max_new_tokens=n, temperature=temperature, seed=seed,
                             chat=False)
-        text = ""
+        text, pace = "", Pacer(LIGHT)
         try:
             for piece in pieces:
                 text += piece
                 history[-1] = {"role": "assistant", "content": start + text}
-                yield history
+                if pace.due():             # not per token: each update costs the decoder
+                    yield history
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:

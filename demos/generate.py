@@ -11,7 +11,7 @@ import pandas as pd
 from mmcore import InputError, generation
 from mmcore.text import as_number
 
-from .context import AppContext, guarded
+from .context import AppContext, Pacer, guarded
 
 TITLE = "Generate"
 EXAMPLES = ["Write a haiku about the sea.", "Explain what a transformer model is in two sentences.",
@@ -96,27 +96,32 @@ def build(ctx: AppContext) -> None:
         session = getattr(request, "session_hash", None)
         halt = stops.setdefault(session, threading.Event())    # made by Generate's click
         tokens, started = [], time.perf_counter()
-        shown = {"light": 0.0, "heavy": 0.0}      # when text and token view were last sent
+        light, heavy = Pacer(LIGHT), Pacer(HEAVY)
 
         def update(final=False):
-            """Text and stats at most every LIGHT s, the token view and code every HEAVY s
-            (re-drawing a long token view starves the browser), everything at the end."""
+            """Text and stats at most every LIGHT s, the token view, code and state every
+            HEAVY s (re-drawing a long token view starves the browser), everything at the
+            end; None when nothing is due (no update is sent: each one costs the decoding
+            thread time)."""
             now = time.perf_counter()
-            heavy = final or now - shown["heavy"] >= HEAVY
-            light = heavy or now - shown["light"] >= LIGHT
-            shown["light"] = now if light else shown["light"]
-            shown["heavy"] = now if heavy else shown["heavy"]
-            return (run.text if light else gr.skip(), stats(run, started) if light else gr.skip(),
-                    token_view(tokens) if heavy else gr.skip(),
-                    code_snippet(ctx.kit.name, prompt, run.params, forced, model) if heavy
-                    else gr.skip(), {"prompt": prompt, "tokens": list(tokens)})
+            big = heavy.due(now) or final
+            small = light.due(now) or big
+            if not small:
+                return None
+            return (run.text, stats(run, started),
+                    token_view(tokens) if big else gr.skip(),
+                    code_snippet(ctx.kit.name, prompt, run.params, forced, model) if big
+                    else gr.skip(),
+                    {"prompt": prompt, "tokens": list(tokens)} if big else gr.skip())
 
         try:
             for i, info in enumerate(kit.generate_tokens(prompt, params, halt, forced, run)):
                 tokens.append({"text": info.text, "prob": info.prob, "id": info.token_id,
                                "forced": info.forced, "picked": i == picked_at,
                                "alternatives": info.alternatives})
-                yield update()
+                shown = update()
+                if shown is not None:
+                    yield shown
             yield update(final=True)
         finally:
             if stops.get(session) is halt:

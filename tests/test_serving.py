@@ -72,7 +72,8 @@ def wait_until(condition, limit=120.0):
 @pytest.fixture
 def scheduler(tiny_kit):
     model, tok = parts(tiny_kit)
-    sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=8, max_pause=600))
+    sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=8, max_pause=600,
+                                                    pause_for_short=True))
     yield sched
     sched.close()
 
@@ -89,7 +90,7 @@ def test_batched_greedy_equals_batch_one_tiny(tiny_kit, scheduler, penalty):
 
 def test_batched_greedy_equals_batch_one_offline(offline_kit):
     model, tok = parts(offline_kit)
-    sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=4))
+    sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=4, pause_for_short=True))
     jobs = [("Write one sentence about the sea.", dict(max_new_tokens=24, chat=True)),
             ("The sea is", dict(max_new_tokens=24, chat=False)),
             ("Count from 1 to 10, one number per line.", dict(max_new_tokens=24)),
@@ -204,7 +205,7 @@ def test_closing_the_scheduler_leaves_no_thread(tiny_kit):
 
     before = len(schedulers())
     model, tok = parts(tiny_kit)
-    sched = S.Scheduler(model, tok, S.ServingConfig(max_pause=600))
+    sched = S.Scheduler(model, tok, S.ServingConfig(max_pause=600, pause_for_short=True))
     assert sched.generate("the cat", G.SamplingParams(max_new_tokens=5)) == \
         G.generate(model, tok, "the cat", G.SamplingParams(max_new_tokens=5))
     assert sched.running and len(schedulers()) == before + 1
@@ -227,7 +228,7 @@ def test_kit_serves_through_the_scheduler(tiny_kit):
     many = tiny_kit.generate("the cat", max_new_tokens=20, temperature=0.9, seed=3,
                              num_candidates=3)
     pieces = list(tiny_kit.stream("the cat sat", max_new_tokens=20))
-    tiny_kit.serve(S.ServingConfig(max_batch=4))
+    tiny_kit.serve(S.ServingConfig(max_batch=4, pause_for_short=True))
     try:
         sched = tiny_kit.scheduler()
         assert sched is not None and tiny_kit.scheduler() is sched
@@ -283,7 +284,8 @@ def test_short_work_pauses_the_scheduler_between_steps(tiny_kit, scheduler):
 
 def test_token_budget_holds_streams_back_until_they_fit(tiny_kit):
     model, tok = parts(tiny_kit)
-    sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=8, token_budget=60))
+    sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=8, token_budget=60,
+                                                    pause_for_short=True))
     jobs = [(PROMPTS[0], dict(max_new_tokens=40)), (PROMPTS[1], dict(max_new_tokens=40)),
             (PROMPTS[2], dict(max_new_tokens=1))]     # one token: done at its prefill
     try:
@@ -304,7 +306,8 @@ def test_the_scheduler_thread_sets_its_own_cpu_threads(tiny_kit):
     seen = []
     hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
-    sched = S.Scheduler(model, tok, S.ServingConfig(threads=1, max_pause=600))
+    sched = S.Scheduler(model, tok, S.ServingConfig(threads=1, max_pause=600,
+                                                    pause_for_short=True))
     try:
         want = G.generate(model, tok, "the cat", G.SamplingParams(max_new_tokens=4))
         seen.clear()
