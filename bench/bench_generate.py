@@ -3,7 +3,8 @@
 Side by side on this machine, interleaved: (a) transformers.pipeline("text-generation") fp32
 with its defaults, (b) model.generate fp32, (c) mmcore's decode loop at `exact` (fp32, the
 GGUF dequantised), (d) mmcore at `fast` (the GGUF's own 4-bit blocks, int8 head, bf16
-matmuls). Prints tokens/s and time to first token of each, the ratios to (a), whether (b)
+matmuls), (e) and (f) the same two with compiled decode steps (mmcore/compiled.py; their
+compile time is printed first, from the inductor cache under $MMCORE_CACHE when warm). Prints tokens/s and time to first token of each, the ratios to (a), whether (b)
 and (c) give the same tokens and where (d) first differs, and beside each decode rate the
 roofline: weight bytes read per token, the measured read bandwidth, and the percent of the
 bandwidth limit reached. The first line is the CPU's capability (bf16/VNNI/AMX, threads).
@@ -38,6 +39,7 @@ def main() -> None:
     print(roofline.header(args.threads))
     import mmcore
     from mmcore import generation as G
+    from mmcore.compiled import bucket as compiled_bucket
     from transformers import pipeline
 
     exact = mmcore.load_kit("offline", precision="exact").model("causal_lm")
@@ -57,41 +59,67 @@ def main() -> None:
         out = model.generate(**ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
         return time.perf_counter() - start, out[0, n_prompt:].tolist()
 
-    def run_ours(lm, n):
+    def run_ours(lm, n, compiled):
         run = G.Generation(G.SamplingParams())
         sp = G.SamplingParams(max_new_tokens=n, temperature=0.0, chat=False)
-        for _ in lm.generate_tokens(PROMPT, sp, run=run):
+        for _ in G.generate_tokens(lm.model, lm.tokenizer, PROMPT, sp, run=run,
+                                   compiled=lm.compiled() if compiled else None):
             pass
         return run.seconds, [t.token_id for t in run.tokens], run.ttft
 
-    run_pipeline(4), run_generate(4), run_ours(exact, 4), run_ours(fast, 4)     # warm up
-    best = {k: (1e9, 1e9) for k in "abcd"}
+    names = {"a": "pipeline fp32", "b": "model.generate fp32", "c": "mmcore exact",
+             "d": "mmcore fast", "e": "mmcore exact compiled", "f": "mmcore fast compiled"}
+    ours = {"c": (exact, False), "d": (fast, False), "e": (exact, True), "f": (fast, True)}
+    if not all(lm.compiled() for lm, _ in ours.values()):
+        print("  (compiled decoding is off: MMCORE_COMPILE=0 or no C++ compiler)")
+        for key in "ef":
+            ours.pop(key), names.pop(key)
+    for key, (lm, on) in ours.items():
+        if on:
+            compiled = lm.compiled()
+            size = compiled_bucket(n_prompt + args.new)
+            compiled.session(n_prompt + args.new)                 # starts its compile
+            start = time.perf_counter()
+            state = compiled.wait(size)
+            print(f"  {names[key]}: compiled the {size}-position step in "
+                  f"{time.perf_counter() - start:.0f} s ({state}; inductor cache "
+                  f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')})", flush=True)
+    run_pipeline(4), run_generate(4)
+    for lm, on in ours.values():
+        run_ours(lm, 4, on)                                                    # warm up
+    keys = list(names)
+    best = {k: (1e9, 1e9) for k in keys}
+    toks = {}
     for _ in range(args.rounds):
         t_a, ttft_a = run_pipeline(args.new), run_pipeline(1)
-        (t_b, toks_b), (ttft_b, _) = run_generate(args.new), run_generate(1)
-        t_c, toks_c, ttft_c = run_ours(exact, args.new)
-        t_d, toks_d, ttft_d = run_ours(fast, args.new)
-        for key, t, ttft in (("a", t_a, ttft_a), ("b", t_b, ttft_b), ("c", t_c, ttft_c),
-                             ("d", t_d, ttft_d)):
+        (t_b, toks["b"]), (ttft_b, _) = run_generate(args.new), run_generate(1)
+        got = {"a": (t_a, ttft_a), "b": (t_b, ttft_b)}
+        for key, (lm, on) in ours.items():
+            t, toks[key], ttft = run_ours(lm, args.new, on)
+            got[key] = (t, ttft)
+        for key, (t, ttft) in got.items():
             best[key] = (min(best[key][0], t), min(best[key][1], ttft))
-    counts = {"a": args.new, "b": args.new, "c": len(toks_c), "d": len(toks_d)}
-    rate = {k: counts[k] / best[k][0] for k in "abcd"}
+    counts = {k: len(toks[k]) if k in toks and k != "b" else args.new for k in keys}
+    rate = {k: counts[k] / best[k][0] for k in keys}
     bandwidth = roofline.read_bandwidth()
-    weights = {"a": model, "b": model, "c": model, "d": fast.model}
+    weights = {k: fast.model if k in "df" else model for k in keys}
     print(f"offline causal LM, {n_prompt}-token prompt, {args.new} new tokens, greedy, "
           f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    names = {"a": "pipeline fp32", "b": "model.generate fp32", "c": "mmcore exact",
-             "d": "mmcore fast"}
-    for key in "abcd":
+    for key in keys:
         per_token = roofline.bytes_per_token(weights[key])
         decode = (counts[key] - 1) / max(best[key][0] - best[key][1], 1e-9)
         roof = bandwidth / per_token
-        print(f"  ({key}) {names[key]:20s} {rate[key]:6.1f} tok/s ({rate[key] / rate['a']:4.2f}x)"
+        print(f"  ({key}) {names[key]:22s} {rate[key]:6.1f} tok/s ({rate[key] / rate['a']:4.2f}x)"
               f"  first token {best[key][1] * 1000:5.0f} ms  |  {per_token / 1e6:4.0f} MB/token,"
               f" roof {roof:5.0f} tok/s, decode {decode:5.1f} tok/s = {decode / roof:4.0%}")
-    same_d = next((i for i, (x, y) in enumerate(zip(toks_c, toks_d)) if x != y), len(toks_d))
-    print(f"  (b) and (c) give the same tokens: {toks_b[:len(toks_c)] == toks_c} "
-          f"({len(toks_c)} compared); (d) matches (c) for the first {same_d} tokens")
+
+    def agree(x, y):
+        return next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+
+    print(f"  (b) and (c) give the same tokens: {toks['b'][:len(toks['c'])] == toks['c']} "
+          f"({len(toks['c'])} compared); (d) matches (c) for the first {agree(toks['c'], toks['d'])}"
+          " tokens" + (f"; (e) matches (c) for {agree(toks['c'], toks['e'])}, (f) matches (d) "
+                       f"for {agree(toks['d'], toks['f'])}" if "e" in toks else ""))
 
 
 if __name__ == "__main__":

@@ -282,7 +282,8 @@ def text_pieces(run: "Generation", tokens):
 
 @torch.inference_mode()
 def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
-                    forced: list | None = None, run: Generation | None = None):
+                    forced: list | None = None, run: Generation | None = None,
+                    compiled=None):
     """Yield a TokenInfo per token as it is produced; `run` (if given) is filled in.
 
     `forced`: token ids placed after the prompt first (e.g. the tokens before a point the
@@ -291,6 +292,9 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
 
     `run.text` is the text safe to show so far: it holds back a tail that could still grow
     into a stop sequence, and is the whole output once the generator is exhausted.
+
+    `compiled`: the model's `compiled.CompiledDecode`; when its step for this length is
+    ready, the tokens after the prefill are decoded by it on a static cache.
     """
     from transformers import DynamicCache
 
@@ -311,10 +315,13 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
     strings = lm_scoring.token_strings(tok)
     shown = TokenText(tok, ids, params.stop)
     start = time.perf_counter()
-    cache = DynamicCache(config=model.config)
+    length = len(ids) + len(forced)
+    fast = compiled.session(length + params.max_new_tokens) if compiled is not None else None
+    cache, step_fn = fast if fast else (DynamicCache(config=model.config), None)
+    where = {"cache_position": torch.arange(length, device=device)} if fast else {}
     # one prefill over prompt + forced; row j of `rows` predicts the token after forced[:j]
     rows = model(input_ids=torch.tensor([ids + forced], device=device), cache=cache,
-                 use_cache=True, logits_to_keep=len(forced) + 1).logits[0]
+                 use_cache=True, logits_to_keep=len(forced) + 1, **where).logits[0]
     generated: list = []
     for step in range(len(forced) + params.max_new_tokens):
         if stop_event is not None and stop_event.is_set():
@@ -354,8 +361,12 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
             break
         if step >= len(forced):
             # the prefill already holds every forced token: feed only tokens chosen here
-            logits = model(input_ids=torch.tensor([[token]], device=device), cache=cache,
-                           use_cache=True).logits[0]
+            feed = torch.tensor([[token]], device=device)
+            if step_fn is not None:
+                logits = step_fn(feed, torch.tensor([length], device=device), cache)
+                length += 1
+            else:
+                logits = model(input_ids=feed, cache=cache, use_cache=True).logits[0]
     if run.finish != "stop":
         shown.finish(run.tokens[-1] if run.tokens else None)
         run.text = shown.shown
@@ -363,7 +374,8 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
     run.seconds = time.perf_counter() - start
 
 
-def generate(model, tok, prompt, params: SamplingParams, num_candidates: int = 1):
+def generate(model, tok, prompt, params: SamplingParams, num_candidates: int = 1,
+             compiled=None):
     """The continuation (str), or a list of `num_candidates` of them (seeds seed, seed+1...)."""
     n = int(num_candidates)
     if not 1 <= n <= MAX_CANDIDATES:
@@ -373,14 +385,16 @@ def generate(model, tok, prompt, params: SamplingParams, num_candidates: int = 1
     for i in range(n):
         run = Generation(params)
         p = SamplingParams(**{**asdict(params), "seed": params.seed + i})
-        for _ in generate_tokens(model, tok, prompt, p, run=run):
+        for _ in generate_tokens(model, tok, prompt, p, run=run, compiled=compiled):
             pass
         outs.append(run.text)
     return outs[0] if n == 1 else outs
 
 
-def stream(model, tok, prompt, params: SamplingParams, stop_event: threading.Event | None = None):
+def stream(model, tok, prompt, params: SamplingParams, stop_event: threading.Event | None = None,
+           compiled=None):
     """Text pieces as they are generated; never a piece of a stop sequence (text that could
     still become one is held back until it cannot)."""
     run = Generation(params)
-    yield from text_pieces(run, generate_tokens(model, tok, prompt, params, stop_event, run=run))
+    yield from text_pieces(run, generate_tokens(model, tok, prompt, params, stop_event, run=run,
+                                                compiled=compiled))

@@ -315,8 +315,14 @@ class Kit:
             rows.append({"role": role, "name": spec.name, "licence": spec.licence,
                          "source": spec.source, "kind": self.role_class(role).__name__,
                          "status": self.status(role), "error": self.errors.get(role, ""),
-                         "precision": getattr(loaded, "precision", "") or self.precision})
+                         "precision": (getattr(loaded, "precision", "") or self.precision)
+                         + _compiled_note(loaded)})
         return rows
+
+
+def _compiled_note(loaded) -> str:
+    decode = getattr(loaded, "_compiled", None)
+    return f"; {decode.describe()}" if decode is not None and decode.state else ""
 
 
 _kits: dict = {}

@@ -68,17 +68,33 @@ class CausalLM(TextRole):
         super().__init__(model, tokenizer, name, precision)
         self._scheduler = None
         self._scorer = None
+        self._compiled = None
         self._guard = threading.Lock()
 
     def generate(self, prompt, params, num_candidates: int = 1):
-        return generation.generate(self.model, self.tokenizer, prompt, params, num_candidates)
+        return generation.generate(self.model, self.tokenizer, prompt, params, num_candidates,
+                                   self.compiled())
 
     def stream(self, prompt, params, stop_event=None):
-        return generation.stream(self.model, self.tokenizer, prompt, params, stop_event)
+        return generation.stream(self.model, self.tokenizer, prompt, params, stop_event,
+                                 self.compiled())
 
     def generate_tokens(self, prompt, params, stop_event=None, forced=None, run=None):
         return generation.generate_tokens(self.model, self.tokenizer, prompt, params, stop_event,
-                                          forced, run)
+                                          forced, run, self.compiled())
+
+    def compiled(self):
+        """This model's compiled decode steps (`compiled.CompiledDecode`, made on first use;
+        each length bucket compiles in the background on first demand), or None where
+        compiling is off (MMCORE_COMPILE=0, no C++ compiler)."""
+        from . import compiled
+
+        if not compiled.enabled():
+            return None
+        with self._guard:
+            if self._compiled is None:
+                self._compiled = compiled.CompiledDecode(self.model)
+            return self._compiled
 
     def scheduler(self, config):
         """This model's continuous-batching scheduler (one, made on first use), or None for

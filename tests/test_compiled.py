@@ -1,0 +1,103 @@
+"""Compiled decode steps (mmcore/compiled.py): a bucket compiles in the background while
+requests decode eagerly, then requests decode through it, token for token as eager."""
+
+import torch
+
+from mmcore import compiled as C
+from mmcore import generation as G
+
+
+def tokens(lm, prompt, params, compiled=None, forced=None):
+    run = G.Generation(params)
+    list(G.generate_tokens(lm.model, lm.tokenizer, prompt, params, forced=forced, run=run,
+                           compiled=compiled))
+    return run
+
+
+def ready(lm, total=100):
+    decode = C.CompiledDecode(lm.model)
+    assert decode.session(total) is None               # not compiled yet: eager, compile starts
+    assert decode.state[C.bucket(total)] == "compiling"
+    assert decode.wait(C.bucket(total)) == "ready", decode.state
+    return decode
+
+
+def counting(decode):
+    calls = []
+    inner = decode._fn
+
+    def fn(*args):
+        calls.append(1)
+        return inner(*args)
+
+    decode._fn = fn
+    return calls
+
+
+def test_compiled_steps_give_eager_tokens_greedy_sampled_and_forced(tiny_kit):
+    lm = tiny_kit.model("causal_lm")
+    decode = ready(lm)
+    calls = counting(decode)
+    cases = [
+        ("Once upon a time", G.SamplingParams(max_new_tokens=40, chat=False), None),
+        ("the cat", G.SamplingParams(max_new_tokens=30, temperature=0.9, top_k=20, top_p=0.9,
+                                     repetition_penalty=1.2, seed=7, chat=False), None),
+        ("hello there", G.SamplingParams(max_new_tokens=20, chat=False), [5, 9, 11]),
+    ]
+    for prompt, params, forced in cases:
+        eager = tokens(lm, prompt, params, forced=forced)
+        before = len(calls)
+        fast = tokens(lm, prompt, params, decode, forced=forced)
+        assert len(calls) - before == len(fast.tokens) - 1 - len(forced or [])   # all compiled
+        assert [t.token_id for t in fast.tokens] == [t.token_id for t in eager.tokens]
+        assert fast.text == eager.text and fast.finish == eager.finish
+        for a, b in zip(fast.tokens, eager.tokens):
+            assert abs(a.prob - b.prob) < 1e-5
+            assert [x[2] for x in a.alternatives] == [x[2] for x in b.alternatives]
+
+
+def test_buckets_compile_once_each_and_long_runs_stay_eager(tiny_kit):
+    lm = tiny_kit.model("causal_lm")
+    decode = ready(lm, 100)
+    assert decode.session(200) is not None             # 200 positions: still the 256 bucket
+    assert C.bucket(10**6) is None and decode.session(10**6) is None
+    assert set(decode.state) == {256}                  # nothing started for the long one
+    assert "256 ready" in decode.describe()
+    decode.session(300, start=False)
+    assert set(decode.state) == {256}
+
+
+def test_a_failed_compile_leaves_eager_decoding(tiny_kit, monkeypatch):
+    lm = tiny_kit.model("causal_lm")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    decode = C.CompiledDecode(lm.model)
+    assert decode.session(50) is None
+    assert decode.wait(256).startswith("failed: RuntimeError")
+    assert decode.session(50) is None                  # not retried, eager from now on
+    params = G.SamplingParams(max_new_tokens=10, chat=False)
+    assert [t.token_id for t in tokens(lm, "hi", params, decode).tokens] == \
+        [t.token_id for t in tokens(lm, "hi", params).tokens]
+
+
+def test_switch(tiny_kit, monkeypatch):
+    monkeypatch.setenv("MMCORE_COMPILE", "0")
+    assert not C.enabled() and tiny_kit.model("causal_lm").compiled() is None
+    monkeypatch.setenv("MMCORE_COMPILE", "1")
+    assert C.enabled() == bool(C.shutil.which("g++") or C.shutil.which("c++")
+                               or C.shutil.which("clang++"))
+
+
+def test_exact_stays_token_identical_when_compiled_on_the_offline_lm(offline_kit):
+    """`exact` promises transformers' tokens: compiled, the real SmolLM2 gives the eager
+    tokens for 48 greedy tokens on two prompts."""
+    lm = offline_kit.model("causal_lm")
+    decode = ready(lm)
+    for prompt in ("The history of the printing press begins in",
+                   "Here is a short guide to growing tomatoes at home:"):
+        params = G.SamplingParams(max_new_tokens=48, chat=False)
+        assert [t.token_id for t in tokens(lm, prompt, params, decode).tokens] == \
+            [t.token_id for t in tokens(lm, prompt, params).tokens]
