@@ -159,6 +159,10 @@ def offline_concurrency(per_user: int, precision=None, levels=(1, 8)) -> None:
     lm = plain.model("causal_lm")
     print(f"offline kit ({lm.name}, {plain.precision}), short requests from concurrent users, "
           f"{per_user} each, {torch.get_num_threads()} threads:")
+    if lm.scorer() is None:
+        print("  scoring is not shared across requests at this precision on this device (see "
+              "CausalLM.scorer); run with --precision exact to measure sharing")
+        return
     for task, (work, make) in tasks.items():
         make(plain)(work[0])                               # warm
         for users in levels:
