@@ -13,8 +13,9 @@ requests use the compiled step once it is ready. Inductor's artefacts are cached
 under $MMCORE_CACHE/inductor (a later start compiles in ~10 s instead of ~60).
 
 `MMCORE_COMPILE=0` turns it off (the tests do, except those about it); it is also off
-where torch.compile cannot run (no C++ compiler for inductor's CPU code, or on a GPU with
-an fp16 T4-style setup where it was not measured: only CPU and CUDA are tried).
+where inductor has no C++ compiler for its CPU code, and on a GPU unless MMCORE_COMPILE=1
+(not measured there; on ZeroGPU a background compile would outlive the call holding the
+device).
 """
 
 import logging
@@ -29,13 +30,17 @@ import torch
 log = logging.getLogger(__name__)
 
 BUCKETS = (256, 512, 1024, 2048)
+_one_at_a_time = threading.Lock()      # compiles are heavy: one at a time per process
 
 
-def enabled() -> bool:
-    """Whether compiled decoding is tried in this process (MMCORE_COMPILE, default on where
-    inductor has a C++ compiler)."""
+def enabled(device="cpu") -> bool:
+    """Whether compiled decoding is tried for a model on `device` (MMCORE_COMPILE: "0" off,
+    "1" on; by default on for a CPU with a C++ compiler for inductor, off on a GPU, where a
+    compile in a background thread could outlive a ZeroGPU call's hold on the device)."""
     flag = os.environ.get("MMCORE_COMPILE", "").strip().lower()
     if flag in ("0", "false", "no", "off"):
+        return False
+    if torch.device(device).type != "cpu" and flag not in ("1", "true", "yes", "on"):
         return False
     return bool(shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
                 or shutil.which("clang++"))
@@ -93,6 +98,10 @@ class CompiledDecode:
         return self.state.get(size, "")
 
     def _compile(self, size: int) -> None:
+        with _one_at_a_time:
+            self._compile_now(size)
+
+    def _compile_now(self, size: int) -> None:
         start = time.perf_counter()
         try:
             _use_our_inductor_cache()

@@ -274,11 +274,14 @@ def fast_gguf_q4_1(model: nn.Module, gguf) -> str:
 
 
 def fast_encoder(*modules: nn.Module, channels_last: tuple = ()) -> str:
-    """Encoders in bf16 where bf16 GEMMs pay; `channels_last`: conv towers among them."""
-    if not encoders_bf16():
-        return "fp32 (bf16 GEMMs are no faster than fp32 on this CPU)"
-    for module in modules:
-        module.to(torch.bfloat16)
+    """Encoders in bf16 where bf16 GEMMs pay; `channels_last`: conv towers among them, in
+    channels-last layout either way (bench_gallery on 2 cores without AMX: EfficientNet-Lite0
+    fp32 batch 8, 59.3 images/s NCHW, 72.0 channels-last)."""
     for module in channels_last:
         module.to(memory_format=torch.channels_last)
-    return "fast: bf16" + (" (image tower channels-last)" if channels_last else "")
+    layout = " (image tower channels-last)" if channels_last else ""
+    if not encoders_bf16():
+        return "fp32 (bf16 GEMMs are no faster than fp32 on this CPU)" + layout
+    for module in modules:
+        module.to(torch.bfloat16)
+    return "fast: bf16" + layout

@@ -15,10 +15,16 @@ def tokens(lm, prompt, params, compiled=None, forced=None):
 
 
 def ready(lm, total=100):
+    """A CompiledDecode with `total`'s bucket compiled; meanwhile eager decoding of the same
+    model in this thread gives its usual tokens."""
+    params = G.SamplingParams(max_new_tokens=12, chat=False)
+    before = [t.token_id for t in tokens(lm, "A quiet morning", params).tokens]
     decode = C.CompiledDecode(lm.model)
     assert decode.session(total) is None               # not compiled yet: eager, compile starts
     assert decode.state[C.bucket(total)] == "compiling"
+    during = [t.token_id for t in tokens(lm, "A quiet morning", params, decode).tokens]
     assert decode.wait(C.bucket(total)) == "ready", decode.state
+    assert during == before
     return decode
 
 
@@ -86,9 +92,11 @@ def test_a_failed_compile_leaves_eager_decoding(tiny_kit, monkeypatch):
 def test_switch(tiny_kit, monkeypatch):
     monkeypatch.setenv("MMCORE_COMPILE", "0")
     assert not C.enabled() and tiny_kit.model("causal_lm").compiled() is None
+    monkeypatch.setenv("MMCORE_COMPILE", "")
+    has_cxx = bool(C.shutil.which("g++") or C.shutil.which("c++") or C.shutil.which("clang++"))
+    assert C.enabled("cpu") == has_cxx and not C.enabled("cuda")      # default: CPU only
     monkeypatch.setenv("MMCORE_COMPILE", "1")
-    assert C.enabled() == bool(C.shutil.which("g++") or C.shutil.which("c++")
-                               or C.shutil.which("clang++"))
+    assert C.enabled("cpu") == has_cxx and C.enabled("cuda") == has_cxx
 
 
 def test_exact_stays_token_identical_when_compiled_on_the_offline_lm(offline_kit):

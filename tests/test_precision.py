@@ -161,9 +161,11 @@ def test_zero_shot_photos_score_the_same(fast, exact, monkeypatch):
         return sum(zero_shot(encoder, photos[n], labels).ranked[0][0] == labels[0]
                    for n, labels in cases.items())
 
-    encoders = {"exact": exact.encoder(), "bf16 tower": bf16}
-    if precision.encoders_bf16():                # else `fast` runs the very same fp32 tower
-        encoders["fast"] = fast.encoder()
+    # `fast`: bf16 where it pays, else fp32; its conv tower channels-last either way
+    encoders = {"exact": exact.encoder(), "bf16 tower": bf16, "fast": fast.encoder()}
+    conv = next(m for m in fast.encoder().image_model.modules()
+                if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     got = {name: score(enc) for name, enc in encoders.items()}
     print(f"zero-shot photos (of {len(cases)}): {got}")
     assert all(abs(v - got["exact"]) <= 1 for v in got.values())
