@@ -48,7 +48,9 @@ class Server:
         self.port = free_port()
         self.name = f"batching {batching}"
         self.log = open(log_dir / f"server-{batching}.log", "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # compiled decode steps off in both: the one-slot server would otherwise compile in
+        # the background during the first levels (this compares batching, not compiling)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MMCORE_COMPILE": "0"}
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py"), "--kit", kit, "--port", str(self.port),
              "--batching", batching, "--no-warm"], cwd=ROOT, env=env,
