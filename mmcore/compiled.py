@@ -7,17 +7,18 @@ shapes, so the KV cache is transformers' `StaticCache` of a fixed length, and si
 step attends over the whole cache, lengths come in buckets (256, 512, 1024, 2048 positions:
 measured on SmolLM2 Q4, a step over 1,024 positions took 20.6 ms against 13.3 over 256).
 
-Compiling takes 10-60 s on two cores, so it runs in a background thread per bucket while
-requests decode eagerly; the first request that needs a bucket starts its compile, and
-requests use the compiled step once it is ready. Inductor's artefacts are cached on disk
-under $MMCORE_CACHE/inductor (a later start compiles in ~10 s instead of ~60).
-
-`MMCORE_COMPILE=0` turns it off (the tests do, except those about it); it is also off
-where inductor has no C++ compiler for its CPU code, and on a GPU unless MMCORE_COMPILE=1
-(not measured there; on ZeroGPU a background compile would outlive the call holding the
-device).
+Compiling takes 10-60 s on two cores and holds the GIL most of that time (every other
+thread of the process, eager decoding included, all but stops meanwhile), so it is opt-in
+(MMCORE_COMPILE=1): the first request that needs a bucket starts its compile in a thread
+and waits for it; requests for a bucket that failed to compile decode eagerly. Inductor's
+artefacts are cached on disk under $MMCORE_CACHE/inductor (a later start compiles in ~10 s
+instead of ~60). It also needs a C++ compiler for inductor's CPU code. Measured on
+SmolLM2 (bench_generate.py): at `exact` the compiled step gave the eager tokens (128 of
+128; inductor may reorder fp32 sums, so a near-tie could flip a later token), at `fast`
+1.45x the eager rate.
 """
 
+import functools
 import logging
 import os
 import shutil
@@ -34,14 +35,15 @@ _one_at_a_time = threading.Lock()      # compiles are heavy: one at a time per p
 
 
 def enabled(device="cpu") -> bool:
-    """Whether compiled decoding is tried for a model on `device` (MMCORE_COMPILE: "0" off,
-    "1" on; by default on for a CPU with a C++ compiler for inductor, off on a GPU, where a
-    compile in a background thread could outlive a ZeroGPU call's hold on the device)."""
+    """Whether compiled decoding is used (MMCORE_COMPILE=1, and inductor has a C++ compiler
+    for its CPU code). Off by default: a compile holds the GIL for 10-60 s, and every other
+    thread of the process (other users' decoding, the web server) waits meanwhile."""
     flag = os.environ.get("MMCORE_COMPILE", "").strip().lower()
-    if flag in ("0", "false", "no", "off"):
-        return False
-    if torch.device(device).type != "cpu" and flag not in ("1", "true", "yes", "on"):
-        return False
+    return flag in ("1", "true", "yes", "on") and _has_compiler()
+
+
+@functools.lru_cache(maxsize=1)
+def _has_compiler() -> bool:
     return bool(shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
                 or shutil.which("clang++"))
 
@@ -65,30 +67,36 @@ class CompiledDecode:
         self._limit = _context(model)
 
     def _step(self, token, position, cache):
+        # transformers 5.24 takes positions from the cache itself; cache_position is passed
+        # for versions that read it
         return self.model(input_ids=token, cache=cache, cache_position=position,
                           use_cache=True).logits[:, -1]
 
-    def session(self, total: int, start: bool = True):
-        """(StaticCache, step) for a sequence of `total` positions if its bucket is
-        compiled; otherwise None, and (with `start`) its compile begins in the background."""
+    def session(self, total: int, start: bool = True, wait: bool = True):
+        """(StaticCache, step) for a sequence of `total` positions once its bucket is
+        compiled, else None (decode eagerly). With `start` a bucket not tried yet begins
+        compiling (in its own thread); with `wait` this call waits for that compile: eager
+        decoding meanwhile would crawl anyway, as the compile holds the GIL."""
         size = bucket(total)
         if size is None or size > self._limit:
             return None
         with self._lock:
-            state = self.state.get(size)
-            if state is None and start:
+            if self.state.get(size) is None and start:
                 self.state[size] = "compiling"
                 threading.Thread(target=self._compile, args=(size,), daemon=True,
                                  name=f"mmcore-compile-{size}").start()
-            if state != "ready":
-                return None
+        if wait:
+            self.wait(size)
+        if self.state.get(size) != "ready":
+            return None
         return self.new_cache(size), self._fn
 
     def new_cache(self, size: int):
         """An empty static cache of `size` positions (filled on its first update)."""
         from transformers import StaticCache
 
-        return StaticCache(config=self.model.config, max_cache_len=size)
+        with torch.inference_mode():    # as decoding runs: one kind of tensor, one graph
+            return StaticCache(config=self.model.config, max_cache_len=size)
 
     def wait(self, size: int, timeout: float = 600) -> str:
         """Block until `size`'s compile ends (for tests and benchmarks); its state."""
@@ -102,22 +110,25 @@ class CompiledDecode:
             self._compile_now(size)
 
     def _compile_now(self, size: int) -> None:
+        from .lanes import default_threads
+
         start = time.perf_counter()
         try:
             _use_our_inductor_cache()
-            import torch._dynamo
+            torch.set_num_threads(default_threads())    # inductor writes it into its kernels
+            import torch._dynamo as dynamo
 
             # one graph per bucket and model, all of one code object (`_step`): past
             # dynamo's default of 8 it would silently fall back to eager
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
             with self._lock:
                 if self._fn is None:
                     self._fn = torch.compile(self._step, dynamic=False)
             fn = self._fn
             device = next(self.model.parameters()).device
             cache = self.new_cache(size)
-            token = torch.zeros(1, 1, dtype=torch.long, device=device)
-            with torch.inference_mode():
+            with torch.inference_mode():             # as requests decode: no recompile then
+                token = torch.zeros(1, 1, dtype=torch.long, device=device)
                 self.model(input_ids=token, cache=cache, cache_position=torch.arange(
                     1, device=device), use_cache=True)
                 for i in range(1, 3):            # compiles, then checks it runs as compiled
@@ -158,5 +169,8 @@ def _use_our_inductor_cache() -> None:
         from . import cache
 
         folder = cache.cache_root() / "inductor"
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:                     # not writable: inductor's own folder then
+            return
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)

@@ -8,7 +8,6 @@ fill-mask and next sentence is one load, and two kits naming the same checkpoint
 precision never load it twice (see `precision.py` for what each precision loads).
 """
 
-import contextlib
 import os
 import threading
 import time
@@ -282,7 +281,10 @@ class Kit:
 
     def encode_images(self, images):
         """(N, D) L2-normalised image embeddings; images are PIL images or paths."""
-        return self.encoder().encode_images(list(images))
+        from .lanes import threads
+
+        with threads():
+            return self.encoder().encode_images(list(images))
 
     def encode_texts(self, texts):
         """(N, D) L2-normalised text embeddings."""
@@ -299,11 +301,11 @@ class Kit:
 
     def zero_shot_details(self, images, labels, template: str = "a photo of {}.", **options):
         """A ZeroShotResult per image (scores, cosines, notices)."""
-        from .lanes import PRIORITY
+        from .lanes import PRIORITY, threads
         from .zero_shot import zero_shot_batch
 
         images, encoder = list(images), self.encoder()
-        with PRIORITY.short() if len(images) <= SHORT_ITEMS else contextlib.nullcontext():
+        with PRIORITY.short() if len(images) <= SHORT_ITEMS else threads():
             return zero_shot_batch(encoder, images, labels, template, **options)
 
     def describe(self) -> list:

@@ -30,6 +30,21 @@ def lane_sizes(device, max_batch: int) -> dict:
             "long": 2 if gpu else 1}
 
 
+_default_threads: list = []
+
+
+def default_threads() -> int:
+    """The process's torch thread count for model work, taken once, from the main thread
+    where possible (the app asks at start). `torch.set_num_threads` in any thread also sets
+    the count new threads start with, so work that needs a count sets it explicitly."""
+    if not _default_threads:
+        n = torch.get_num_threads()
+        if threading.current_thread() is not threading.main_thread():
+            n = max(n, int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or cpu_cores())
+        _default_threads.append(n)
+    return _default_threads[0]
+
+
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         (os.cpu_count() or 1)
@@ -53,17 +68,14 @@ class Priority:
         with self._cond:
             self._running += 1
             spare = cpu_cores() - self.reserved if self.reserved else 0
-        before = torch.get_num_threads()
-        if spare and spare < before:
-            torch.set_num_threads(max(1, spare))      # this thread's team: the free cores
-        try:
-            yield
-        finally:
-            if torch.get_num_threads() != before:
-                torch.set_num_threads(before)
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
+        want = max(1, spare) if self.reserved else default_threads()
+        with threads(want):
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()
 
     def reserve(self, threads: int) -> None:
         """A CPU loop takes `threads` more threads (fewer when negative) on which it runs
@@ -86,6 +98,21 @@ class Priority:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+
+@contextlib.contextmanager
+def threads(n: int | None = None):
+    """Run a block on `n` torch threads in this thread (default: `default_threads()`), back
+    to the default after: a pooled worker thread may have started with another thread's
+    count."""
+    n = n or default_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != default_threads():
+            torch.set_num_threads(default_threads())
 
 
 PRIORITY = Priority()       # one per process: the cores (or GPU) are shared by every thread

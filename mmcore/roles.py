@@ -86,10 +86,10 @@ class CausalLM(TextRole):
     def compiled(self):
         """This model's compiled decode steps (`compiled.CompiledDecode`, made on first use;
         each length bucket compiles in the background on first demand), or None where
-        compiling is off (MMCORE_COMPILE=0, no C++ compiler, a GPU unless MMCORE_COMPILE=1)."""
+        compiling is off (unless MMCORE_COMPILE=1, with a C++ compiler for inductor)."""
         from . import compiled
 
-        if not compiled.enabled(self.device):
+        if not compiled.enabled():
             return None
         with self._guard:
             if self._compiled is None:

@@ -34,7 +34,7 @@ import torch
 
 from . import lm_scoring
 from .errors import InputError
-from .lanes import PRIORITY, cpu_cores
+from .lanes import PRIORITY, cpu_cores, default_threads
 from .generation import (Generation, SamplingParams, TokenInfo, TokenText, _alternatives,
                          _process, context_length, eos_ids, prompt_ids, text_pieces, use_chat)
 from .generation import MAX_CANDIDATES, TOP_ALTERNATIVES
@@ -61,7 +61,7 @@ def decode_threads(device) -> int:
     if torch.device(device).type != "cpu":
         return 0                                  # GPU work: the CPU threads do not matter
     cores = cpu_cores()
-    return 1 if cores <= 4 else max(1, torch.get_num_threads() // 2)
+    return 1 if cores <= 4 else max(1, default_threads() // 2)
 
 
 class _Stream:
@@ -134,6 +134,7 @@ class Scheduler:
     def __init__(self, model, tok, config: ServingConfig | None = None):
         self.model, self.tok = model, tok
         self.config = config or ServingConfig()
+        default_threads()           # taken before the scheduler thread sets its own count
         self.device = next(model.parameters()).device
         self.eos = eos_ids(model, tok)
         self._cond = threading.Condition()
@@ -271,7 +272,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------- the scheduler thread
 
-    def pauses_for_short(self) -> bool:
+    def pauses_for_short(self, threads: int | None = None) -> bool:
         """Whether decoding pauses while short work runs: yes on a GPU (one device), and on
         a CPU whose cores the scheduler's threads fill; where it leaves cores free, short
         work runs on those meanwhile. Measured on 2 cores (bench_serving, 8 users with a
@@ -279,14 +280,14 @@ class Scheduler:
         the time."""
         if self.config.pause_for_short is not None:
             return self.config.pause_for_short
-        threads = self.config.threads or decode_threads(self.device)
+        threads = threads or self.config.threads or decode_threads(self.device)
         return self.device.type != "cpu" or threads >= cpu_cores()
 
     def _loop(self) -> None:
         threads = self.config.threads or decode_threads(self.device)
         if threads:
             torch.set_num_threads(threads)     # this thread's own OpenMP team, not the others'
-        pause = self.pauses_for_short()
+        pause = self.pauses_for_short(threads)
         held = [0]                  # CPU threads reserved while there is work (no pausing)
 
         def hold(busy: bool) -> None:

@@ -16,7 +16,6 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 # Kits load at exact (fp32) precision in tests, so they compare token for token with
 # transformers; tests/test_precision.py loads `fast` kits itself and gates them against these.
 os.environ.setdefault("MMCORE_PRECISION", "exact")
-os.environ.setdefault("MMCORE_COMPILE", "0")      # compiled decoding: its own tests turn it on
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mmcore-test-gradio-"))
 
 

@@ -20,9 +20,9 @@ def ready(lm, total=100):
     params = G.SamplingParams(max_new_tokens=12, chat=False)
     before = [t.token_id for t in tokens(lm, "A quiet morning", params).tokens]
     decode = C.CompiledDecode(lm.model)
-    assert decode.session(total) is None               # not compiled yet: eager, compile starts
-    assert decode.state[C.bucket(total)] == "compiling"
-    during = [t.token_id for t in tokens(lm, "A quiet morning", params, decode).tokens]
+    assert decode.session(total, wait=False) is None   # not compiled yet; its compile starts
+    assert decode.state[C.bucket(total)] in ("compiling", "ready")
+    during = [t.token_id for t in tokens(lm, "A quiet morning", params).tokens]
     assert decode.wait(C.bucket(total)) == "ready", decode.state
     assert during == before
     return decode
@@ -50,6 +50,7 @@ def test_compiled_steps_give_eager_tokens_greedy_sampled_and_forced(tiny_kit):
                                      repetition_penalty=1.2, seed=7, chat=False), None),
         ("hello there", G.SamplingParams(max_new_tokens=20, chat=False), [5, 9, 11]),
     ]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for prompt, params, forced in cases:
         eager = tokens(lm, prompt, params, forced=forced)
         before = len(calls)
@@ -60,6 +61,7 @@ def test_compiled_steps_give_eager_tokens_greedy_sampled_and_forced(tiny_kit):
         for a, b in zip(fast.tokens, eager.tokens):
             assert abs(a.prob - b.prob) < 1e-5
             assert [x[2] for x in a.alternatives] == [x[2] for x in b.alternatives]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs    # no recompile
 
 
 def test_buckets_compile_once_each_and_long_runs_stay_eager(tiny_kit):
@@ -81,8 +83,8 @@ def test_a_failed_compile_leaves_eager_decoding(tiny_kit, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     decode = C.CompiledDecode(lm.model)
-    assert decode.session(50) is None
-    assert decode.wait(256).startswith("failed: RuntimeError")
+    assert decode.session(50) is None                  # tried, waited for, failed
+    assert decode.state[256].startswith("failed: RuntimeError")
     assert decode.session(50) is None                  # not retried, eager from now on
     params = G.SamplingParams(max_new_tokens=10, chat=False)
     assert [t.token_id for t in tokens(lm, "hi", params, decode).tokens] == \
@@ -90,13 +92,13 @@ def test_a_failed_compile_leaves_eager_decoding(tiny_kit, monkeypatch):
 
 
 def test_switch(tiny_kit, monkeypatch):
-    monkeypatch.setenv("MMCORE_COMPILE", "0")
-    assert not C.enabled() and tiny_kit.model("causal_lm").compiled() is None
-    monkeypatch.setenv("MMCORE_COMPILE", "")
-    has_cxx = bool(C.shutil.which("g++") or C.shutil.which("c++") or C.shutil.which("clang++"))
-    assert C.enabled("cpu") == has_cxx and not C.enabled("cuda")      # default: CPU only
+    """Off unless MMCORE_COMPILE=1 (a compile stops the process's other threads)."""
+    for flag in ("", "0", "no"):
+        monkeypatch.setenv("MMCORE_COMPILE", flag)
+        assert not C.enabled() and tiny_kit.model("causal_lm").compiled() is None
     monkeypatch.setenv("MMCORE_COMPILE", "1")
-    assert C.enabled("cpu") == has_cxx and C.enabled("cuda") == has_cxx
+    has_cxx = bool(C.shutil.which("g++") or C.shutil.which("c++") or C.shutil.which("clang++"))
+    assert C.enabled() == has_cxx
 
 
 def test_exact_stays_token_identical_when_compiled_on_the_offline_lm(offline_kit):
