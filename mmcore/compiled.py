@@ -10,7 +10,8 @@ measured on SmolLM2 Q4, a step over 1,024 positions took 20.6 ms against 13.3 ov
 Compiling takes 10-60 s on two cores and holds the GIL most of that time (every other
 thread of the process, eager decoding included, all but stops meanwhile), so it is opt-in
 (MMCORE_COMPILE=1): the first request that needs a bucket starts its compile in a thread
-and waits for it; requests for a bucket that failed to compile decode eagerly. Inductor's
+and waits for it; requests for a bucket that failed to compile decode eagerly. The serving
+scheduler uses it for a stream decoding alone (serving.py), without waiting for a compile. Inductor's
 artefacts are cached on disk under $MMCORE_CACHE/inductor (a later start compiles in ~10 s
 instead of ~60). It also needs a C++ compiler for inductor's CPU code. Measured on
 SmolLM2 (bench_generate.py): at `exact` the compiled step gave the eager tokens (128 of
@@ -34,7 +35,7 @@ BUCKETS = (256, 512, 1024, 2048)
 _one_at_a_time = threading.Lock()      # compiles are heavy: one at a time per process
 
 
-def enabled(device="cpu") -> bool:
+def enabled() -> bool:
     """Whether compiled decoding is used (MMCORE_COMPILE=1, and inductor has a C++ compiler
     for its CPU code). Off by default: a compile holds the GIL for 10-60 s, and every other
     thread of the process (other users' decoding, the web server) waits meanwhile."""
@@ -54,9 +55,10 @@ def bucket(length: int) -> int | None:
 
 
 class CompiledDecode:
-    """Compiled batch-1 decode steps of one causal LM, a compile per cache bucket made in
-    the background on first demand. `session(total)` gives a `StaticCache` and its step
-    function once that bucket is ready, else None (decode eagerly, as before)."""
+    """Compiled batch-1 decode steps of one causal LM, a compile per cache bucket made on
+    first demand (in its own thread; the caller waits). `session(total)` gives a
+    `StaticCache` and the step function once that bucket is ready, else None (decode
+    eagerly, as before)."""
 
     def __init__(self, model):
         self.model = model

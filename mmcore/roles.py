@@ -87,14 +87,17 @@ class CausalLM(TextRole):
         """This model's compiled decode steps (`compiled.CompiledDecode`, made on first use;
         each length bucket compiles in the background on first demand), or None where
         compiling is off (unless MMCORE_COMPILE=1, with a C++ compiler for inductor)."""
+        with self._guard:
+            return self._compiled_unlocked()
+
+    def _compiled_unlocked(self):
         from . import compiled
 
         if not compiled.enabled():
             return None
-        with self._guard:
-            if self._compiled is None:
-                self._compiled = compiled.CompiledDecode(self.model)
-            return self._compiled
+        if self._compiled is None:
+            self._compiled = compiled.CompiledDecode(self.model)
+        return self._compiled
 
     def scheduler(self, config):
         """This model's continuous-batching scheduler (one, made on first use), or None for
@@ -104,7 +107,8 @@ class CausalLM(TextRole):
 
         with self._guard:
             if self._scheduler is None and serving.Scheduler.supports(self.model):
-                self._scheduler = serving.Scheduler(self.model, self.tokenizer, config)
+                self._scheduler = serving.Scheduler(self.model, self.tokenizer, config,
+                                                    compiled=self._compiled_unlocked())
             return self._scheduler
 
     def close_scheduler(self) -> None:

@@ -131,8 +131,12 @@ class _Stream:
 class Scheduler:
     """Continuous batching for one causal LM. Thread-safe; its thread starts on demand."""
 
-    def __init__(self, model, tok, config: ServingConfig | None = None):
+    def __init__(self, model, tok, config: ServingConfig | None = None, compiled=None):
         self.model, self.tok = model, tok
+        # a stream decoding alone uses the model's compiled step (compiled.CompiledDecode)
+        # once its bucket is ready; a second stream turns its cache into a batch's
+        self.compiled = compiled
+        self._single = None                 # (step function) while the lone stream uses it
         self.config = config or ServingConfig()
         default_threads()           # taken before the scheduler thread sets its own count
         self.device = next(model.parameters()).device
@@ -330,7 +334,7 @@ class Scheduler:
                 continue
             for stream in joining:
                 try:
-                    self._prefill(stream)
+                    self._prefill(stream, alone=len(joining) == 1 and not self._active)
                 except Exception as exc:  # noqa: BLE001 - that stream's own failure
                     self._fail([stream], exc)
             try:
@@ -340,7 +344,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - every stream in the batch hears
                 self._fail(self._active, exc)
                 self._active = []
-                self._cache = self._mask = self._pos = self._next = None
+                self._cache = self._mask = self._pos = self._next = self._single = None
 
     def _fail(self, streams: list, exc: BaseException) -> None:
         for s in streams:
@@ -368,14 +372,19 @@ class Scheduler:
             used += stream.cost
         return joining
 
-    def _prefill(self, s: _Stream) -> None:
-        """Prompt + forced tokens at batch 1; report the forced tokens; join the batch."""
+    def _prefill(self, s: _Stream, alone: bool = False) -> None:
+        """Prompt + forced tokens at batch 1; report the forced tokens; join the batch.
+        `alone`: it will decode alone (for now), on the compiled step if one is ready."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
         seq = torch.tensor([s.ids + s.forced], device=self.device)
+        alone = alone and not self._waiting and self.compiled is not None
+        session = self.compiled.session(s.cost, wait=False) if alone else None
+        cache, fast = session if session else (DynamicCache(config=self.model.config), None)
+        where = {"cache_position": torch.arange(seq.shape[1], device=self.device)} \
+            if fast else {}
         logits = self.model(input_ids=seq, cache=cache, use_cache=True,
-                            logits_to_keep=len(s.forced) + 1).logits[0]          # (F+1, V)
+                            logits_to_keep=len(s.forced) + 1, **where).logits[0]  # (F+1, V)
         for step in range(len(s.forced) + 1):
             if s.cancelled:
                 s.end("cancelled")
@@ -384,15 +393,20 @@ class Scheduler:
             forced = s.forced[step] if step < len(s.forced) else None
             if s.advance(row, row.softmax(-1), forced):
                 return
-        self._join(s, cache, seq.shape[1])
+        self._join(s, cache, seq.shape[1], fast)
 
-    def _join(self, s: _Stream, cache, length: int) -> None:
+    def _join(self, s: _Stream, cache, length: int, step=None) -> None:
         from transformers import DynamicCache
 
-        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        if step is None and any(type(layer).__name__ != "DynamicLayer"
+                                for layer in cache.layers):
             raise NotImplementedError("continuous batching needs a full-attention KV cache")
         token = torch.tensor([s.generated[-1]], device=self.device)
+        if self._single is not None:            # the lone stream's static cache: a batch's now
+            self._cache = _dynamic(self._cache, self._mask.shape[1])
+            self._single = None
         if not self._active:
+            self._single = step
             self._cache = cache
             self._mask = torch.ones(1, length, dtype=torch.long, device=self.device)
             self._pos = torch.tensor([length], device=self.device)
@@ -413,14 +427,17 @@ class Scheduler:
     def _step(self) -> None:
         """One decode step for every active stream."""
         mask = torch.cat([self._mask, self._mask.new_ones(len(self._active), 1)], dim=1)
-        # no padding in the batch (one stream, or streams of one length): no mask, so the
-        # model takes its plain causal path (a mask of ones costs a 4-D mask per layer)
-        out = self.model(input_ids=self._next[:, None],
-                         attention_mask=None if bool(mask.all()) else mask,
-                         position_ids=self._pos[:, None], cache=self._cache, use_cache=True)
+        if self._single is not None:            # one stream, on its compiled step
+            logits = self._single(self._next[:, None], self._pos, self._cache).float()
+        else:
+            # no padding in the batch (one stream, or streams of one length): no mask, so
+            # the model takes its plain causal path (a mask of ones costs a 4-D mask/layer)
+            out = self.model(input_ids=self._next[:, None],
+                             attention_mask=None if bool(mask.all()) else mask,
+                             position_ids=self._pos[:, None], cache=self._cache, use_cache=True)
+            logits = out.logits[:, -1].float()                                     # (B, V)
         self._mask, self._pos = mask, self._pos + 1
         self.steps += 1
-        logits = out.logits[:, -1].float()                                         # (B, V)
         probs = logits.softmax(-1)
         values, ids = probs.topk(TOP_ALTERNATIVES)             # one call for the whole batch
         values, ids = values.tolist(), ids.tolist()
@@ -446,7 +463,7 @@ class Scheduler:
         keep = [i for i, s in enumerate(self._active) if s not in streams]
         self._active = [self._active[i] for i in keep]
         if not keep:
-            self._cache = self._mask = self._pos = self._next = None
+            self._cache = self._mask = self._pos = self._next = self._single = None
             return
         idx = torch.tensor(keep, device=self.device)
         self._cache.batch_select_indices(idx)
@@ -456,6 +473,16 @@ class Scheduler:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
             self._mask = self._mask[:, first:]
+
+
+def _dynamic(cache, length: int):
+    """A static cache's first `length` positions as a DynamicCache (a batch's kind)."""
+    from transformers import DynamicCache
+
+    if all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+        return cache
+    return DynamicCache(ddp_cache_data=[(layer.keys[:, :, :length], layer.values[:, :, :length])
+                                        for layer in cache.layers])
 
 
 def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -111,3 +111,54 @@ def test_exact_stays_token_identical_when_compiled_on_the_offline_lm(offline_kit
         params = G.SamplingParams(max_new_tokens=48, chat=False)
         assert [t.token_id for t in tokens(lm, prompt, params, decode).tokens] == \
             [t.token_id for t in tokens(lm, prompt, params).tokens]
+
+
+def test_the_scheduler_decodes_a_lone_stream_on_the_compiled_step(tiny_kit):
+    """Served, a stream alone uses the compiled step; a second stream joining turns its
+    static cache into the batch's, and every stream still gets its lone eager tokens."""
+    import threading
+    import time
+
+    from mmcore import serving as S
+    from mmcore.lanes import PRIORITY
+
+    lm = tiny_kit.model("causal_lm")
+    decode = ready(lm, 200)
+    calls = counting(decode)
+    sched = S.Scheduler(lm.model, lm.tokenizer,
+                        S.ServingConfig(pause_for_short=True, max_pause=600), compiled=decode)
+
+    def wait_until(condition):
+        end = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < end, "the scheduler never got there"
+            time.sleep(0.002)
+
+    try:
+        a = G.SamplingParams(max_new_tokens=120, chat=False)
+        b = G.SamplingParams(max_new_tokens=30, temperature=0.8, seed=3, chat=False)
+        lone = G.Generation(a)
+        list(sched.generate_tokens("Once upon a time", a, run=lone))
+        assert len(calls) == len(lone.tokens) - 1        # every decode step compiled
+        assert [t.token_id for t in lone.tokens] == \
+            [t.token_id for t in tokens(lm, "Once upon a time", a).tokens]
+
+        runs = {"a": G.Generation(a), "b": G.Generation(b)}
+        first = threading.Thread(target=lambda: list(sched.generate_tokens(
+            "Once upon a time", a, run=runs["a"])))
+        first.start()
+        wait_until(lambda: sched._single is not None and sched.steps > 130)
+        with PRIORITY.short():                           # holds it between two steps
+            wait_until(lambda: PRIORITY.waiting == 1)
+            second = threading.Thread(target=lambda: list(sched.generate_tokens(
+                "the cat", b, run=runs["b"])))
+            second.start()
+            wait_until(lambda: sched._waiting)
+        first.join()
+        second.join()
+        assert sched.peak_batch == 2
+        for key, prompt, params in (("a", "Once upon a time", a), ("b", "the cat", b)):
+            assert [t.token_id for t in runs[key].tokens] == \
+                [t.token_id for t in tokens(lm, prompt, params).tokens]
+    finally:
+        sched.close()
