@@ -11,9 +11,9 @@ Compiling takes 10-60 s on two cores and holds the GIL most of that time (every 
 thread of the process, eager decoding included, all but stops meanwhile), so it is opt-in
 (MMCORE_COMPILE=1): the first request that needs a bucket starts its compile in a thread
 and waits for it; requests for a bucket that failed to compile decode eagerly. The serving
-scheduler uses it for a stream decoding alone (serving.py), without waiting for a compile. Inductor's
-artefacts are cached on disk under $MMCORE_CACHE/inductor (a later start compiles in ~10 s
-instead of ~60). It also needs a C++ compiler for inductor's CPU code. Measured on
+scheduler uses it for a stream decoding alone (serving.py), without waiting for a compile.
+Inductor's artefacts are cached on disk under $MMCORE_CACHE/inductor (a later start
+compiles in ~10 s instead of ~60). It also needs a C++ compiler for inductor's CPU code. Measured on
 SmolLM2 (bench_generate.py): at `exact` the compiled step gave the eager tokens (128 of
 128; inductor may reorder fp32 sums, so a near-tie could flip a later token), at `fast`
 1.45x the eager rate.
@@ -150,6 +150,21 @@ class CompiledDecode:
                                       else "")
                  for size, state in sorted(self.state.items())]
         return "compiled decode: " + (", ".join(parts) if parts else "none yet")
+
+
+def prefill(model, decode, seq: torch.Tensor, total: int, logits_to_keep: int,
+            wait: bool = True) -> tuple:
+    """(logits (T', V) of the last `logits_to_keep` positions, cache, step): one prefill of
+    `seq` (1, T) on the static cache of `decode`'s bucket for `total` positions when that
+    is compiled (step: the compiled step), else on a DynamicCache (step None)."""
+    from transformers import DynamicCache
+
+    session = decode.session(total, wait=wait) if decode is not None else None
+    cache, step = session if session else (DynamicCache(config=model.config), None)
+    where = {"cache_position": torch.arange(seq.shape[1], device=seq.device)} if step else {}
+    logits = model(input_ids=seq, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
+                   **where).logits[0]
+    return logits, cache, step
 
 
 def _context(model) -> int:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import lm_scoring
+from .compiled import prefill
 from .errors import InputError
 from .text import clean_text
 
@@ -296,8 +297,6 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
     `compiled`: the model's `compiled.CompiledDecode`; when its step for this length is
     ready, the tokens after the prefill are decoded by it on a static cache.
     """
-    from transformers import DynamicCache
-
     prompt = clean_text(prompt, "Prompt")
     params = params.check()
     run = run if run is not None else Generation(params)
@@ -316,12 +315,9 @@ def generate_tokens(model, tok, prompt, params: SamplingParams, stop_event=None,
     shown = TokenText(tok, ids, params.stop)
     start = time.perf_counter()
     length = len(ids) + len(forced)
-    fast = compiled.session(length + params.max_new_tokens) if compiled is not None else None
-    cache, step_fn = fast if fast else (DynamicCache(config=model.config), None)
-    where = {"cache_position": torch.arange(length, device=device)} if fast else {}
     # one prefill over prompt + forced; row j of `rows` predicts the token after forced[:j]
-    rows = model(input_ids=torch.tensor([ids + forced], device=device), cache=cache,
-                 use_cache=True, logits_to_keep=len(forced) + 1, **where).logits[0]
+    rows, cache, step_fn = prefill(model, compiled, torch.tensor([ids + forced], device=device),
+                                   length + params.max_new_tokens, len(forced) + 1)
     generated: list = []
     for step in range(len(forced) + params.max_new_tokens):
         if stop_event is not None and stop_event.is_set():

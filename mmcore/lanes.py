@@ -67,8 +67,8 @@ class Priority:
     def short(self):
         with self._cond:
             self._running += 1
-            spare = cpu_cores() - self.reserved if self.reserved else 0
-        want = max(1, spare) if self.reserved else default_threads()
+            # the cores a reserving loop leaves, or (none reserved) the process default
+            want = max(1, cpu_cores() - self.reserved) if self.reserved else default_threads()
         with threads(want):
             try:
                 yield

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import lm_scoring
+from .compiled import prefill
 from .errors import InputError
 from .lanes import PRIORITY, cpu_cores, default_threads
 from .generation import (Generation, SamplingParams, TokenInfo, TokenText, _alternatives,
@@ -375,16 +376,10 @@ class Scheduler:
     def _prefill(self, s: _Stream, alone: bool = False) -> None:
         """Prompt + forced tokens at batch 1; report the forced tokens; join the batch.
         `alone`: it will decode alone (for now), on the compiled step if one is ready."""
-        from transformers import DynamicCache
-
         seq = torch.tensor([s.ids + s.forced], device=self.device)
-        alone = alone and not self._waiting and self.compiled is not None
-        session = self.compiled.session(s.cost, wait=False) if alone else None
-        cache, fast = session if session else (DynamicCache(config=self.model.config), None)
-        where = {"cache_position": torch.arange(seq.shape[1], device=self.device)} \
-            if fast else {}
-        logits = self.model(input_ids=seq, cache=cache, use_cache=True,
-                            logits_to_keep=len(s.forced) + 1, **where).logits[0]  # (F+1, V)
+        decode = self.compiled if alone and not self._waiting else None
+        logits, cache, fast = prefill(self.model, decode, seq, s.cost, len(s.forced) + 1,
+                                      wait=False)                               # (F+1, V)
         for step in range(len(s.forced) + 1):
             if s.cancelled:
                 s.end("cancelled")
