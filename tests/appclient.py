@@ -1,6 +1,7 @@
 """Driving a running app the way a hostile client would: raw queue calls (any payload, any
 session hash, event data a browser would send), direct REST posts, and what lies on disk."""
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,21 @@ def launch(argv):
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
                             **launch_kwargs(ctx, "127.0.0.1", None, False))
     return demo, ctx, url
+
+
+@contextlib.contextmanager
+def served_client(argv=("--kit", "tiny", "--no-warm")):
+    """(ctx, gradio_client.Client) of the app built from `argv`, served in this process;
+    both closed after the block."""
+    from gradio_client import Client
+
+    demo, ctx, url = launch(list(argv))
+    client = Client(url, verbose=False)
+    try:
+        yield ctx, client
+    finally:
+        client.close()
+        demo.close()
 
 
 def config(url) -> dict:

@@ -2,9 +2,8 @@
 optional (a call may leave them out), and errors are plain text."""
 
 import pytest
-from gradio_client import Client
 
-from appclient import launch
+from appclient import served_client
 
 OPTIONAL = {"/generate": {"seed", "stop"}, "/fill_mask": {"targets"},
             "/fill_mask_batch": {"file"}, "/next_sentence_batch": {"file"},
@@ -15,11 +14,8 @@ OPTIONAL = {"/generate": {"seed", "stop"}, "/fill_mask": {"targets"},
 
 @pytest.fixture(scope="module")
 def client():
-    demo, ctx, url = launch(["--kit", "tiny", "--no-warm"])
-    c = Client(url, verbose=False)
-    yield ctx, c
-    c.close()
-    demo.close()
+    with served_client() as served:
+        yield served
 
 
 def test_every_output_is_named_and_optional_inputs_are_optional(client):

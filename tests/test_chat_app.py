@@ -3,19 +3,15 @@ the model's continuation of the conversation as its chat template (or transcript
 it; Continue goes on inside the last answer; bad histories get a message."""
 
 import pytest
-from gradio_client import Client
 
-from appclient import launch
+from appclient import served_client
 from mmcore import chat
 
 
 @pytest.fixture(scope="module")
 def served():
-    demo, ctx, url = launch(["--kit", "tiny", "--no-warm"])
-    client = Client(url, verbose=False)
-    yield ctx, client
-    client.close()
-    demo.close()
+    with served_client() as served:
+        yield served
 
 
 def text_of(message) -> str:

@@ -3,21 +3,18 @@ settings, on one input; each side equals that model's own answer, and the marks 
 differs."""
 
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 
 import mmcore
-from appclient import launch, tuned_clip
+from appclient import served_client, tuned_clip
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    demo, ctx, url = launch(["--kit", "tiny", "--no-warm"])
-    folder = tuned_clip(tmp_path_factory.mktemp("tuned") / "tuned-clip", seed=2)
-    ctx.checkpoints["tuned-clip"] = str(folder)
-    client = Client(url, verbose=False)
-    yield ctx, client, folder
-    client.close()
-    demo.close()
+    with served_client() as (ctx, client):
+        folder = tuned_clip(tmp_path_factory.mktemp("tuned") / "tuned-clip", seed=2)
+        ctx.checkpoints["tuned-clip"] = str(folder)
+        yield ctx, client, folder
 
 
 def test_generate_two_temperatures_of_one_model(served, tiny_kit):
