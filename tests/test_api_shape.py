@@ -42,3 +42,16 @@ def test_calls_may_leave_optional_inputs_out(client, tiny_kit):
     assert [r[1] for r in per_mask["data"]] == [w["token_str"] for w in want]
     with pytest.raises(Exception, match="Upload an image"):
         c.predict(api_name="/zero_shot")
+
+
+def test_generate_sends_updates_paced_not_per_token(client, tiny_kit):
+    """Generate sends an update when one is due (~every 0.1 s), not one per token: each
+    update's work in the server slows the decoding thread. The last update is whole."""
+    ctx, c = client
+    job = c.submit("Once upon a time", 200, 0, 0, 1, 1, "", "", "plain continuation",
+                   api_name="/generate")
+    text, stats, *_ = job.result()
+    n = int(stats.split(" tokens")[0])
+    assert n == 200 and len(job.outputs()) < n / 4
+    assert text == tiny_kit.generate("Once upon a time", max_new_tokens=200, chat=False)
+

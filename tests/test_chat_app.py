@@ -44,3 +44,16 @@ def test_bad_chat_requests_get_messages(served):
         client.predict("   ", [], "", 4, 0, "", "base model", api_name="/chat")
     with pytest.raises(Exception, match="No model named"):
         client.predict("hi", [], "", 4, 0, "", "gpt-9", api_name="/chat")
+
+
+def test_chat_sends_updates_paced_not_per_piece(served, tiny_kit):
+    """As Generate: an update when one is due, not one per streamed piece; the last whole."""
+    ctx, client = served
+    tok = tiny_kit.model("causal_lm").tokenizer
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    pieces = list(tiny_kit.stream(chat.render(tok, convo), max_new_tokens=200, chat=False))
+    assert len(pieces) > 100
+    job = client.submit("hi", [], "Be brief.", 200, 0, "1", "base model", api_name="/chat")
+    history = job.result()
+    assert text_of(history[-1]) == "".join(pieces)
+    assert len(job.outputs()) < len(pieces) / 4
