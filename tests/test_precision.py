@@ -149,6 +149,9 @@ def test_zero_shot_photos_score_the_same(fast, exact, monkeypatch):
 
     from mmcore.zero_shot import zero_shot
 
+    fast_encoder = fast.encoder()          # as this CPU chooses (before bf16 is forced below)
+    conv = next(m for m in fast_encoder.image_model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)   # at fp32 or bf16
     monkeypatch.setenv("MMCORE_ENCODER_BF16", "1")
     bf16 = kits._load(exact.spec("dual_encoder"), "dual_encoder", torch.device("cpu"), "fast")
     assert next(bf16.image_model.parameters()).dtype == torch.bfloat16
@@ -162,10 +165,7 @@ def test_zero_shot_photos_score_the_same(fast, exact, monkeypatch):
                    for n, labels in cases.items())
 
     # `fast`: bf16 where it pays, else fp32; its conv tower channels-last either way
-    encoders = {"exact": exact.encoder(), "bf16 tower": bf16, "fast": fast.encoder()}
-    conv = next(m for m in fast.encoder().image_model.modules()
-                if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    encoders = {"exact": exact.encoder(), "bf16 tower": bf16, "fast": fast_encoder}
     got = {name: score(enc) for name, enc in encoders.items()}
     print(f"zero-shot photos (of {len(cases)}): {got}")
     assert all(abs(v - got["exact"]) <= 1 for v in got.values())
