@@ -286,7 +286,7 @@ class CausalFill:
     `scorer`: the role's micro-batcher, so candidates share forwards across requests."""
 
     def __init__(self, role, scorer=None):
-        self.model, self.tok, self.scorer = role.model, role.tokenizer, scorer
+        self.model, self.tok, self.scorer = role.scoring_model, role.tokenizer, scorer
         self.max_len = role.max_length()
 
     def candidates(self, prefix_text: str, right: str, rest: str, top_k: int,
@@ -305,8 +305,11 @@ class CausalFill:
         right = self.tok.decode(lm_scoring.encode(self.tok, right)[:RIGHT_CONTEXT])
         core = prefix_text.rstrip()
         space = " " if (prefix_text != core and core) else ""
-        prefix = lm_scoring.run_prefix(self.model, self.tok, core, self.scorer)
-        cloze = self.cloze_prefix(prefix_text, rest, core)
+        # the plain text and the question run together: one forward, each row its own prefix
+        head, tail = self.cloze_parts(prefix_text, rest, core)
+        plain = [lm_scoring.start_id(self.tok)] + lm_scoring.encode(self.tok, core)
+        prefix, cloze = lm_scoring.run_many(self.model, [(None, plain), (head, tail)],
+                                            self.scorer)
         if targets:
             words = list(targets)
         else:
@@ -321,13 +324,13 @@ class CausalFill:
         for round_ in range(WORD_EXTENSIONS + 1):
             conts = [lm_scoring.encode(self.tok, space + w + right) for w in pending]
             keep = [(w, c) for w, c in zip(pending, conts) if c]
-            totals, following = lm_scoring.score_continuations(
-                self.model, prefix, [c for _, c in keep], want_next=True, batcher=self.scorer)
             # a product of two experts: the sentence read left to right, and the same words
-            # as the answer to the blank, read after the whole sentence
-            asked = lm_scoring.score_continuations(self.model, cloze, [c for _, c in keep],
-                                                   batcher=self.scorer)
-            totals = [a + b for a, b in zip(totals, asked)]
+            # as the answer to the blank, read after the whole sentence (one forward)
+            both = lm_scoring.score_rows(self.model, [(prefix, c) for _, c in keep] +
+                                         [(cloze, c) for _, c in keep], self.scorer)
+            plain, asked = both[:len(keep)], both[len(keep):]
+            totals = [a + b for (a, _), (b, _) in zip(plain, asked)]
+            following = [f for _, f in plain]
             grown = []
             for (w, _), total, nxt in zip(keep, totals, following):
                 scored[w] = max(total, scored.get(w, -math.inf))
@@ -338,10 +341,11 @@ class CausalFill:
                 break
         return sorted(scored.items(), key=lambda x: -x[1])
 
-    def cloze_prefix(self, prefix_text: str, rest: str, core: str):
-        """The model after "fill in the blank: <sentence with blanks>" and the answer begun
-        with the left context (a chat turn when the model has a chat template). The fixed
-        head of that prompt (system turn, instruction) runs once per model."""
+    def cloze_parts(self, prefix_text: str, rest: str, core: str) -> tuple:
+        """(Prefix of the fixed head, ids of the rest) of the prompt "fill in the blank:
+        <sentence with blanks>" with the answer begun with the left context (a chat turn
+        when the model has a chat template). The head (system turn, instruction) runs once
+        per model."""
         sentence = f"{prefix_text}{BLANK}{rest}"
         if getattr(self.tok, "chat_template", None):
             text = self.tok.apply_chat_template(
@@ -358,8 +362,7 @@ class CausalFill:
         if cached is None or cached[0] != key:
             cached = (key, lm_scoring.run_ids(self.model, head_ids))
             _cloze_heads[self.model] = cached
-        return lm_scoring.run_ids(self.model, lm_scoring.encode(self.tok, tail), cached[1],
-                                  self.scorer)
+        return cached[1], lm_scoring.encode(self.tok, tail)
 
     def next_words(self, prefix, spaced: bool, n: int) -> list:
         """The n likeliest next tokens that begin a word (after a space, if one precedes)."""

@@ -4,18 +4,25 @@
   (4-bit groups of 32, the GGUF's own numbers: no second rounding), its tied vocabulary
   head (Q8_0 in the GGUF) in per-channel int8.
 - `int8_weights(model)`: any causal LM, every linear per-channel int8 at load.
+- `scoring_twin(model)`: a second module tree over the same embeddings and norms whose
+  linears multiply int8 by int8 (`DynamicInt8Linear`), for forwards over many tokens
+  (fill-mask and NSP scoring), where the weight-only kernels' cost grows with every row.
 
 Both keep the model an ordinary transformers model (same forward, cache, attention
 switch), so everything that reads its logits or attention weights works unchanged.
 """
 
+import copy
+import itertools
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .precision import Int4Linear, Int8Linear, quantize_int8, replace_linears
+from .precision import (DynamicInt8Linear, Int4Linear, Int8Linear, quantize_int8,
+                        replace_linears)
 
 # GGUF tensor name (per block) -> transformers Llama module name (per layer)
 _LLAMA_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -155,6 +162,36 @@ def int8_weights(model, dtype=torch.float32) -> int:
     return swapped
 
 
+_twins: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def scoring_twin(model) -> nn.Module:
+    """Make (once) and return `model`'s scoring twin: the same module tree sharing every
+    embedding, norm and buffer tensor, its linears and head `DynamicInt8Linear` quantised
+    from the fp32 weights. Call it before `model`'s own conversion frees them; the twin
+    adds the int8 weights only (SmolLM2-135M: 134 MB)."""
+    if model in _twins:
+        return _twins[model]
+    from transformers.pytorch_utils import Conv1D
+
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    twin = copy.deepcopy(model, memo=shared)
+    replace_linears(twin, lambda name, lin: DynamicInt8Linear.from_weight(lin.weight, lin.bias))
+    for module in list(twin.modules()):
+        for attr, sub in list(module.named_children()):
+            if isinstance(sub, Conv1D):                       # weight (K, N): y = x @ W + b
+                setattr(module, attr, DynamicInt8Linear.from_weight(sub.weight.T, sub.bias))
+    twin.config.tie_word_embeddings = False
+    _twins[model] = twin
+    return twin
+
+
+def scoring_model(model) -> nn.Module:
+    """The module text scoring runs on: `model`'s twin if it has one, else `model`."""
+    return _twins.get(model, model)
+
+
 def dequantized(raw: np.ndarray) -> torch.Tensor:
     """(N, K) fp32 weight of raw Q4_1 rows, w = d*q + m (for checks)."""
     q, d, m = (torch.as_tensor(a) for a in q4_1_blocks(raw))
@@ -162,5 +199,5 @@ def dequantized(raw: np.ndarray) -> torch.Tensor:
     return (q.float().reshape(n, -1, 32) * d[..., None] + m[..., None]).reshape(n, k)
 
 
-__all__ = ["from_gguf_q4_1", "int8_weights", "read_q4_1", "q4_1_blocks", "dequantized",
+__all__ = ["from_gguf_q4_1", "int8_weights", "scoring_twin", "scoring_model", "read_q4_1", "q4_1_blocks", "dequantized",
            "quantize_int8"]

@@ -118,6 +118,15 @@ class CausalLM(TextRole):
         if scheduler is not None:
             scheduler.close()
 
+    @property
+    def scoring_model(self):
+        """The module fill-mask and NSP score text with: at `fast` on a CPU with int8 dot
+        products, an int8 x int8 twin of `model` sharing its embeddings (its cost barely grows
+        with the tokens scored at once); else `model` itself."""
+        from .quantized_lm import scoring_model
+
+        return scoring_model(self.model)
+
     def fill_mask(self, text: str, top_k: int, targets: list, batched: bool = False):
         """BERT's task approximated left to right (see fill_mask.py)."""
         from .fill_mask import CausalFill
@@ -129,7 +138,7 @@ class CausalLM(TextRole):
         from . import nsp
 
         calib = nsp.calibration(self.name)
-        pmi = nsp.pmi_per_token(self.model, self.tokenizer, first, second,
+        pmi = nsp.pmi_per_token(self.scoring_model, self.tokenizer, first, second,
                                 self.scorer() if batched else None)
         return nsp.logistic(calib["weight"] * pmi + calib["bias"])
 
@@ -143,14 +152,16 @@ class CausalLM(TextRole):
         from . import lm_scoring, serving
         from .microbatch import MicroBatcher
 
-        if self.device.type == "cpu" and str(self.precision).startswith("fast"):
-            # measured (bench_fill_mask.py part 3): the CPU's int4/int8 kernels cost grows
-            # with the rows, so 8 users sharing forwards got 0.82x (fill-mask) and 0.93x
-            # (NSP) the throughput of taking turns; at fp32 (and on a GPU) sharing pays
+        if (self.device.type == "cpu" and str(self.precision).startswith("fast")
+                and self.scoring_model is self.model):
+            # measured (bench_fill_mask.py part 3): the CPU's weight-only int4/int8 kernels
+            # cost grows with the rows, so 8 users sharing forwards got 0.82x (fill-mask) and
+            # 0.93x (NSP) the throughput of taking turns; at fp32, on the int8 x int8 twin
+            # and on a GPU sharing pays
             return None
         with self._guard:
             if self._scorer is None and serving.Scheduler.supports(self.model):
-                self._scorer = MicroBatcher(partial(lm_scoring.run_rows, self.model),
+                self._scorer = MicroBatcher(partial(lm_scoring.run_rows, self.scoring_model),
                                             max_batch=96)
             return self._scorer
 

@@ -1,0 +1,91 @@
+"""Text scoring (fill-mask and NSP on a causal LM): candidates after shared prefixes scored
+in one forward (one sequence per prefix, a tree mask), and at `fast` on an int8 x int8 twin
+of the model that shares its embeddings and norms."""
+
+import math
+
+import pytest
+import torch
+
+from mmcore import lm_scoring as L
+from mmcore import precision
+
+needs_int8 = pytest.mark.skipif(not precision.dynamic_int8_pays(),
+                                reason="no int8 dot products (VNNI/AMX) on this CPU")
+
+
+def test_dynamic_int8_linear_is_close_and_each_row_its_own():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(37, 29)
+    layer = precision.DynamicInt8Linear.from_weight(linear.weight, linear.bias)
+    x = torch.randn(2, 7, 37)
+    x[0, 3] *= 50                                           # one loud row among quiet ones
+    with torch.no_grad():
+        want = linear(x)
+    got = layer(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert float((got - want).norm() / want.norm()) < 0.02
+    flat = x.reshape(-1, 37)
+    alone = torch.cat([layer(flat[i:i + 1]) for i in range(len(flat))])
+    assert torch.equal(alone, got.reshape(-1, 29))          # rows quantised on their own
+    assert torch.equal(layer(torch.zeros(1, 37)), linear.bias[None].detach())
+
+
+def plain_scores(model, tok, prefix_text, continuation):
+    """log P(continuation | start + prefix) and the next token's log-probabilities, from one
+    forward over the whole text (no cache, no batch)."""
+    ids = [L.start_id(tok)] + L.encode(tok, prefix_text)
+    full = torch.tensor([ids + continuation])
+    with torch.inference_mode():
+        logp = model(input_ids=full).logits[0].float().log_softmax(-1)
+    picks = logp[torch.arange(len(ids) - 1, full.shape[1] - 1), full[0, len(ids):]]
+    return float(picks.sum()), logp[-1]
+
+
+@pytest.fixture(params=["tiny-sdpa", "tiny-eager", "offline"])
+def lm(request, tiny_kit, offline_kit):
+    if request.param == "offline":                            # Llama with grouped KV heads
+        role = offline_kit.model("causal_lm")
+        yield role.scoring_model, role.tokenizer
+        return
+    role = tiny_kit.model("causal_lm")                        # GPT-2
+    before = role.model.config._attn_implementation
+    role.model.set_attn_implementation(request.param.split("-")[1])
+    yield role.model, role.tokenizer
+    role.model.set_attn_implementation(before)
+
+
+def test_scores_after_shared_prefixes_equal_plain_forwards(lm):
+    model, tok = lm
+    texts = ["The cat sat on the mat and", "Once"]
+    prefixes = [L.run_prefix(model, tok, t) for t in texts]
+    conts = [L.encode(tok, t) for t in (" then it slept", " upon a time there", " it",
+                                        " was warm and dry")]
+    items = [(p, c) for p in prefixes for c in conts]
+    got = L.score_rows(model, items)
+    for (p, c), (total, nxt) in zip(items, got):
+        want_total, want_next = plain_scores(model, tok, texts[prefixes.index(p)], c)
+        assert math.isclose(total, want_total, rel_tol=1e-4, abs_tol=1e-3), (total, want_total)
+        torch.testing.assert_close(nxt, want_next, atol=1e-3, rtol=1e-4)
+
+
+@needs_int8
+def test_fast_offline_scores_on_an_int8_twin_sharing_embeddings():
+    import mmcore
+
+    fast = mmcore.load_kit("offline", precision="fast")
+    role = fast.model("causal_lm")
+    if "4-bit" not in role.precision:
+        pytest.skip("no 4-bit kernel on this CPU: the offline LM stays fp32")
+    twin, model = role.scoring_model, role.model
+    assert twin is not model and "scoring int8 x int8" in role.precision
+    assert twin.get_input_embeddings().weight is model.get_input_embeddings().weight
+    assert twin.model.norm.weight is model.model.norm.weight
+    assert sum(isinstance(m, precision.DynamicInt8Linear) for m in twin.modules()) == 211
+    assert sum(isinstance(m, precision.Int4Linear) for m in model.modules()) == 210
+    # fill-mask reads the twin; its answer matches the 4-bit model's on a plain probe
+    from mmcore.fill_mask import CausalFill
+
+    assert CausalFill(role).model is twin
+    assert fast.fill_mask("The capital of France is [MASK].", top_k=1)[0][0][
+        "token_str"] == "Paris"
