@@ -221,7 +221,7 @@ class MaskedLM(TextRole):
             return self.head(hidden[batch, at]).float()
         return self.model(input_ids=ids, attention_mask=mask).logits[batch, at].float()
 
-    FAST = "fast_encoder"
+    FAST = "fast_text_encoder"
 
 
 class NSPHead(TextRole):
@@ -262,7 +262,7 @@ class NSPHead(TextRole):
     def postprocess(logits: torch.Tensor) -> list:
         return logits.softmax(-1)[:, 0].tolist()                        # index 0 = IsNext
 
-    FAST = "fast_encoder"
+    FAST = "fast_text_encoder"
 
 
 def require(obj, method: str, what: str):

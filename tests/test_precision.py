@@ -141,6 +141,22 @@ def test_fill_mask_probes_score_the_same(fast, exact):
 
 
 @needs_fast
+def test_nsp_pairs_score_the_same(fast, exact):
+    """NSP at `fast` scores on the int8 x int8 twin where the CPU has int8 dot products: the
+    labelled pairs (real and shuffled) are told apart as well as at `exact`."""
+    from mmcore import nsp
+
+    pairs = nsp.labelled_pairs()
+
+    def accuracy(kit):
+        return sum((kit.next_sentence(a, b) > 0.5) == bool(y) for a, b, y in pairs) / len(pairs)
+
+    a_exact, a_fast = accuracy(exact), accuracy(fast)
+    print(f"NSP pairs: exact {a_exact:.3f}, fast {a_fast:.3f} of {len(pairs)}")
+    assert a_exact > 0.75 and abs(a_fast - a_exact) <= 0.05
+
+
+@needs_fast
 def test_zero_shot_photos_score_the_same(fast, exact, monkeypatch):
     """The kit at `fast`, and the ConSE tower in bf16 (forced: on CPUs where bf16 does not
     pay, `fast` keeps encoders fp32), against `exact`."""

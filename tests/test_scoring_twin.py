@@ -89,3 +89,29 @@ def test_fast_offline_scores_on_an_int8_twin_sharing_embeddings():
     assert CausalFill(role).model is twin
     assert fast.fill_mask("The capital of France is [MASK].", top_k=1)[0][0][
         "token_str"] == "Paris"
+
+
+@needs_int8
+def test_fast_bert_roles_run_int8_linears_close_to_fp32(tiny_kit, monkeypatch):
+    """Fill-mask and NSP heads at `fast` on a CPU without fast bf16: every linear int8 x
+    int8, logits close to the fp32 model's."""
+    import mmcore
+    from mmcore import kits
+
+    monkeypatch.setenv("MMCORE_ENCODER_BF16", "0")
+    text = "The cat sat on the [MASK] and slept."
+    for key in ("masked_lm", "next_sentence"):
+        exact = tiny_kit.model(key)
+        fast = kits._load(tiny_kit.spec(key), key, torch.device("cpu"), "fast")
+        assert "int8 x int8" in fast.precision
+        assert not [m for m in fast.model.modules() if isinstance(m, torch.nn.Linear)]
+        if key == "masked_lm":
+            ids = exact.tokenizer(text)["input_ids"]
+            at = [ids.index(exact.tokenizer.mask_token_id)]
+            want, got = exact.forward([ids], [at]), fast.forward([ids], [at])
+        else:
+            enc = exact.tokenizer(["The cat sat."], ["It slept."], return_tensors="pt")
+            want, got = exact.forward(enc), fast.forward(enc)
+        assert float((got - want).norm() / want.norm()) < 0.05
+        assert float(torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1]) > 0.99
+    assert mmcore.load_kit("tiny", precision="fast").fill_mask(text, top_k=3)
