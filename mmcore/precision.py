@@ -314,19 +314,20 @@ def fast_gguf_q4_1(model: nn.Module, gguf) -> str:
         return "exact (fp32; no 4-bit kernel on this CPU)"
     from . import quantized_lm
 
-    scoring = _scoring_twin(model)
+    scoring = _scoring_twin(model, lambda: quantized_lm.gguf_twin_tensors(gguf, model))
     quantized_lm.from_gguf_q4_1(model, gguf, LM_ACTIVATIONS)
     return "fast: 4-bit Q4_1 blocks (the GGUF's own), int8 head, bf16 matmuls" + scoring
 
 
-def _scoring_twin(model: nn.Module) -> str:
+def _scoring_twin(model: nn.Module, tensors=None) -> str:
     """Text scoring (fill-mask, NSP: many tokens per forward) on an int8 x int8 twin where
-    the CPU has int8 dot products; the words the form gains."""
+    the CPU has int8 dot products (`tensors()`: its int8 weights, if precomputed); the
+    words the form gains."""
     if not dynamic_int8_pays():
         return ""
     from . import quantized_lm
 
-    quantized_lm.scoring_twin(model)
+    quantized_lm.scoring_twin(model, tensors() if tensors else None)
     return "; scoring int8 x int8"
 
 

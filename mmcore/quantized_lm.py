@@ -166,18 +166,27 @@ _twins: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def scoring_twin(model) -> nn.Module:
+def scoring_twin(model, tensors: dict | None = None) -> nn.Module:
     """Make (once) and return `model`'s scoring twin: the same module tree sharing every
-    embedding, norm and buffer tensor, its linears and head `DynamicInt8Linear` quantised
-    from the fp32 weights. Call it before `model`'s own conversion frees them; the twin
-    adds the int8 weights only (SmolLM2-135M: 134 MB)."""
+    embedding, norm and buffer tensor, its linears and head `DynamicInt8Linear`. Their int8
+    weights come from `tensors` ({name.qweight, name.scales}, e.g. `gguf_twin_tensors`,
+    cached) where given, else are quantised from the fp32 weights (call it before `model`'s
+    own conversion frees them). The twin adds the int8 weights only (SmolLM2-135M: 134 MB);
+    reading fp32 weights that were never touched pages their file in (+540 MB of RSS for
+    SmolLM2), which the cached tensors avoid."""
     if model in _twins:
         return _twins[model]
     from transformers.pytorch_utils import Conv1D
 
+    def make(name, lin):
+        if tensors is not None and f"{name}.qweight" in tensors:
+            return DynamicInt8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"],
+                                     lin.bias)
+        return DynamicInt8Linear.from_weight(lin.weight, lin.bias)
+
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     twin = copy.deepcopy(model, memo=shared)
-    replace_linears(twin, lambda name, lin: DynamicInt8Linear.from_weight(lin.weight, lin.bias))
+    replace_linears(twin, make)
     for module in list(twin.modules()):
         for attr, sub in list(module.named_children()):
             if isinstance(sub, Conv1D):                       # weight (K, N): y = x @ W + b
@@ -185,6 +194,27 @@ def scoring_twin(model) -> nn.Module:
     twin.config.tie_word_embeddings = False
     _twins[model] = twin
     return twin
+
+
+def gguf_twin_tensors(gguf_path, model) -> dict:
+    """The scoring twin's int8 weights for a GGUF-converted Llama, quantised once from the
+    Q4_1 blocks (the same numbers as its fp32 weights, without reading them) and the head,
+    and cached."""
+    from . import cache
+
+    stat = Path(gguf_path).stat()
+    key = f"{Path(gguf_path).name}:{stat.st_size}:{int(stat.st_mtime)}:int8-twin-v1"
+
+    def build() -> dict:
+        out = {}
+        named = {"lm_head": model.get_output_embeddings().weight}
+        for name, weight in itertools.chain(
+                named.items(), ((n, dequantized(raw))
+                                for n, raw in read_q4_1(gguf_path, model.config).items())):
+            out[f"{name}.qweight"], out[f"{name}.scales"] = quantize_int8(weight.float())
+        return out
+
+    return cache.cached_tensors(f"{Path(gguf_path).stem.lower()}-int8-twin", key, build)
 
 
 def scoring_model(model) -> nn.Module:
@@ -199,5 +229,5 @@ def dequantized(raw: np.ndarray) -> torch.Tensor:
     return (q.float().reshape(n, -1, 32) * d[..., None] + m[..., None]).reshape(n, k)
 
 
-__all__ = ["from_gguf_q4_1", "int8_weights", "scoring_twin", "scoring_model", "read_q4_1", "q4_1_blocks", "dequantized",
-           "quantize_int8"]
+__all__ = ["from_gguf_q4_1", "int8_weights", "scoring_twin", "scoring_model",
+           "gguf_twin_tensors", "read_q4_1", "q4_1_blocks", "dequantized", "quantize_int8"]

@@ -70,7 +70,7 @@ def test_scores_after_shared_prefixes_equal_plain_forwards(lm):
 
 
 @needs_int8
-def test_fast_offline_scores_on_an_int8_twin_sharing_embeddings():
+def test_fast_offline_scores_on_an_int8_twin_sharing_embeddings(offline_kit):
     import mmcore
 
     fast = mmcore.load_kit("offline", precision="fast")
@@ -83,6 +83,12 @@ def test_fast_offline_scores_on_an_int8_twin_sharing_embeddings():
     assert twin.model.norm.weight is model.model.norm.weight
     assert sum(isinstance(m, precision.DynamicInt8Linear) for m in twin.modules()) == 211
     assert sum(isinstance(m, precision.Int4Linear) for m in model.modules()) == 210
+    # its int8 weights (cached, built from the GGUF blocks) are the fp32 weights' own
+    exact = dict(offline_kit.model("causal_lm").model.named_modules())    # fp32 (conftest)
+    mine = dict(twin.named_modules())
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.29.mlp.down_proj", "lm_head"):
+        q, scales = precision.quantize_int8(exact[name].weight.detach())
+        assert torch.equal(mine[name].qweight_t, q.T) and torch.equal(mine[name].scales, scales)
     # fill-mask reads the twin; its answer matches the 4-bit model's on a plain probe
     from mmcore.fill_mask import CausalFill
 
