@@ -1,14 +1,16 @@
 """Scoring text with a causal LM: log P(continuation | prefix), many continuations at once.
 
-The prefix runs once; its KV cache is repeated across the batch of continuations, so scoring
-N candidates costs one forward over their own tokens only (right-padded: under a causal mask,
-padding after a sequence cannot change its scores).
+A prefix runs once (`run_prefix`, `run_ids`, `run_many`: several prefixes in one forward,
+left-padded, each with its own mask and positions). Continuations after prefixes
+(`score_continuations`, `score_rows`) score in one forward of one sequence per prefix: the
+prefix's cache once, then every continuation's tokens side by side, each seeing the prefix
+and its own earlier tokens (a tree attention mask), so N candidates cost their own tokens
+and no copies of the prefix's cache.
 
 When serving many users, a `batcher` (a MicroBatcher of `run_rows`, see
 `roles.CausalLM.scorer`) shares prefix runs and candidate scoring with other requests', other
-prefixes too: their prefix caches are left-padded to one width, each row with its own
-attention mask and position ids, so a row reads the same keys at the same positions as alone
-(as serving.Scheduler does).
+prefixes too, so a row reads the same keys at the same positions as alone (as
+serving.Scheduler does).
 """
 
 import copy
@@ -17,7 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
+
 _vocab_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+TREE_TOKENS = 512        # continuation tokens per scoring sequence (the mask grows with its square)
 
 
 def token_strings(tokenizer) -> list:
@@ -146,11 +151,20 @@ def _tree_logits(model, rows: list, device) -> list:
     the tokens of all its rows side by side, each token seeing the prefix and its own row's
     earlier tokens (a 4D mask; positions go on from the prefix's length). Twelve candidates
     after two prefixes cost the cache of two rows, not twelve copies of each (measured on
-    the offline fill-mask: the copies were half the scoring forward)."""
-    distinct = list({id(a): a for a, _, _ in rows}.values())
-    spans, used = [], [0] * len(distinct)               # per row: (sequence, start)
-    for after, ids, _ in rows:
-        g = next(j for j, d in enumerate(distinct) if d is after)
+    the offline fill-mask: the copies were half the scoring forward). A sequence holds at
+    most TREE_TOKENS tokens (more rows start another), so the mask's size stays bounded."""
+    implementation = getattr(model.config, "_attn_implementation", "eager")
+    if implementation not in ("sdpa", "eager"):
+        raise InputError(f"Scoring text needs sdpa or eager attention (a 4D mask); this "
+                         f"model runs {implementation}.")
+    distinct, used, spans = [], [], []       # per sequence: its prefix, its tokens so far
+    for after, ids, _ in rows:               # per row: (sequence, start)
+        g = next((j for j in range(len(distinct)) if distinct[j] is after
+                  and used[j] + len(ids) <= TREE_TOKENS), None)
+        if g is None:                        # a new sequence (mask and logits stay bounded)
+            g = len(distinct)
+            distinct.append(after)
+            used.append(0)
         spans.append((g, used[g]))
         used[g] += len(ids)
     longest, width = max(a.length for a in distinct), max(used)
@@ -168,7 +182,7 @@ def _tree_logits(model, rows: list, device) -> list:
         seen[g, 0, start:end, longest + start:longest + end] = torch.ones(
             n, n, dtype=torch.bool, device=device).tril()
     mask = seen
-    if getattr(model.config, "_attn_implementation", "eager") != "sdpa":   # additive
+    if implementation == "eager":                                         # additive
         dtype = model.get_input_embeddings().weight.dtype
         mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(
             ~seen, torch.finfo(dtype).min)
@@ -191,7 +205,8 @@ def _cut(out, r: int, after: Prefix | None, ids: list, longest: int) -> Prefix:
     from transformers import DynamicCache
 
     start = after.length if after is not None else 0
-    next_logp = out.logits[r, -1].float().log_softmax(-1)       # its last token's (kept)
+    kept = -1 if out.logits.shape[1] == 1 else len(ids) - 1     # a model ignoring the keep
+    next_logp = out.logits[r, kept].float().log_softmax(-1)     # its last token's
     if out.logits.shape[0] == 1:
         return Prefix(out.cache, next_logp, start + len(ids))
     lo, hi = longest - start, longest + len(ids)     # its prefix and its ids, no padding

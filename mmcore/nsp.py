@@ -96,7 +96,7 @@ def main() -> None:
     from . import load_kit
 
     lm = load_kit("offline").model("next_sentence")
-    model, tok = lm.scoring_model, lm.tokenizer
+    model, tok = lm.model, lm.tokenizer
     pairs = labelled_pairs()
     x = [pmi_per_token(model, tok, a, b) for a, b, _ in pairs]
     y = [label for _, _, label in pairs]

@@ -8,7 +8,7 @@
   linears multiply int8 by int8 (`DynamicInt8Linear`), for forwards over many tokens
   (fill-mask and NSP scoring), where the weight-only kernels' cost grows with every row.
 
-Both keep the model an ordinary transformers model (same forward, cache, attention
+The first two keep the model an ordinary transformers model (same forward, cache, attention
 switch), so everything that reads its logits or attention weights works unchanged.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .precision import (DynamicInt8Linear, Int4Linear, Int8Linear, quantize_int8,
-                        replace_linears)
+from .precision import (DynamicInt8Linear, Int4Linear, Int8Linear, int8_scales,
+                        quantize_int8, replace_linears)
 
 # GGUF tensor name (per block) -> transformers Llama module name (per layer)
 _LLAMA_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -166,31 +166,34 @@ _twins: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def scoring_twin(model, tensors: dict | None = None) -> nn.Module:
+def scoring_twin(model, tensors: dict) -> nn.Module:
     """Make (once) and return `model`'s scoring twin: the same module tree sharing every
-    embedding, norm and buffer tensor, its linears and head `DynamicInt8Linear`. Their int8
-    weights come from `tensors` ({name.qweight, name.scales}, e.g. `gguf_twin_tensors`,
-    cached) where given, else are quantised from the fp32 weights (call it before `model`'s
-    own conversion frees them). The twin adds the int8 weights only (SmolLM2-135M: 134 MB);
-    reading fp32 weights that were never touched pages their file in (+540 MB of RSS for
-    SmolLM2), which the cached tensors avoid."""
+    embedding, norm and buffer tensor, its linears and head `DynamicInt8Linear`, their int8
+    weights from `tensors` ({name.qweight, name.scales}, cached: `gguf_twin_tensors`). A
+    head already int8 (`Int8Linear`) lends its own weights (only its fp32 scales are in
+    `tensors`); one still fp32 is quantised here. The twin adds 106 MB to SmolLM2-135M.
+    (Quantising the fp32 linears here instead would page their whole mmapped file in:
+    +540 MB of RSS.)"""
     if model in _twins:
         return _twins[model]
-    from transformers.pytorch_utils import Conv1D
 
-    def make(name, lin):
-        if tensors is not None and f"{name}.qweight" in tensors:
+    def make(module, name):
+        if f"{name}.qweight" in tensors:
             return DynamicInt8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"],
-                                     lin.bias)
-        return DynamicInt8Linear.from_weight(lin.weight, lin.bias)
+                                     getattr(module, "bias", None))
+        if isinstance(module, Int8Linear) and f"{name}.scales" in tensors:
+            return DynamicInt8Linear(module.qweight, tensors[f"{name}.scales"], module.bias)
+        if isinstance(module, nn.Linear):
+            return DynamicInt8Linear.from_weight(module.weight, module.bias)
+        return None
 
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     twin = copy.deepcopy(model, memo=shared)
-    replace_linears(twin, make)
-    for module in list(twin.modules()):
-        for attr, sub in list(module.named_children()):
-            if isinstance(sub, Conv1D):                       # weight (K, N): y = x @ W + b
-                setattr(module, attr, DynamicInt8Linear.from_weight(sub.weight.T, sub.bias))
+    for parent_name, parent in list(twin.named_modules()):
+        for attr, sub in list(parent.named_children()):
+            new = make(sub, f"{parent_name}.{attr}" if parent_name else attr)
+            if new is not None:
+                setattr(parent, attr, new)
     twin.config.tie_word_embeddings = False
     _twins[model] = twin
     return twin
@@ -198,20 +201,23 @@ def scoring_twin(model, tensors: dict | None = None) -> nn.Module:
 
 def gguf_twin_tensors(gguf_path, model) -> dict:
     """The scoring twin's int8 weights for a GGUF-converted Llama, quantised once from the
-    Q4_1 blocks (the same numbers as its fp32 weights, without reading them) and the head,
-    and cached."""
+    Q4_1 blocks (the same numbers as its fp32 weights, without reading those) and cached;
+    for the head, whose int8 weights `_int8_head` makes, its fp32 scales."""
     from . import cache
 
+    head = model.get_output_embeddings()
     stat = Path(gguf_path).stat()
-    key = f"{Path(gguf_path).name}:{stat.st_size}:{int(stat.st_mtime)}:int8-twin-v1"
+    key = (f"{Path(gguf_path).name}:{stat.st_size}:{int(stat.st_mtime)}:"
+           f"{type(head).__name__}:int8-twin-v2")
 
     def build() -> dict:
         out = {}
-        named = {"lm_head": model.get_output_embeddings().weight}
-        for name, weight in itertools.chain(
-                named.items(), ((n, dequantized(raw))
-                                for n, raw in read_q4_1(gguf_path, model.config).items())):
-            out[f"{name}.qweight"], out[f"{name}.scales"] = quantize_int8(weight.float())
+        for name, raw in read_q4_1(gguf_path, model.config).items():
+            out[f"{name}.qweight"], out[f"{name}.scales"] = quantize_int8(dequantized(raw))
+        if isinstance(head, nn.Linear):
+            out["lm_head.qweight"], out["lm_head.scales"] = quantize_int8(head.weight.detach())
+        else:          # int8 already (from the tied table): the same rounding's fp32 scales
+            out["lm_head.scales"] = int8_scales(model.get_input_embeddings().weight.detach())
         return out
 
     return cache.cached_tensors(f"{Path(gguf_path).stem.lower()}-int8-twin", key, build)

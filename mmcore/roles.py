@@ -152,12 +152,15 @@ class CausalLM(TextRole):
         from . import lm_scoring, serving
         from .microbatch import MicroBatcher
 
-        if (self.device.type == "cpu" and str(self.precision).startswith("fast")
-                and self.scoring_model is self.model):
-            # measured (bench_fill_mask.py part 3): the CPU's weight-only int4/int8 kernels
-            # cost grows with the rows, so 8 users sharing forwards got 0.82x (fill-mask) and
-            # 0.93x (NSP) the throughput of taking turns; at fp32, on the int8 x int8 twin
-            # and on a GPU sharing pays
+        if self.device.type == "cpu" and (str(self.precision).startswith("fast")
+                                          or self.scoring_model is not self.model):
+            # the CPU's weight-only int4/int8 kernels cost grows with the rows: 8 users
+            # sharing forwards got 0.82x (fill-mask) and 0.93x (NSP) the throughput of taking
+            # turns (bench_fill_mask.py part 3). On the int8 x int8 twin sharing pays (1.12x,
+            # 2.42x) but is not exact: its rounding of each activation turns the float noise
+            # of another batch shape into visibly different scores (a top fill-mask score
+            # 0.983 shared, 0.958 alone), so a user's answer would depend on who else asks.
+            # At fp32 (and on a GPU) shared rows equal lone ones, and sharing pays.
             return None
         with self._guard:
             if self._scorer is None and serving.Scheduler.supports(self.model):

@@ -42,11 +42,17 @@ def plain_scores(model, tok, prefix_text, continuation):
     return float(picks.sum()), logp[-1]
 
 
+def fast_offline():
+    import mmcore
+
+    return mmcore.load_kit("offline", precision="fast")
+
+
 @pytest.fixture(params=["tiny-sdpa", "tiny-eager", "offline"])
 def lm(request, tiny_kit, offline_kit):
     if request.param == "offline":                            # Llama with grouped KV heads
-        role = offline_kit.model("causal_lm")
-        yield role.scoring_model, role.tokenizer
+        role = offline_kit.model("causal_lm")                 # fp32 (conftest)
+        yield role.model, role.tokenizer
         return
     role = tiny_kit.model("causal_lm")                        # GPT-2
     before = role.model.config._attn_implementation
@@ -55,7 +61,12 @@ def lm(request, tiny_kit, offline_kit):
     role.model.set_attn_implementation(before)
 
 
-def test_scores_after_shared_prefixes_equal_plain_forwards(lm):
+@pytest.mark.parametrize("tree_tokens", [512, 5])
+def test_scores_after_shared_prefixes_equal_plain_forwards(lm, tree_tokens, monkeypatch):
+    """Every candidate after every prefix, in one forward of a sequence per prefix (or
+    several per prefix, when they hold at most `tree_tokens` tokens), against a plain
+    forward over each whole text."""
+    monkeypatch.setattr(L, "TREE_TOKENS", tree_tokens)
     model, tok = lm
     texts = ["The cat sat on the mat and", "Once"]
     prefixes = [L.run_prefix(model, tok, t) for t in texts]
@@ -71,18 +82,17 @@ def test_scores_after_shared_prefixes_equal_plain_forwards(lm):
 
 @needs_int8
 def test_fast_offline_scores_on_an_int8_twin_sharing_embeddings(offline_kit):
-    import mmcore
-
-    fast = mmcore.load_kit("offline", precision="fast")
+    fast = fast_offline()
     role = fast.model("causal_lm")
-    if "4-bit" not in role.precision:
-        pytest.skip("no 4-bit kernel on this CPU: the offline LM stays fp32")
     twin, model = role.scoring_model, role.model
-    assert twin is not model and "scoring int8 x int8" in role.precision
+    assert twin is not model and "text scoring int8 x int8" in role.precision
     assert twin.get_input_embeddings().weight is model.get_input_embeddings().weight
     assert twin.model.norm.weight is model.model.norm.weight
     assert sum(isinstance(m, precision.DynamicInt8Linear) for m in twin.modules()) == 211
-    assert sum(isinstance(m, precision.Int4Linear) for m in model.modules()) == 210
+    if "4-bit" in role.precision:
+        assert sum(isinstance(m, precision.Int4Linear) for m in model.modules()) == 210
+        # the int8 head's weights are lent, not copied
+        assert twin.lm_head.qweight_t.data_ptr() == model.lm_head.qweight.data_ptr()
     # its int8 weights (cached, built from the GGUF blocks) are the fp32 weights' own
     exact = dict(offline_kit.model("causal_lm").model.named_modules())    # fp32 (conftest)
     mine = dict(twin.named_modules())
@@ -121,3 +131,61 @@ def test_fast_bert_roles_run_int8_linears_close_to_fp32(tiny_kit, monkeypatch):
         assert float((got - want).norm() / want.norm()) < 0.05
         assert float(torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1]) > 0.99
     assert mmcore.load_kit("tiny", precision="fast").fill_mask(text, top_k=3)
+
+
+@needs_int8
+def test_fast_offline_does_not_share_scoring_forwards_across_requests():
+    """The twin's per-row rounding turns another batch shape's float noise into visibly
+    different scores, so a request's answer must not depend on who else asks: no sharing."""
+    assert fast_offline().model("causal_lm").scorer() is None
+
+
+def test_scoring_refuses_an_attention_that_ignores_masks(tiny_kit, monkeypatch):
+    from mmcore.errors import InputError
+
+    role = tiny_kit.model("causal_lm")
+    prefix = L.run_prefix(role.model, role.tokenizer, "Once")
+    monkeypatch.setattr(role.model.config, "_attn_implementation", "flash_attention_2")
+    with pytest.raises(InputError, match="sdpa or eager"):
+        L.score_rows(role.model, [(prefix, L.encode(role.tokenizer, " upon"))])
+
+
+@needs_int8
+def test_two_pass_int8_is_as_accurate_as_int8_weights_on_real_weights():
+    """MiniLM (a real BERT encoder, the offline text tower): the BERT roles' two-pass form
+    errs no more than int8 weights with exact activations; one pass errs more."""
+    import copy
+
+    import transformers as tf
+
+    from mmcore import offline, tiny
+
+    folder = offline.minilm_folder()
+    model = tf.AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    tok = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    sentences = [s.strip() for s in tiny.SENTENCES.splitlines() if s.strip()][:12]
+    enc = tok(sentences, padding=True, return_tensors="pt")
+    real = enc["attention_mask"].bool()
+
+    def hidden(m):
+        with torch.inference_mode():
+            return m(**enc).last_hidden_state[real]
+
+    def converted(make):
+        m = copy.deepcopy(model)
+        precision.replace_linears(m, lambda name, lin: make(lin))
+        return m
+
+    class WeightOnly(precision.DynamicInt8Linear):          # int8 weights, exact activations
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.qweight_t.T.float() * self.scales[:, None],
+                                              self.bias)
+
+    want = hidden(model)
+    err = {name: float((hidden(converted(make)) - want).norm() / want.norm()) for name, make in {
+        "one pass": lambda lin: precision.DynamicInt8Linear.from_weight(lin.weight, lin.bias),
+        "two passes": lambda lin: precision.DynamicInt8Linear.from_weight(lin.weight, lin.bias,
+                                                                          passes=2),
+        "weight-only": lambda lin: WeightOnly.from_weight(lin.weight, lin.bias)}.items()}
+    print(f"MiniLM hidden-state error: {err}")
+    assert err["two passes"] <= 1.05 * err["weight-only"] < err["one pass"]
