@@ -232,10 +232,11 @@ def main() -> None:
         for users in levels:
             r = info[s.name]["levels"][users]
             fm, zs = r["short"]["fill_mask"], r["short"]["zero_shot"]
+            short = [f"{pct(v, 50):.3f} / {pct(v, 95):.3f}" if v else "- (none ended)"
+                     for v in (fm, zs)]
             print(f"| {s.name} | {users} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f} | "
                   f"{pct(r['ttft'], 50):.2f} / {pct(r['ttft'], 95):.2f} | "
-                  f"{pct(fm, 50):.3f} / {pct(fm, 95):.3f} | {pct(zs, 50):.3f} / "
-                  f"{pct(zs, 95):.3f} | {r['rss'] / 2**20:.0f} |")
+                  f"{short[0]} | {short[1]} | {r['rss'] / 2**20:.0f} |")
     print("\nTargets (batching on): 8 users >= 4x one user's tokens/s; fill-mask during 8 "
           "generations < 3x idle; peak RSS at 16 users <= 1.25x at 1 user.")
     on = info[servers[0].name]
