@@ -91,8 +91,7 @@ def score_continuations(model, prefix: Prefix, continuations: list, want_next: b
 
 def score_rows(model, items: list, batcher=None) -> list:
     """[(prefix, continuation)], prefixes free to differ -> [(log P(c | prefix), (V,)
-    log P(next token | prefix, c))], in one forward (each prefix's cache left-padded to
-    the longest, masked and positioned: `run_rows`)."""
+    log P(next token | prefix, c))], in one forward (one sequence per prefix: `_tree_logits`)."""
     rows = [(prefix, list(c), "score") for prefix, c in items]
     return batcher(rows) if batcher is not None else run_rows(model, rows)
 
