@@ -38,6 +38,8 @@ from .text import clean_text, parse_words
 MAX_MASKS = 5
 MASK_SPELLINGS = r"\[mask\]|<mask>"
 CAUSAL_CANDIDATES = 12      # next-token candidates considered per mask by the causal backend
+MAX_TARGET_TOKENS = 16      # tokens per target word (the causal backend scores every one)
+MAX_TARGET_WORK = 20000     # target tokens the causal backend may score per request (~20 s)
 WORD_EXTENSIONS = 2         # extra tokens a causal candidate may grow by to finish its word
 RIGHT_CONTEXT = 6           # tokens after a candidate that take part in its score
 BLANK = "___"               # how a mask is shown in the fill-in-the-blank proposal prompt
@@ -391,6 +393,22 @@ class CausalFill:
             return []
         return [word + piece]
 
+    def check_target_work(self, targets: list, masks: int, width: int) -> None:
+        """Refuse, before any forward, targets this backend would spend minutes on: each is
+        scored twice per beam at every mask (up to 2 x width beams after the first), and a
+        public server's short lane must not run one request for minutes (4 masks x 100
+        targets of 50 tokens took 487 s)."""
+        sizes = [len(lm_scoring.encode(self.tok, " " + w)) for w in targets]
+        for word, size in zip(targets, sizes):
+            if size > MAX_TARGET_TOKENS:
+                raise InputError(f"Target {word[:30]!r} is {size} tokens; a target is a word "
+                                 f"or short phrase of at most {MAX_TARGET_TOKENS}.")
+        work = 2 * sum(sizes) * (1 + (masks - 1) * 2 * width)
+        if work > MAX_TARGET_WORK:
+            raise InputError(f"{len(targets)} targets at {masks} masks would score about "
+                             f"{work} tokens; the limit is {MAX_TARGET_WORK}. Use fewer "
+                             f"targets or masks.")
+
     def fill(self, text: str, top_k: int, targets: list) -> FillResult:
         segments = split_masks(text, None)
         masks = len(segments) - 1
@@ -401,6 +419,7 @@ class CausalFill:
             raise InputError(f"The text is {total_tokens} tokens; this model reads at most "
                              f"{room} here.")
         width = max(top_k, 8) if masks > 1 else max(top_k, CAUSAL_CANDIDATES)
+        self.check_target_work(targets, masks, width)
         beams = [(0.0, segments[0], [])]      # (log P, text so far, words)
         for m in range(masks):
             right, rest = segments[m + 1], BLANK.join(segments[m + 1:])

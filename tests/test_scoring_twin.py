@@ -189,3 +189,21 @@ def test_two_pass_int8_is_as_accurate_as_int8_weights_on_real_weights():
         "weight-only": lambda lin: WeightOnly.from_weight(lin.weight, lin.bias)}.items()}
     print(f"MiniLM hidden-state error: {err}")
     assert err["two passes"] <= 1.05 * err["weight-only"] < err["one pass"]
+
+
+def test_causal_fill_refuses_targets_it_would_spend_minutes_on(offline_kit):
+    """Checked before any forward: a 50-token "word", and 100 targets at 4 masks (487 s
+    measured before this check), get a clear message at once."""
+    import time
+
+    from mmcore.errors import InputError
+
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="at most 16"):
+        offline_kit.fill_mask("The capital of France is [MASK].", targets=["word" * 50])
+    many = [f"word{i}" for i in range(100)]
+    with pytest.raises(InputError, match="Use fewer targets or masks"):
+        offline_kit.fill_mask("[MASK] [MASK] [MASK] [MASK]", targets=many)
+    assert time.perf_counter() - start < 5
+    got = offline_kit.fill_mask("The capital of France is [MASK].", targets=many[:3] + ["Paris"])
+    assert got[0][0]["token_str"] == "Paris"
