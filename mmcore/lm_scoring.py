@@ -91,7 +91,7 @@ def score_continuations(model, prefix: Prefix, continuations: list, want_next: b
 
 def score_rows(model, items: list, batcher=None) -> list:
     """[(prefix, continuation)], prefixes free to differ -> [(log P(c | prefix), (V,)
-    log P(next token | prefix, c))], in one forward (one sequence per prefix: `_tree_logits`)."""
+    log P(next token | prefix, c))], in one forward (one sequence per prefix: `_tree_scores`)."""
     rows = [(prefix, list(c), "score") for prefix, c in items]
     return batcher(rows) if batcher is not None else run_rows(model, rows)
 
@@ -117,13 +117,12 @@ def run_rows(model, rows: list) -> list:
 
 @torch.inference_mode()
 def _forward(model, rows: list) -> list:
-    """Rows of one kind. "score": `_tree_logits`. "run": ids right-padded; one `after`
+    """Rows of one kind. "score": `_tree_scores`. "run": ids right-padded; one `after`
     shared by all rows is repeated as is, several are left-padded to one width, masked and
     positioned."""
     device = next(model.parameters()).device
     if rows[0][2] == "score":
-        return [_scored(after, ids, logits)
-                for (after, ids, _), logits in zip(rows, _tree_logits(model, rows, device))]
+        return _tree_scores(model, rows, device)
     width = max(len(ids) for _, ids, _ in rows)
     x = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     for r, (_, ids, _) in enumerate(rows):
@@ -144,37 +143,60 @@ def _forward(model, rows: list) -> list:
     return [_cut(out, r, after, ids, longest) for r, (after, ids, _) in enumerate(rows)]
 
 
-def _tree_logits(model, rows: list, device) -> list:
-    """Each row's (len(ids), V) logits after its prefix, every row in one forward of one
-    sequence per distinct prefix: the prefix's cache once (left-padded to the longest), then
-    the tokens of all its rows side by side, each token seeing the prefix and its own row's
-    earlier tokens (a 4D mask; positions go on from the prefix's length). Twelve candidates
-    after two prefixes cost the cache of two rows, not twelve copies of each (measured on
-    the offline fill-mask: the copies were half the scoring forward). A sequence holds at
-    most TREE_TOKENS tokens (more rows start another), so the mask's size stays bounded."""
+def _tree_scores(model, rows: list, device) -> list:
+    """Each row's `_scored` result from its logits after its prefix, in one sequence per
+    distinct prefix:
+    the prefix's cache once (left-padded to the longest), then the tokens of all its rows
+    side by side, each token seeing the prefix and its own row's earlier tokens (a 4D mask;
+    positions go on from the prefix's length). Twelve candidates after two prefixes cost the
+    cache of two rows, not twelve copies of each (measured on the offline fill-mask: the
+    copies were half the scoring forward). A sequence holds at most TREE_TOKENS tokens (more
+    rows start another) and a forward at most TREE_TOKENS, so the mask and the logits (V
+    floats per token: 100 MB for SmolLM2 at 512) stay bounded."""
     implementation = getattr(model.config, "_attn_implementation", "eager")
     if implementation not in ("sdpa", "eager"):
         raise InputError(f"Scoring text needs sdpa or eager attention (a 4D mask); this "
                          f"model runs {implementation}.")
-    distinct, used, spans = [], [], []       # per sequence: its prefix, its tokens so far
+    prefixes, used, spans = [], [], []       # per sequence: its prefix, its tokens so far
     for after, ids, _ in rows:               # per row: (sequence, start)
-        g = next((j for j in range(len(distinct)) if distinct[j] is after
+        g = next((j for j in range(len(prefixes)) if prefixes[j] is after
                   and used[j] + len(ids) <= TREE_TOKENS), None)
-        if g is None:                        # a new sequence (mask and logits stay bounded)
-            g = len(distinct)
-            distinct.append(after)
+        if g is None:                        # a new sequence
+            g = len(prefixes)
+            prefixes.append(after)
             used.append(0)
         spans.append((g, used[g]))
         used[g] += len(ids)
-    longest, width = max(a.length for a in distinct), max(used)
-    x = torch.zeros((len(distinct), width), dtype=torch.long, device=device)
+    groups = [[]]                            # sequences per forward
+    for g in range(len(prefixes)):
+        if groups[-1] and (len(groups[-1]) + 1) * max(used[j] for j in groups[-1] + [g]) \
+                > TREE_TOKENS:
+            groups.append([])
+        groups[-1].append(g)
+    scored = {}
+    for group in groups:                     # each forward's logits freed before the next
+        members = [(r, g - group[0]) for r, (g, _) in enumerate(spans) if g in group]
+        out = _tree_forward(model, [prefixes[g] for g in group], [used[g] for g in group],
+                            [(rows[r], (b, spans[r][1])) for r, b in members], implementation,
+                            device)
+        for (r, _), logits in zip(members, out):
+            scored[r] = _scored(rows[r][0], rows[r][1], logits)
+        del out, logits
+    return [scored[r] for r in range(len(rows))]
+
+
+def _tree_forward(model, prefixes: list, used: list, placed: list, implementation: str,
+                  device) -> list:
+    """One forward of len(prefixes) tree sequences; `placed`: [(row, (sequence, start))]."""
+    longest, width = max(a.length for a in prefixes), max(used)
+    x = torch.zeros((len(prefixes), width), dtype=torch.long, device=device)
     positions = torch.zeros_like(x)
-    seen = torch.zeros((len(distinct), 1, width, longest + width), dtype=torch.bool,
+    seen = torch.zeros((len(prefixes), 1, width, longest + width), dtype=torch.bool,
                        device=device)
-    for g, after in enumerate(distinct):
+    for g, after in enumerate(prefixes):
         seen[g, 0, :, longest - after.length:longest] = True
         seen[g, 0, used[g]:, longest + used[g]:].fill_diagonal_(True)   # padding: itself
-    for (after, ids, _), (g, start) in zip(rows, spans):
+    for (after, ids, _), (g, start) in placed:
         n, end = len(ids), start + len(ids)
         x[g, start:end] = torch.tensor(ids, device=device)
         positions[g, start:end] = torch.arange(after.length, after.length + n, device=device)
@@ -186,8 +208,8 @@ def _tree_logits(model, rows: list, device) -> list:
         mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(
             ~seen, torch.finfo(dtype).min)
     out = model(input_ids=x, attention_mask=mask, position_ids=positions,
-                cache=_padded_cache(distinct, longest), use_cache=True)
-    return [out.logits[g, start:start + len(ids)] for (_, ids, _), (g, start) in zip(rows, spans)]
+                cache=_padded_cache(prefixes, longest), use_cache=True)
+    return [out.logits[g, start:start + len(ids)] for (_, ids, _), (g, start) in placed]
 
 
 def _scored(prefix: Prefix, cont: list, logits: torch.Tensor) -> tuple:
@@ -196,7 +218,7 @@ def _scored(prefix: Prefix, cont: list, logits: torch.Tensor) -> tuple:
     if len(cont) > 1:
         steps = torch.tensor(cont[1:], device=logp.device)
         total = total + logp[torch.arange(len(cont) - 1, device=logp.device), steps].sum()
-    return float(total), logp[-1]
+    return float(total), logp[-1].clone()        # not a view keeping all len(c) rows alive
 
 
 def _cut(out, r: int, after: Prefix | None, ids: list, longest: int) -> Prefix:

@@ -61,11 +61,11 @@ def lm(request, tiny_kit, offline_kit):
     role.model.set_attn_implementation(before)
 
 
-@pytest.mark.parametrize("tree_tokens", [512, 5])
+@pytest.mark.parametrize("tree_tokens", [512, 5, 3])
 def test_scores_after_shared_prefixes_equal_plain_forwards(lm, tree_tokens, monkeypatch):
     """Every candidate after every prefix, in one forward of a sequence per prefix (or
-    several per prefix, when they hold at most `tree_tokens` tokens), against a plain
-    forward over each whole text."""
+    several per prefix, when they hold at most `tree_tokens` tokens, and then several
+    forwards), against a plain forward over each whole text."""
     monkeypatch.setattr(L, "TREE_TOKENS", tree_tokens)
     model, tok = lm
     texts = ["The cat sat on the mat and", "Once"]
