@@ -129,10 +129,9 @@ def _forward(model, rows: list) -> list:
         x[r, :len(ids)] = torch.tensor(ids, device=device)
     afters = list({id(a): a for a, _, _ in rows}.values())
     longest = max((a.length for a in afters if a is not None), default=0)
-    keep = {}
-    if rows[0][2] == "run":                   # the head on each row's last token only
-        keep["logits_to_keep"] = torch.tensor([[len(ids) - 1] for _, ids, _ in rows],
-                                              device=device)
+    # the head on each row's last token only
+    keep = {"logits_to_keep": torch.tensor([[len(ids) - 1] for _, ids, _ in rows],
+                                           device=device)}
     if len(afters) == 1:                      # one request: no padding before, no mask
         cache = None if afters[0] is None else copy.deepcopy(afters[0].cache)
         if cache is not None and len(rows) > 1:
@@ -145,14 +144,13 @@ def _forward(model, rows: list) -> list:
 
 def _tree_scores(model, rows: list, device) -> list:
     """Each row's `_scored` result from its logits after its prefix, in one sequence per
-    distinct prefix:
-    the prefix's cache once (left-padded to the longest), then the tokens of all its rows
-    side by side, each token seeing the prefix and its own row's earlier tokens (a 4D mask;
-    positions go on from the prefix's length). Twelve candidates after two prefixes cost the
-    cache of two rows, not twelve copies of each (measured on the offline fill-mask: the
-    copies were half the scoring forward). A sequence holds at most TREE_TOKENS tokens (more
-    rows start another) and a forward at most TREE_TOKENS, so the mask and the logits (V
-    floats per token: 100 MB for SmolLM2 at 512) stay bounded."""
+    distinct prefix: the prefix's cache once (left-padded to the longest), then the tokens
+    of all its rows side by side, each token seeing the prefix and its own row's earlier
+    tokens (a 4D mask; positions go on from the prefix's length). Twelve candidates after
+    two prefixes cost the cache of two rows, not twelve copies of each (measured on the
+    offline fill-mask: the copies were half the scoring forward). A sequence holds at most
+    TREE_TOKENS tokens (more rows start another) and a forward at most TREE_TOKENS, so the
+    mask and the logits (V floats per token: 100 MB for SmolLM2 at 512) stay bounded."""
     implementation = getattr(model.config, "_attn_implementation", "eager")
     if implementation not in ("sdpa", "eager"):
         raise InputError(f"Scoring text needs sdpa or eager attention (a 4D mask); this "

@@ -264,14 +264,14 @@ def dynamic_int8_pays() -> bool:
     return hasattr(torch, "_int_mm") and (cap.vnni or cap.amx)
 
 
-def replace_linears(module: nn.Module, make, skip=()) -> int:
-    """Swap every nn.Linear under `module` (names not in `skip`) for `make(name, linear)`;
-    `make` may return None to keep one. Returns how many were swapped."""
+def replace_linears(module: nn.Module, make, skip=(), kinds=(nn.Linear,)) -> int:
+    """Swap every linear under `module` (modules of `kinds`; names not in `skip`) for
+    `make(name, linear)`; `make` may return None to keep one. Returns how many were swapped."""
     swapped = 0
     for name, child in list(module.named_modules()):
         for attr, sub in list(child.named_children()):
             full = f"{name}.{attr}" if name else attr
-            if isinstance(sub, nn.Linear) and full not in skip:
+            if isinstance(sub, kinds) and full not in skip:
                 new = make(full, sub)
                 if new is not None:
                     setattr(child, attr, new)

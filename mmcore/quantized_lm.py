@@ -177,7 +177,7 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
     if model in _twins:
         return _twins[model]
 
-    def make(module, name):
+    def make(name, module):
         if f"{name}.qweight" in tensors:
             return DynamicInt8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"],
                                      getattr(module, "bias", None))
@@ -189,11 +189,7 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
 
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     twin = copy.deepcopy(model, memo=shared)
-    for parent_name, parent in list(twin.named_modules()):
-        for attr, sub in list(parent.named_children()):
-            new = make(sub, f"{parent_name}.{attr}" if parent_name else attr)
-            if new is not None:
-                setattr(parent, attr, new)
+    replace_linears(twin, make, kinds=(nn.Linear, Int4Linear, Int8Linear))
     twin.config.tie_word_embeddings = False
     _twins[model] = twin
     return twin
