@@ -237,6 +237,11 @@ class DynamicInt8Linear(nn.Module):
         q, scales = quantize_int8(weight.detach().float())
         return cls(q, scales, bias, passes)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised (N, K) weight, for code that reads it."""
+        return self.qweight_t.T.float() * self.scales[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).float()
@@ -248,10 +253,15 @@ class DynamicInt8Linear(nn.Module):
             q1 = torch.round(rows / sx)
             rest = rows - q1 * sx
             s2 = rest.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)
-            both = torch.cat([q1, rest.div_(s2).round_()]).to(torch.int8)
-            y = torch._int_mm(both, self.qweight_t).float()
+            q2 = rest.div_(s2).round_()
             m = rows.shape[0]
-            y = y[:m].mul_(sx).add_(y[m:].mul_(s2))
+            if m == 1:      # one row (a decode step): two 1-row products, ~2x cheaper than
+                # one of 2 rows (a 49152-row head: 2 x 1.0 against 2.3 ms); the same sums
+                y = torch._int_mm(q1.to(torch.int8), self.qweight_t).float().mul_(sx).add_(
+                    torch._int_mm(q2.to(torch.int8), self.qweight_t).float().mul_(s2))
+            else:
+                y = torch._int_mm(torch.cat([q1, q2]).to(torch.int8), self.qweight_t).float()
+                y = y[:m].mul_(sx).add_(y[m:].mul_(s2))
         y = y.mul_(self.scales)
         if self.bias is not None:
             y = y.add_(self.bias)

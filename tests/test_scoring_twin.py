@@ -92,7 +92,7 @@ def test_fast_offline_scores_on_an_int8_twin_sharing_embeddings(offline_kit):
     if "4-bit" in role.precision:
         assert sum(isinstance(m, precision.Int4Linear) for m in model.modules()) == 210
         # the int8 head's weights are lent, not copied
-        assert twin.lm_head.qweight_t.data_ptr() == model.lm_head.qweight.data_ptr()
+        assert twin.lm_head.qweight_t.data_ptr() == model.lm_head.qweight_t.data_ptr()
     # its int8 weights (cached, built from the GGUF blocks) are the fp32 weights' own
     exact = dict(offline_kit.model("causal_lm").model.named_modules())    # fp32 (conftest)
     mine = dict(twin.named_modules())
@@ -207,3 +207,44 @@ def test_causal_fill_refuses_targets_it_would_spend_minutes_on(offline_kit):
     assert time.perf_counter() - start < 5
     got = offline_kit.fill_mask("The capital of France is [MASK].", targets=many[:3] + ["Paris"])
     assert got[0][0]["token_str"] == "Paris"
+
+
+@needs_int8
+def test_fast_lm_heads_multiply_int8_by_int8_in_two_passes(tiny_kit):
+    """Where the CPU has int8 dot products, a fast causal LM's vocabulary head (a 49152-row
+    product every decode step) is a two-pass `DynamicInt8Linear`: as accurate as its int8
+    weights with exact activations, each row's logits the same alone as in a batch of 8
+    (the scheduler's batched greedy equals batch 1), and the scoring twin's head lends
+    the same int8 weights."""
+    import mmcore
+    from mmcore import kits
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 96)
+    x[3] *= 40                                               # one loud row among quiet ones
+    heads = {"gpt-2 (int8 weights)": kits._load(tiny_kit.spec("causal_lm"), "causal_lm",
+                                                torch.device("cpu"), "fast").model}
+    offline = fast_offline().model("causal_lm")
+    if "4-bit" in offline.precision:
+        heads["smollm2 (Q4_1)"] = offline.model
+    for name, model in heads.items():
+        head = model.get_output_embeddings()
+        assert isinstance(head, precision.DynamicInt8Linear) and head.passes == 2, name
+        rows = torch.randn(8, head.in_features)
+        rows[3] *= 40
+        with torch.no_grad():
+            weight_only = torch.nn.functional.linear(rows, head.weight, head.bias)
+            full = torch.nn.functional.linear(
+                rows, tiny_kit.model("causal_lm").model.get_output_embeddings().weight
+                if name.startswith("gpt") else head.weight)
+        got = head(rows)
+        assert float((got - weight_only).norm() / weight_only.norm()) < 2e-3, name
+        assert float((got - full).norm() / full.norm()) < 0.02, name
+        alone = torch.cat([head(rows[i:i + 1]) for i in range(len(rows))])
+        assert torch.equal(alone, got), name                 # 1 row and 8 rows: the same
+    twin = offline.scoring_model
+    if twin is not offline.model and "4-bit" in offline.precision:
+        assert twin.lm_head.passes == 1
+        assert twin.lm_head.qweight_t.data_ptr() == offline.model.lm_head.qweight_t.data_ptr()
+    assert mmcore.load_kit("tiny", precision="fast").generate("hello", max_new_tokens=4,
+                                                              chat=False) is not None
