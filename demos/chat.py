@@ -8,7 +8,7 @@ from mmcore import InputError, chat
 from mmcore.text import as_number, clean_text
 
 from .context import AppContext, Pacer, guarded
-from .generate import LIGHT
+from .generate import HEAVY, LIGHT
 
 MAX_TURN_TOKENS = 512
 
@@ -44,13 +44,14 @@ def build(ctx: AppContext) -> None:
         start = history[-1]["content"]
         pieces = kit.stream(prompt, max_new_tokens=n, temperature=temperature, seed=seed,
                             chat=False)
-        text, pace = "", Pacer(LIGHT)
+        text, pace = "", Pacer(LIGHT, lambda: ctx.streams.interval(LIGHT, HEAVY))
         try:
-            for piece in pieces:
-                text += piece
-                history[-1] = {"role": "assistant", "content": start + text}
-                if pace.due():             # not per token: each update costs the decoder
-                    yield history
+            with ctx.streams.running():
+                for piece in pieces:
+                    text += piece
+                    history[-1] = {"role": "assistant", "content": start + text}
+                    if pace.due():         # not per token: each update costs the decoder
+                        yield history
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:

@@ -96,13 +96,15 @@ def build(ctx: AppContext) -> None:
         session = getattr(request, "session_hash", None)
         halt = stops.setdefault(session, threading.Event())    # made by Generate's click
         tokens, started = [], time.perf_counter()
-        light, heavy = Pacer(LIGHT), Pacer(HEAVY)
+        light = Pacer(LIGHT, lambda: ctx.streams.interval(LIGHT, HEAVY))
+        heavy = Pacer(HEAVY)
 
         def update(final=False):
-            """Text and stats at most every LIGHT s, the token view, code and state every
-            HEAVY s (re-drawing a long token view starves the browser), everything at the
-            end; None when nothing is due (no update is sent: each one costs the decoding
-            thread time)."""
+            """Text and stats at most every LIGHT s (rarer while many streams run: they
+            share `ctx.streams`' budget), the token view, code and state every HEAVY s
+            (re-drawing a long token view starves the browser), everything at the end; None
+            when nothing is due (no update is sent: each one costs the decoding thread
+            time)."""
             now = time.perf_counter()
             big = heavy.due(now) or final
             small = light.due(now) or big
@@ -115,13 +117,15 @@ def build(ctx: AppContext) -> None:
                     {"prompt": prompt, "tokens": list(tokens)} if big else gr.skip())
 
         try:
-            for i, info in enumerate(kit.generate_tokens(prompt, params, halt, forced, run)):
-                tokens.append({"text": info.text, "prob": info.prob, "id": info.token_id,
-                               "forced": info.forced, "picked": i == picked_at,
-                               "alternatives": info.alternatives})
-                shown = update()
-                if shown is not None:
-                    yield shown
+            with ctx.streams.running():
+                for i, info in enumerate(kit.generate_tokens(prompt, params, halt, forced,
+                                                             run)):
+                    tokens.append({"text": info.text, "prob": info.prob, "id": info.token_id,
+                                   "forced": info.forced, "picked": i == picked_at,
+                                   "alternatives": info.alternatives})
+                    shown = update()
+                    if shown is not None:
+                        yield shown
             yield update(final=True)
         finally:
             if stops.get(session) is halt:
