@@ -2,6 +2,8 @@
 (history, a system prompt, Send, Continue the last answer, Clear), beside plain completion.
 A model without a template gets a plain "User: / Assistant:" transcript (mmcore/chat.py)."""
 
+import contextlib
+
 import gradio as gr
 
 from mmcore import InputError, chat
@@ -46,8 +48,10 @@ def build(ctx: AppContext) -> None:
                             chat=False)
         text, pace = "", Pacer(LIGHT, lambda: ctx.streams.interval(LIGHT, HEAVY))
         try:
-            with ctx.streams.running():
-                for piece in pieces:
+            with contextlib.ExitStack() as decoding:
+                for i, piece in enumerate(pieces):
+                    if i == 0:                      # counted from its first piece
+                        decoding.enter_context(ctx.streams.running())
                     text += piece
                     history[-1] = {"role": "assistant", "content": start + text}
                     if pace.due():         # not per token: each update costs the decoder

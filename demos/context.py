@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,9 +322,9 @@ class Pacer:
     decoding thread needs between its ops, so with eight streams it cost ~40% of the
     batch's tokens/s (bench/bench_serving.py)."""
 
-    def __init__(self, every: float, interval=None):
+    def __init__(self, every: float, interval: "Callable[[], float] | None" = None):
         self.every, self.last = every, None
-        self.interval = interval          # () -> seconds, asked at each check (else `every`)
+        self.interval = interval          # seconds now, asked at each check (else `every`)
 
     def due(self, now: float | None = None) -> bool:
         now = time.perf_counter() if now is None else now
@@ -338,7 +339,9 @@ class Streams:
     """The streamed generations this server is running, so that each paces its updates by
     how many share the machine: together they send about `budget` text updates a second
     (bench_serving, 8 users on 2 cores: a text update per stream every 0.1 s, 72 tok/s;
-    every 0.4 s, 75-82 tok/s)."""
+    every 0.4 s, 75-82 tok/s). A stream counts from its first token (not while it waits for
+    a batch slot). Chat's Stop cancels its event, which Gradio carries out at the handler's
+    next update: with many streams running, up to their interval later."""
 
     def __init__(self, budget: float = 20.0):
         self.budget, self.count = budget, 0

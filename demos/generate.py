@@ -1,6 +1,7 @@
 """Text generation tab: streaming, sampling controls, live stats, a token view coloured by
 probability with the alternatives at each step, regenerate-from-here, and copy-as-code."""
 
+import contextlib
 import html
 import threading
 import time
@@ -117,9 +118,11 @@ def build(ctx: AppContext) -> None:
                     {"prompt": prompt, "tokens": list(tokens)} if big else gr.skip())
 
         try:
-            with ctx.streams.running():
+            with contextlib.ExitStack() as decoding:
                 for i, info in enumerate(kit.generate_tokens(prompt, params, halt, forced,
                                                              run)):
+                    if i == 0:                      # counted from its first token, not
+                        decoding.enter_context(ctx.streams.running())   # while it waits
                     tokens.append({"text": info.text, "prob": info.prob, "id": info.token_id,
                                    "forced": info.forced, "picked": i == picked_at,
                                    "alternatives": info.alternatives})

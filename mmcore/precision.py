@@ -10,6 +10,9 @@ Two settings, chosen once at the edge (`load_kit(..., precision=)`, `app.py --pr
     kernel computes w = (q - 8)*scale + zero, so scale = d and zero = m + 8d represent the
     GGUF weights exactly (fp32 scales; checked against gguf's own dequantisation);
   * other causal LMs quantise per output channel to int8 at load (`_weight_int8pack_mm`);
+  * where the CPU has int8 dot products (VNNI, AMX), every fast causal LM's vocabulary head
+    multiplies int8 by int8 in two passes (`DynamicInt8Linear`), and so does text scoring
+    (one pass, on a twin of the offline LM) and, where bf16 does not pay, the BERT roles;
   * encoders (BERT, MiniLM, CLIP, EfficientNet) are compute-bound: bf16 pays only where
     bf16 GEMMs beat fp32 (`encoders_bf16`): AMX tiles, or AVX-512 BF16 on AMD (Zen 4/5:
     3.6-5.4x measured for issue 17). On an Intel CPU without AMX a bf16 GEMM measured
@@ -214,12 +217,13 @@ class DynamicInt8Linear(nn.Module):
     depend on what shares its batch.
 
     `passes=2` also quantises what the first rounding left (x = s1*q1 + s2*q2 + tiny; both
-    parts in one product of twice the rows): as accurate as int8 weights with exact
-    activations (MiniLM, real weights: hidden-state error 3.0% against 6.9% in one pass,
-    3.0% weight-only), at ~1.3-1.7x the cost. One pass costs accuracy a weight-only form
-    does not (SmolLM2 greedy tokens: near-tie flips), so generation keeps its own form and
-    one pass scores text (`quantized_lm.scoring_twin`), gated on the fill-mask probes and
-    NSP pairs."""
+    parts in one product of twice the rows, or two 1-row products for one row): as accurate
+    as int8 weights with exact activations (MiniLM, real weights: hidden-state error 3.0%
+    against 6.9% in one pass, 3.0% weight-only), at ~1.3-1.7x the cost. One pass costs
+    accuracy a weight-only form does not (SmolLM2 greedy tokens: near-tie flips), so
+    generation keeps its own form for the body and two passes for the head
+    (`quantized_lm._int8_head`), and one pass scores text (`quantized_lm.scoring_twin`),
+    gated on the fill-mask probes and NSP pairs."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias=None,
                  passes: int = 1):
@@ -239,7 +243,8 @@ class DynamicInt8Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantised (N, K) weight, for code that reads it."""
+        """The dequantised (N, K) weight, a new fp32 copy per read (checks and tests; the
+        forward never builds it)."""
         return self.qweight_t.T.float() * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,7 +341,7 @@ def fast_causal_lm(model: nn.Module) -> str:
     from . import quantized_lm
 
     quantized_lm.int8_weights(model, LM_ACTIVATIONS)
-    return "fast: int8 weights per channel, bf16 matmuls"
+    return "fast: int8 weights per channel, bf16 matmuls" + _head_form()
 
 
 def fast_gguf_q4_1(model: nn.Module, gguf) -> str:
@@ -349,11 +354,17 @@ def fast_gguf_q4_1(model: nn.Module, gguf) -> str:
     form = "exact (fp32; no 4-bit kernel on this CPU)"
     if cap.int4_kernel and cap.bf16:
         quantized_lm.from_gguf_q4_1(model, gguf, LM_ACTIVATIONS)
-        form = "fast: 4-bit Q4_1 blocks (the GGUF's own), int8 head, bf16 matmuls"
+        form = ("fast: 4-bit Q4_1 blocks (the GGUF's own), int8 head, bf16 matmuls"
+                + _head_form())
     if dynamic_int8_pays():
         quantized_lm.scoring_twin(model, quantized_lm.gguf_twin_tensors(gguf, model))
         form += "; text scoring int8 x int8"
     return form
+
+
+def _head_form() -> str:
+    """What `quantized_lm._int8_head` made of the head, for the form shown."""
+    return "; head int8 x int8" if dynamic_int8_pays() else ""
 
 
 def fast_encoder(*modules: nn.Module, channels_last: tuple = ()) -> str:

@@ -98,7 +98,7 @@ def _int8_head(model, dtype) -> None:
     the CPU has int8 dot products, int8 x int8 in two passes (`DynamicInt8Linear`: the
     accuracy of int8 weights with exact activations, rows on their own): SmolLM2's
     49152-row head on one thread at 8 rows 5.8 ms against 8.0 for the weight-only kernel,
-    16 rows 10.5 against 16.1, 1 row 2.1 against 2.1 (the scheduler, 8 streams: 116 ->
+    16 rows 10.2 against 16.2, 1 row 2.2 against 2.1 (the scheduler, 8 streams: 116 ->
     124-127 tok/s; 1 stream unchanged within noise)."""
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear):
@@ -179,8 +179,9 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
     """Make (once) and return `model`'s scoring twin: the same module tree sharing every
     embedding, norm and buffer tensor, its linears and head `DynamicInt8Linear`, their int8
     weights from `tensors` ({name.qweight, name.scales}, cached: `gguf_twin_tensors`). A
-    head already int8 (`Int8Linear`) lends its own weights (only its fp32 scales are in
-    `tensors`); one still fp32 is quantised here. The twin adds 106 MB to SmolLM2-135M.
+    head already int8 lends its own weights (a two-pass `DynamicInt8Linear` its scales too,
+    an `Int8Linear` only its int8: its fp32 scales are in `tensors`); one still fp32 is
+    quantised here. The twin adds 106 MB to SmolLM2-135M.
     (Quantising the fp32 linears here instead would page their whole mmapped file in:
     +540 MB of RSS.)"""
     if model in _twins:
@@ -209,7 +210,7 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
 def gguf_twin_tensors(gguf_path, model) -> dict:
     """The scoring twin's int8 weights for a GGUF-converted Llama, quantised once from the
     Q4_1 blocks (the same numbers as its fp32 weights, without reading those) and cached;
-    for the head, whose int8 weights `_int8_head` makes, its fp32 scales."""
+    for an `Int8Linear` head (whose int8 weights `_int8_head` makes), its fp32 scales."""
     from . import cache
 
     head = model.get_output_embeddings()

@@ -31,13 +31,16 @@ def test_a_short_click_does_not_wait_behind_generations(served):
     runs = [threading.Thread(target=generate, args=(i,)) for i in range(3)]
     for t in runs:
         t.start()
-    time.sleep(1.0)                                         # the generations are streaming
-    streaming = ctx.streams.count                           # what paces their updates
+    end = time.monotonic() + 120        # until all three stream (counted from their first
+    while ctx.streams.count < 3 and not ended:              # token: what paces updates)
+        assert time.monotonic() < end, "the generations never all streamed"
+        time.sleep(0.005)
+    assert not ended, "a generation ended before all three streamed"
     click = queue_call(url, "fill_mask", ["the cat sat on the [MASK] .", 5, "", "base model"])
     answered = time.monotonic()
     for t in runs:
         t.join()
-    assert streaming == 3 and ctx.streams.count == 0
+    assert ctx.streams.count == 0, "a stream that ended is still counted"
     assert click.success, click
     ranks = [m["rank"] for m in click.messages if m.get("msg") == "estimation"]
     assert all(r == 0 for r in ranks), ranks                # nobody ahead in its lane
@@ -57,7 +60,10 @@ def test_streamed_updates_thin_out_as_streams_share_the_server():
     pace = Pacer(0.1, lambda: streams.interval(0.1, 1.0))
     assert streams.interval(0.1, 1.0) == 0.1 and streams.count == 0
     with contextlib.ExitStack() as stack:
-        for _ in range(8):
+        for _ in range(2):
+            stack.enter_context(streams.running())
+        assert streams.interval(0.1, 1.0) == 0.1
+        for _ in range(6):
             stack.enter_context(streams.running())
         assert streams.count == 8 and streams.interval(0.1, 1.0) == pytest.approx(0.4)
         assert pace.due(0.0) and not pace.due(0.3) and pace.due(0.45)

@@ -52,12 +52,12 @@ def together(scheduler, jobs):
     return runs
 
 
-def same_run(ours, ref):
+def same_run(ours, ref, prob_tol=1e-5):
     assert [t.token_id for t in ours.tokens] == [t.token_id for t in ref.tokens]
     assert ours.text == ref.text and ours.finish == ref.finish
     assert [t.text for t in ours.tokens] == [t.text for t in ref.tokens]
     for a, b in zip(ours.tokens, ref.tokens):
-        assert abs(a.prob - b.prob) < 1e-5
+        assert abs(a.prob - b.prob) < prob_tol, (a, b)
         assert [x[2] for x in a.alternatives[:2]] == [x[2] for x in b.alternatives[:2]]
 
 
@@ -88,8 +88,16 @@ def test_batched_greedy_equals_batch_one_tiny(tiny_kit, scheduler, penalty):
     assert scheduler.peak_batch >= 2
 
 
-def test_batched_greedy_equals_batch_one_offline(offline_kit):
-    model, tok = parts(offline_kit)
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_batched_greedy_equals_batch_one_offline(offline_kit, precision):
+    """At `fast` too, the same tokens. Its probabilities move a little with the batch (up to
+    0.013 here): the 4-bit kernel's bf16 sums depend on how many rows it multiplies (0.034
+    when the head was weight-only int8 too; the int8 x int8 head quantises each row on its
+    own and sums in integers, so it adds no such dependence)."""
+    import mmcore
+
+    kit = offline_kit if precision == "exact" else mmcore.load_kit("offline", precision="fast")
+    model, tok = parts(kit)
     sched = S.Scheduler(model, tok, S.ServingConfig(max_batch=4, pause_for_short=True))
     jobs = [("Write one sentence about the sea.", dict(max_new_tokens=24, chat=True)),
             ("The sea is", dict(max_new_tokens=24, chat=False)),
@@ -100,7 +108,7 @@ def test_batched_greedy_equals_batch_one_offline(offline_kit):
     finally:
         sched.close()
     for (prompt, kw), run in zip(jobs, runs):
-        same_run(run, alone(offline_kit, prompt, **kw))
+        same_run(run, alone(kit, prompt, **kw), 1e-5 if precision == "exact" else 0.03)
 
 
 def test_streams_join_mid_flight(tiny_kit, scheduler):
