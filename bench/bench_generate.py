@@ -9,7 +9,11 @@ and (c) give the same tokens and where (d) first differs, and beside each decode
 roofline: weight bytes read per token, the measured read bandwidth, and the percent of the
 bandwidth limit reached. The first line is the CPU's capability (bf16/VNNI/AMX, threads).
 
+Last, the time to first token on a long prompt (`--long`, 400 tokens), where the prompt's
+forward is most of it.
+
     .venv/bin/python bench/bench_generate.py [--new 128] [--rounds 2] [--threads 2]
+                                             [--long 400]
 """
 
 import argparse
@@ -32,6 +36,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--long", type=int, default=400, help="tokens of the long prompt")
     args = p.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,6 +126,40 @@ def main() -> None:
           f"({len(toks['c'])} compared); (d) matches (c) for the first {agree(toks['c'], toks['d'])}"
           " tokens" + (f"; (e) matches (c) for {agree(toks['c'], toks['e'])}, (f) matches (d) "
                        f"for {agree(toks['d'], toks['f'])}" if "e" in toks else ""))
+    long_prompts(pipe, exact, fast, args.long, args.rounds)
+
+
+def long_prompts(pipe, exact, fast, size: int, rounds: int) -> None:
+    """Time to first token on a prompt of `size` tokens (a chat history's length): the
+    prompt's forward is most of it, where `fast` runs on its two-pass int8 twin."""
+    from mmcore import generation as G
+    from mmcore import tiny
+
+    tok = exact.tokenizer
+    words = " ".join(line.strip() for line in tiny.SENTENCES.splitlines() if line.strip())
+    text = words
+    while len(tok(text)["input_ids"]) < size:
+        text += " " + words
+    text = tok.decode(tok(text)["input_ids"][:size])
+
+    def ours(lm):
+        run = G.Generation(G.SamplingParams())
+        for _ in G.generate_tokens(lm.model, lm.tokenizer, text,
+                                   G.SamplingParams(max_new_tokens=1, chat=False), run=run):
+            pass
+        return run.ttft
+
+    def theirs():
+        start = time.perf_counter()
+        pipe(text, max_new_tokens=1)
+        return time.perf_counter() - start
+
+    fns = {"pipeline fp32": theirs, "mmcore exact": lambda: ours(exact),
+           "mmcore fast": lambda: ours(fast)}
+    best = {name: min(fn() for _ in range(rounds + 1)) for name, fn in fns.items()}
+    print(f"{size}-token prompt, time to first token (best of {rounds + 1}): " + ", ".join(
+        f"{name} {t * 1000:.0f} ms ({best['pipeline fp32'] / t:.2f}x)"
+        for name, t in best.items()))
 
 
 if __name__ == "__main__":

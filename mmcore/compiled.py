@@ -156,14 +156,17 @@ def prefill(model, decode, seq: torch.Tensor, total: int, logits_to_keep: int,
             wait: bool = True) -> tuple:
     """(logits (T', V) of the last `logits_to_keep` positions, cache, step): one prefill of
     `seq` (1, T) on the static cache of `decode`'s bucket for `total` positions when that
-    is compiled (step: the compiled step), else on a DynamicCache (step None)."""
+    is compiled (step: the compiled step), else on a DynamicCache (step None); on the
+    model's two-pass int8 twin where it has one (`quantized_lm.prefill_twin`)."""
     from transformers import DynamicCache
+
+    from .quantized_lm import prefill_model
 
     session = decode.session(total, wait=wait) if decode is not None else None
     cache, step = session if session else (DynamicCache(config=model.config), None)
     where = {"cache_position": torch.arange(seq.shape[1], device=seq.device)} if step else {}
-    logits = model(input_ids=seq, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
-                   **where).logits[0]
+    logits = prefill_model(model)(input_ids=seq, cache=cache, use_cache=True,
+                                  logits_to_keep=logits_to_keep, **where).logits[0]
     return logits, cache, step
 
 

@@ -359,6 +359,9 @@ def fast_gguf_q4_1(model: nn.Module, gguf) -> str:
     if dynamic_int8_pays():
         quantized_lm.scoring_twin(model, quantized_lm.gguf_twin_tensors(gguf, model))
         form += "; text scoring int8 x int8"
+        if cap.int4_kernel and cap.bf16:       # prompts on two-pass int8, decoding on 4-bit
+            quantized_lm.prefill_twin(model)
+            form += ", prompts int8 x int8 in two parts"
     return form
 
 
