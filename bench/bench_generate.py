@@ -10,7 +10,8 @@ roofline: weight bytes read per token, the measured read bandwidth, and the perc
 bandwidth limit reached. The first line is the CPU's capability (bf16/VNNI/AMX, threads).
 
 Last, the time to first token on a long prompt (`--long`, 400 tokens), where the prompt's
-forward is most of it.
+forward is most of it, and a prompt's forward on a GPT-2 base shape (the hub kit's LM) in
+fp32, int8 weight-only and int8 x int8 (what its prompts run on at `fast`).
 
     .venv/bin/python bench/bench_generate.py [--new 128] [--rounds 2] [--threads 2]
                                              [--long 400]
@@ -127,6 +128,7 @@ def main() -> None:
           " tokens" + (f"; (e) matches (c) for {agree(toks['c'], toks['e'])}, (f) matches (d) "
                        f"for {agree(toks['d'], toks['f'])}" if "e" in toks else ""))
     long_prompts(pipe, exact, fast, args.long, args.rounds)
+    int8_prompts(args.rounds)
 
 
 def long_prompts(pipe, exact, fast, size: int, rounds: int) -> None:
@@ -160,6 +162,43 @@ def long_prompts(pipe, exact, fast, size: int, rounds: int) -> None:
     print(f"{size}-token prompt, time to first token (best of {rounds + 1}): " + ", ".join(
         f"{name} {t * 1000:.0f} ms ({best['pipeline fp32'] / t:.2f}x)"
         for name, t in best.items()))
+
+
+
+def int8_prompts(rounds: int) -> None:
+    """A prompt's forward on a GPT-2 base shape (random weights: the compute of `gpt2`, the
+    hub kit's LM) in fp32, at `fast` on the weight-only int8 kernel (the model itself), and
+    on its two-pass int8 x int8 twin (`quantized_lm.prefill_model`, what prompts run on)."""
+    import copy
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mmcore import precision, quantized_lm
+
+    torch.manual_seed(0)
+    fp32 = GPT2LMHeadModel(GPT2Config()).eval()
+    model = copy.deepcopy(fp32)
+    form = precision.fast_causal_lm(model)
+    runner = quantized_lm.prefill_model(model)
+    if runner is model:
+        print(f"GPT-2 base shape: no int8 x int8 prompts on this CPU ({form})")
+        return
+    for size in (16, 100, 400):
+        ids = torch.randint(0, 50000, (1, size))
+
+        def best(m):
+            with torch.inference_mode():
+                times = []
+                for _ in range(rounds + 1):
+                    start = time.perf_counter()
+                    m(input_ids=ids, logits_to_keep=1)
+                    times.append(time.perf_counter() - start)
+            return min(times) * 1000
+
+        a, b, c = best(fp32), best(model), best(runner)
+        print(f"GPT-2 base shape, {size:3d}-token prompt's forward: fp32 {a:5.0f} ms, int8 "
+              f"weight-only {b:5.0f} ms, int8 x int8 two-pass {c:5.0f} ms ({b / c:.2f}x the "
+              f"weight-only, {a / c:.2f}x fp32)")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ Two settings, chosen once at the edge (`load_kit(..., precision=)`, `app.py --pr
     GGUF weights exactly (fp32 scales; checked against gguf's own dequantisation);
   * other causal LMs quantise per output channel to int8 at load (`_weight_int8pack_mm`);
   * where the CPU has int8 dot products (VNNI, AMX), every fast causal LM's vocabulary head
-    multiplies int8 by int8 in two passes (`DynamicInt8Linear`), and so does text scoring
-    (one pass, on a twin of the offline LM) and, where bf16 does not pay, the BERT roles;
+    and prompts multiply int8 by int8 in two passes (`DynamicInt8Linear`;
+    `quantized_lm.prefill_twin`), and so does text scoring (one pass, on a twin of the
+    offline LM) and, where bf16 does not pay, the BERT roles;
   * encoders (BERT, MiniLM, CLIP, EfficientNet) are compute-bound: bf16 pays only where
     bf16 GEMMs beat fp32 (`encoders_bf16`): AMX tiles, or AVX-512 BF16 on AMD (Zen 4/5:
     3.6-5.4x measured for issue 17). On an Intel CPU without AMX a bf16 GEMM measured
@@ -341,7 +342,10 @@ def fast_causal_lm(model: nn.Module) -> str:
     from . import quantized_lm
 
     quantized_lm.int8_weights(model, LM_ACTIVATIONS)
-    return "fast: int8 weights per channel, bf16 matmuls" + _head_form()
+    if not dynamic_int8_pays():
+        return "fast: int8 weights per channel, bf16 matmuls"
+    quantized_lm.prefill_twin(model)
+    return "fast: int8 weights per channel, bf16 matmuls; head and prompts int8 x int8"
 
 
 def fast_gguf_q4_1(model: nn.Module, gguf) -> str:
@@ -354,20 +358,15 @@ def fast_gguf_q4_1(model: nn.Module, gguf) -> str:
     form = "exact (fp32; no 4-bit kernel on this CPU)"
     if cap.int4_kernel and cap.bf16:
         quantized_lm.from_gguf_q4_1(model, gguf, LM_ACTIVATIONS)
-        form = ("fast: 4-bit Q4_1 blocks (the GGUF's own), int8 head, bf16 matmuls"
-                + _head_form())
+        form = "fast: 4-bit Q4_1 blocks (the GGUF's own), int8 head, bf16 matmuls"
     if dynamic_int8_pays():
         quantized_lm.scoring_twin(model, quantized_lm.gguf_twin_tensors(gguf, model))
-        form += "; text scoring int8 x int8"
         if cap.int4_kernel and cap.bf16:       # prompts on two-pass int8, decoding on 4-bit
             quantized_lm.prefill_twin(model)
-            form += ", prompts int8 x int8 in two parts"
+            form += "; head, prompts and text scoring int8 x int8"
+        else:
+            form += "; text scoring int8 x int8"
     return form
-
-
-def _head_form() -> str:
-    """What `quantized_lm._int8_head` made of the head, for the form shown."""
-    return "; head int8 x int8" if dynamic_int8_pays() else ""
 
 
 def fast_encoder(*modules: nn.Module, channels_last: tuple = ()) -> str:

@@ -241,22 +241,30 @@ _prefill_twins: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def prefill_twin(model) -> nn.Module | None:
-    """Make (once) and return the module a prompt's forward runs on: `model`'s scoring twin
-    with every linear in two passes (the accuracy of int8 weights with exact activations;
-    the same int8 tensors, no extra memory), or None when `model` has no scoring twin.
-    Many tokens at once are where the 4-bit kernel's cost grows with every row: SmolLM2 on
-    one thread, 32 tokens 130 -> 84 ms, 128 tokens 475 -> 273, 512 tokens 1989 -> 1170 (16
-    tokens 75 -> 63; 8 tokens 47 -> 52). Decoding stays on the 4-bit weights."""
+    """Make (once) and return the module a prompt's forward runs on: a twin of `model` whose
+    linears multiply int8 by int8 in two passes (the accuracy of int8 weights with exact
+    activations), on int8 weights it already holds: its scoring twin's (a 4-bit model) or
+    its own `Int8Linear`s' (no copy; fp32 scales and biases only). None when it has
+    neither. Many tokens at once are where the weight-only kernels' cost grows with every
+    row; decoding stays on them. SmolLM2 4-bit on one thread: 32 tokens 130 -> 84 ms, 128
+    tokens 475 -> 273, 512 tokens 1989 -> 1170 (8 tokens 47 -> 52); GPT-2 base shape int8 on
+    two threads: 16 tokens 40 -> 27 ms, 400 tokens 641 -> 289 (fp32 334)."""
     if model in _prefill_twins:
         return _prefill_twins[model]
-    twin = _twins.get(model)
-    if twin is None:
+    source = _twins.get(model)
+    if source is None and not any(isinstance(m, Int8Linear) for m in model.modules()):
         return None
-    shared = {id(t): t for t in itertools.chain(twin.parameters(), twin.buffers())}
-    runner = copy.deepcopy(twin, memo=shared)
-    for module in runner.modules():
-        if isinstance(module, DynamicInt8Linear):
-            module.passes = 2
+    source = model if source is None else source
+    shared = {id(t): t for t in itertools.chain(source.parameters(), source.buffers())}
+    runner = copy.deepcopy(source, memo=shared)
+
+    def make(name, module):
+        if isinstance(module, Int8Linear):
+            return DynamicInt8Linear(module.qweight, module.scales.float(), module.bias, 2)
+        module.passes = 2                                   # a DynamicInt8Linear: its copy
+        return None
+
+    replace_linears(runner, make, kinds=(Int8Linear, DynamicInt8Linear))
     _prefill_twins[model] = runner
     return runner
 
