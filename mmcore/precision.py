@@ -349,24 +349,25 @@ def fast_causal_lm(model: nn.Module) -> str:
 
 
 def fast_gguf_q4_1(model: nn.Module, gguf) -> str:
-    """A llama-family LM run from its own GGUF Q4_1 blocks (bit-exact weights, 4-bit kernel);
-    where the CPU has int8 dot products, the offline kit's text scoring (fill-mask, NSP:
-    many tokens per forward) on an int8 x int8 twin of it (`quantized_lm.scoring_twin`)."""
+    """A llama-family LM run from its own GGUF Q4_1 blocks (bit-exact weights, 4-bit kernel;
+    an int8 head); where the CPU has int8 dot products, its head, its prompts (two-pass,
+    `quantized_lm.prefill_twin`) and the offline kit's text scoring (fill-mask, NSP: many
+    tokens per forward, `quantized_lm.scoring_twin`) multiply int8 by int8."""
     from . import quantized_lm
 
     cap = capability()
+    four_bit = cap.int4_kernel and cap.bf16
     form = "exact (fp32; no 4-bit kernel on this CPU)"
-    if cap.int4_kernel and cap.bf16:
+    if four_bit:
         quantized_lm.from_gguf_q4_1(model, gguf, LM_ACTIVATIONS)
-        form = "fast: 4-bit Q4_1 blocks (the GGUF's own), int8 head, bf16 matmuls"
-    if dynamic_int8_pays():
-        quantized_lm.scoring_twin(model, quantized_lm.gguf_twin_tensors(gguf, model))
-        if cap.int4_kernel and cap.bf16:       # prompts on two-pass int8, decoding on 4-bit
-            quantized_lm.prefill_twin(model)
-            form += "; head, prompts and text scoring int8 x int8"
-        else:
-            form += "; text scoring int8 x int8"
-    return form
+        form = "fast: 4-bit Q4_1 blocks (the GGUF's own), bf16 matmuls"
+    if not dynamic_int8_pays():
+        return form + ("; int8 head" if four_bit else "")
+    quantized_lm.scoring_twin(model, quantized_lm.gguf_twin_tensors(gguf, model))
+    if not four_bit:
+        return form + "; text scoring int8 x int8"
+    quantized_lm.prefill_twin(model)              # prompts on two-pass int8, decoding 4-bit
+    return form + "; head, prompts and text scoring int8 x int8"
 
 
 def fast_encoder(*modules: nn.Module, channels_last: tuple = ()) -> str:
