@@ -164,7 +164,6 @@ def long_prompts(pipe, exact, fast, size: int, rounds: int) -> None:
         for name, t in best.items()))
 
 
-
 def int8_prompts(rounds: int) -> None:
     """A prompt's forward on a GPT-2 base shape (random weights: the compute of `gpt2`, the
     hub kit's LM) in fp32, at `fast` on the weight-only int8 kernel (the model itself), and

@@ -174,6 +174,12 @@ def int8_weights(model, dtype=torch.float32) -> int:
 _twins: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _sharing_copy(module: nn.Module) -> nn.Module:
+    """A new module tree of `module` holding the very same parameter and buffer tensors."""
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo=shared)
+
+
 @torch.no_grad()
 def scoring_twin(model, tensors: dict) -> nn.Module:
     """Make (once) and return `model`'s scoring twin: the same module tree sharing every
@@ -199,8 +205,7 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
             return DynamicInt8Linear.from_weight(module.weight, module.bias)
         return None
 
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    twin = copy.deepcopy(model, memo=shared)
+    twin = _sharing_copy(model)
     replace_linears(twin, make, kinds=(nn.Linear, Int4Linear, Int8Linear, DynamicInt8Linear))
     twin.config.tie_word_embeddings = False
     _twins[model] = twin
@@ -254,9 +259,7 @@ def prefill_twin(model) -> nn.Module | None:
     source = _twins.get(model)
     if source is None and not any(isinstance(m, Int8Linear) for m in model.modules()):
         return None
-    source = model if source is None else source
-    shared = {id(t): t for t in itertools.chain(source.parameters(), source.buffers())}
-    runner = copy.deepcopy(source, memo=shared)
+    runner = _sharing_copy(model if source is None else source)
 
     def make(name, module):
         if isinstance(module, Int8Linear):
