@@ -8,8 +8,11 @@ On a Hugging Face Space (`SPACE_ID` set) the defaults follow the Space: the hub 
 """
 
 import argparse
+import atexit
 import logging
 import os
+import shutil
+import signal
 import sys
 import tempfile
 
@@ -103,8 +106,11 @@ def configure_environment() -> None:
         # a restart keeps downloaded models, converted caches, fine-tuned models and indexes
         os.environ.setdefault("HF_HOME", os.path.join(storage, ".huggingface"))
         os.environ.setdefault("MMCORE_CACHE", os.path.join(storage, "mmcore-cache"))
-    # uploads go to a folder of the app's own, not a shared system temp folder
-    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mmcore-gradio-"))
+    # uploads go to a folder of the app's own, not a shared system temp folder; one the app
+    # made goes when it exits
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="mmcore-gradio-")
+        atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import transformers
 
@@ -181,8 +187,15 @@ def main(argv=None) -> int:
         # as many API generations at once as the generate lane runs (they share decode
         # steps in the scheduler); one at a time without batching
         openai_api.mount(server, ctx, running=ctx.lanes.get("generate", 1))
+    # A host stops the app with SIGTERM (docker stop, a Space restart, systemd): handled as
+    # Ctrl-C is, so the server closes and exit handlers remove the app's temp folders
+    signal.signal(signal.SIGTERM, _interrupt)
     demo.block_thread()
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ captions, and the text encodings met. `split` makes a seeded train/validation sp
 
 import json
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,8 @@ MAX_PAIRS = 20_000
 class Pair:
     image: Path
     caption: str
+    # the temp folder a .zip was extracted into: removed when no pair of it is left
+    _folder: object = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -95,9 +98,11 @@ def load_pairs(data, check_images: bool = True, stop_event=None,
     `stop_event` (set by a cancelled request) ends the image checks early: InputError."""
     report = DataReport()
     data = Path(data)
+    holder = None
     if data.suffix.lower() == ".zip":
+        holder = tempfile.TemporaryDirectory(prefix="mmcore-zip-")
         folder, _, skipped = archives.safe_extract(
-            data, tuple(IMAGE_SUFFIXES) + (".csv", ".jsonl", ".txt"))
+            data, tuple(IMAGE_SUFFIXES) + (".csv", ".jsonl", ".txt"), holder.name)
         report.notices += [f"skipped {n} in the archive: {why}" for n, why in skipped[:50]]
     elif data.is_dir():
         folder = data
@@ -127,7 +132,7 @@ def load_pairs(data, check_images: bool = True, stop_event=None,
                 report.unreadable.append((name, str(exc)))
                 continue
         seen.setdefault(caption.lower(), []).append(name)
-        report.pairs.append(Pair(path, caption))
+        report.pairs.append(Pair(path, caption, holder))
     report.duplicate_captions = sorted(c for c, names in seen.items() if len(names) > 1)
     if len(report.pairs) > MAX_PAIRS:
         report.notices.append(f"{len(report.pairs)} pairs; only the first {MAX_PAIRS} are used.")

@@ -1,6 +1,7 @@
 """Training data: every caption format, a validation report of what is wrong, seeded splits."""
 
 import json
+import tempfile
 import zipfile
 
 import pytest
@@ -57,6 +58,23 @@ def test_zip_upload_is_extracted_safely(tmp_path):
     assert [p.caption for p in report.pairs] == ["a square"]
     assert any("unsafe path" in n for n in report.notices)
     assert report.missing_images == ["../x.png"]
+
+
+def test_a_zips_extracted_files_live_as_long_as_its_report(tmp_path, monkeypatch):
+    import gc
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "sys"))
+    (tmp_path / "sys").mkdir()
+    images(tmp_path / "src", ["a.png", "b.png"])
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as zf:
+        for name in ("a.png", "b.png"):
+            zf.write(tmp_path / "src" / name, name)
+        zf.writestr("captions.csv", "image,caption\na.png,a square\nb.png,another\n")
+    report = load_pairs(tmp_path / "d.zip")
+    assert all(p.image.is_file() for p in report.pairs)      # training reads them later
+    del report
+    gc.collect()
+    assert list((tmp_path / "sys").iterdir()) == []           # nothing left in the temp folder
 
 
 def test_nothing_usable_is_a_clear_error(tmp_path):
