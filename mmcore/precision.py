@@ -26,6 +26,7 @@ alternatives and the attention view work in every mode.
 import functools
 import os
 import platform
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,87 @@ class DynamicInt8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+# Sibling linears that read one input, in the model families here: attention's q/k/v (Llama,
+# BERT) and a gated MLP's gate/up (Llama). GPT-2's are one module already.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
+                       ("query", "key", "value"))
+_shared_products = threading.local()
+
+
+class SharedInputPart(nn.Module):
+    """One linear of a group that reads one input (q/k/v): its columns of the group's fused
+    `DynamicInt8Linear` product. The first part called with an input runs the product for
+    all (one quantisation of the input, one int8 matmul); the others called with the very
+    same tensor take their slices of it. An input it has not seen (or a part asked twice)
+    runs the product again, so a part is always right, only slower. Per-row quantisation
+    and exact integer sums make each slice equal, bit for bit, to the part's own product.
+    The products in flight are per thread: concurrent forwards never mix."""
+
+    def __init__(self, fused: "DynamicInt8Linear", index: int, start: int, end: int,
+                 parts: int):
+        super().__init__()
+        object.__setattr__(self, "fused", fused)        # registered once, on the parent
+        self.index, self.start, self.end, self.parts = index, start, end, parts
+        self.in_features, self.out_features = fused.in_features, end - start
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fused.weight[self.start:self.end]
+
+    @property
+    def qweight_t(self) -> torch.Tensor:
+        return self.fused.qweight_t[:, self.start:self.end]
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.fused.scales[self.start:self.end]
+
+    @property
+    def passes(self) -> int:
+        return self.fused.passes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        live = _shared_products.__dict__.setdefault("live", {})
+        key = id(self.fused)
+        entry = live.get(key)
+        if entry is None or entry[0] is not x or self.index in entry[2]:
+            entry = live[key] = (x, self.fused(x), set())
+        entry[2].add(self.index)
+        if len(entry[2]) == self.parts:             # every part served: let go of it
+            del live[key]
+        return entry[1][..., self.start:self.end]
+
+
+def fuse_shared_inputs(module: nn.Module) -> int:
+    """Replace each group of sibling `DynamicInt8Linear`s that read one input
+    (`SHARED_INPUT_GROUPS`, same input size and passes) by `SharedInputPart`s of one fused
+    product, registered on their parent as `fused_<names>`; the separate weights are let go
+    (no extra memory once the originals are freed). Fewer, larger products: per SmolLM2
+    layer 4 quantisations and int8 matmuls instead of 7. Returns how many groups."""
+    fused_groups = 0
+    for parent in list(module.modules()):
+        for names in SHARED_INPUT_GROUPS:
+            linears = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(lin, DynamicInt8Linear) for lin in linears) or \
+                    len({(lin.in_features, lin.passes) for lin in linears}) != 1:
+                continue
+            biases = [lin.bias for lin in linears]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [b.detach() if b is not None else torch.zeros(lin.out_features)
+                 for b, lin in zip(biases, linears)])
+            fused = DynamicInt8Linear(torch.cat([lin.qweight_t.T for lin in linears]),
+                                      torch.cat([lin.scales for lin in linears]), bias,
+                                      linears[0].passes)
+            parent.add_module("fused_" + "_".join(names), fused)
+            start = 0
+            for index, (name, lin) in enumerate(zip(names, linears)):
+                setattr(parent, name, SharedInputPart(fused, index, start,
+                                                      start + lin.out_features, len(names)))
+                start += lin.out_features
+            fused_groups += 1
+    return fused_groups
+
+
 def dynamic_int8_pays() -> bool:
     """Does this CPU have int8 dot products for `DynamicInt8Linear` (VNNI or AMX)?"""
     cap = capability()
@@ -393,4 +475,5 @@ def fast_text_encoder(model: nn.Module) -> str:
         return fast_encoder(model)
     replace_linears(model, lambda name, lin: DynamicInt8Linear.from_weight(lin.weight, lin.bias,
                                                                            passes=2))
+    fuse_shared_inputs(model)                      # query/key/value: one product
     return "fast: int8 x int8 linears (int8 weights per channel, activations per row in 2 parts)"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .precision import (DynamicInt8Linear, Int4Linear, Int8Linear, dynamic_int8_pays,
-                        int8_scales, quantize_int8, replace_linears)
+                        fuse_shared_inputs, int8_scales, quantize_int8, replace_linears)
 
 # GGUF tensor name (per block) -> transformers Llama module name (per layer)
 _LLAMA_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -207,7 +207,8 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
 
     twin = _sharing_copy(model)
     replace_linears(twin, make, kinds=(nn.Linear, Int4Linear, Int8Linear, DynamicInt8Linear))
-    twin.config.tie_word_embeddings = False
+    fuse_shared_inputs(twin)            # q/k/v and gate/up: one product each (its prefill
+    twin.config.tie_word_embeddings = False     # twin, a copy, shares the fused weights)
     _twins[model] = twin
     return twin
 

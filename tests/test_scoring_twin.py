@@ -31,6 +31,81 @@ def test_dynamic_int8_linear_is_close_and_each_row_its_own():
     assert torch.equal(layer(torch.zeros(1, 37)), linear.bias[None].detach())
 
 
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_linears_reading_one_input_run_as_one_product_bit_for_bit(passes, family, tiny_kit):
+    """q/k/v (and a gated MLP's gate/up) fused into one int8 product give exactly what
+    their separate products give: each row is quantised once either way and the integer
+    sums are exact."""
+    import copy
+
+    if family == "llama":
+        model = tiny_llama()
+        ids = torch.randint(0, 97, (3, 11))
+        groups = 2 * 2                                   # per layer: q/k/v and gate/up
+    else:
+        model = copy.deepcopy(tiny_kit.model("masked_lm").model)
+        ids = torch.randint(5, model.config.vocab_size, (3, 11))
+        groups = model.config.num_hidden_layers          # query/key/value
+    precision.replace_linears(model, lambda name, lin: precision.DynamicInt8Linear.from_weight(
+        lin.weight, lin.bias, passes))
+    separate = copy.deepcopy(model)
+    assert precision.fuse_shared_inputs(model) == groups
+    parts = [m for m in model.modules() if isinstance(m, precision.SharedInputPart)]
+    assert len(parts) == (groups // 2 * 5 if family == "llama" else groups * 3)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0                                      # a padded row
+    with torch.inference_mode():
+        want = separate(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, want)
+    # a part fed an input its siblings did not see still answers for that input
+    part, alone = parts[1], dict(separate.named_modules())
+    name = next(n for n, m in model.named_modules() if m is part)
+    x = torch.randn(2, 5, part.in_features)
+    assert torch.equal(part(x), alone[name](x))
+    assert torch.equal(part.weight, alone[name].weight)
+
+
+def test_fused_products_are_per_thread(tiny_kit):
+    """Two threads running forwards of one fused model at once each get their own answers."""
+    import threading
+
+    model = tiny_llama()
+    precision.replace_linears(model, lambda name, lin: precision.DynamicInt8Linear.from_weight(
+        lin.weight, lin.bias))
+    precision.fuse_shared_inputs(model)
+    inputs = [torch.randint(0, 97, (2, 9)) for _ in range(2)]
+    with torch.inference_mode():
+        want = [model(input_ids=ids).logits for ids in inputs]
+    got, errors = [[] for _ in inputs], []
+
+    def run(i):
+        try:
+            with torch.inference_mode():
+                for _ in range(30):
+                    got[i].append(model(input_ids=inputs[i]).logits)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.equal(g, want[i]) for i in range(2) for g in got[i])
+
+
 def plain_scores(model, tok, prefix_text, continuation):
     """log P(continuation | start + prefix) and the next token's log-probabilities, from one
     forward over the whole text (no cache, no batch)."""
@@ -88,7 +163,9 @@ def test_fast_offline_scores_on_an_int8_twin_sharing_embeddings(offline_kit):
     assert twin is not model and "text scoring int8 x int8" in role.precision
     assert twin.get_input_embeddings().weight is model.get_input_embeddings().weight
     assert twin.model.norm.weight is model.model.norm.weight
-    assert sum(isinstance(m, precision.DynamicInt8Linear) for m in twin.modules()) == 211
+    # per layer q/k/v and gate/up are one product each: 4 int8 matmuls, not 7 (+ the head)
+    assert sum(isinstance(m, precision.DynamicInt8Linear) for m in twin.modules()) == 121
+    assert sum(isinstance(m, precision.SharedInputPart) for m in twin.modules()) == 150
     if "4-bit" in role.precision:
         assert sum(isinstance(m, precision.Int4Linear) for m in model.modules()) == 210
         # the int8 head's weights are lent, not copied
@@ -264,7 +341,9 @@ def test_fast_offline_prompts_prefill_on_a_two_pass_twin(offline_kit):
     runner = quantized_lm.prefill_model(model)
     assert runner is not model and runner is not role.scoring_model
     layers = [m for m in runner.modules() if isinstance(m, precision.DynamicInt8Linear)]
-    assert len(layers) == 211 and all(m.passes == 2 for m in layers)
+    assert len(layers) == 121 and all(m.passes == 2 for m in layers)
+    assert all(m.passes == 1 for m in role.scoring_model.modules()
+               if isinstance(m, precision.DynamicInt8Linear))      # the scoring twin's own
     twin = dict(role.scoring_model.named_modules())
     assert all(m.qweight_t.data_ptr() == twin[n].qweight_t.data_ptr()
                for n, m in runner.named_modules() if isinstance(m, precision.DynamicInt8Linear))
