@@ -128,7 +128,76 @@ def main() -> None:
           " tokens" + (f"; (e) matches (c) for {agree(toks['c'], toks['e'])}, (f) matches (d) "
                        f"for {agree(toks['d'], toks['f'])}" if "e" in toks else ""))
     long_prompts(pipe, exact, fast, args.long, args.rounds)
+    sampling(pipe, fast, args.new, args.rounds)
     int8_prompts(args.rounds)
+
+
+SAMPLING = {"Chat's default (temperature 0.7)": dict(temperature=0.7),
+            "Generate's default (0.7, top-k 50, top-p 0.95, penalty 1.1)":
+                dict(temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1),
+            "an API client's (0.7, top-p 0.9)": dict(temperature=0.7, top_p=0.9)}
+
+
+def sampling(pipe, fast, n: int, rounds: int) -> None:
+    """What choosing a sampled token costs over SmolLM2's 49,152-word vocabulary: ours
+    (`_process` + `draw`) against transformers' warpers + `torch.multinomial` (what
+    `generate(do_sample=True)` runs), per token and in a whole sampled generation."""
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    from mmcore import generation as G
+
+    torch.manual_seed(0)
+    row = torch.randn(49152) * 4
+    seen = torch.randint(0, 49152, (60,))
+    g = torch.Generator().manual_seed(0)
+
+    def per_token(fn, repeat=200):
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - start) / repeat
+
+    print("choosing one sampled token (49,152 logits):")
+    for label, kw in SAMPLING.items():
+        p = G.SamplingParams(max_new_tokens=8, **kw).check()
+        steps = [RepetitionPenaltyLogitsProcessor(p.repetition_penalty)] \
+            if p.repetition_penalty != 1.0 else []
+        steps.append(TemperatureLogitsWarper(p.temperature))
+        steps += [TopKLogitsWarper(p.top_k)] if p.top_k else []
+        steps += [TopPLogitsWarper(p.top_p)] if p.top_p < 1 else []
+        theirs = LogitsProcessorList(steps)
+
+        def ref():
+            scores = theirs(seen[None], row[None].clone())
+            return int(torch.multinomial(scores.softmax(-1), 1, generator=g))
+
+        t_ref = per_token(ref)
+        t_ours = per_token(lambda: G.draw(G._process(row, seen, p), g))
+        print(f"  {label:62s} transformers {t_ref * 1e3:5.2f} ms, ours {t_ours * 1e3:5.2f} ms "
+              f"({t_ref / t_ours:4.1f}x)")
+
+    kw = SAMPLING["an API client's (0.7, top-p 0.9)"]
+
+    def theirs_run():
+        start = time.perf_counter()
+        pipe(PROMPT, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=0,
+             return_tensors=True, **kw)
+        return n / (time.perf_counter() - start)
+
+    def ours_run():
+        run = G.Generation(G.SamplingParams())
+        for _ in G.generate_tokens(fast.model, fast.tokenizer, PROMPT,
+                                   G.SamplingParams(max_new_tokens=n, chat=False, seed=0, **kw),
+                                   run=run, compiled=fast.compiled()):
+            pass
+        return len(run.tokens) / run.seconds
+
+    best_ref = max(theirs_run() for _ in range(rounds))
+    best_ours = max(ours_run() for _ in range(rounds))
+    print(f"sampled generation ({n} tokens, temperature 0.7, top-p 0.9): pipeline fp32 "
+          f"{best_ref:.1f} tok/s, mmcore fast {best_ours:.1f} tok/s ({best_ours / best_ref:.2f}x)")
 
 
 def long_prompts(pipe, exact, fast, size: int, rounds: int) -> None:

@@ -37,7 +37,8 @@ from .compiled import prefill
 from .errors import InputError
 from .lanes import PRIORITY, cpu_cores, default_threads
 from .generation import (Generation, SamplingParams, TokenInfo, TokenText, _alternatives,
-                         _process, context_length, eos_ids, prompt_ids, text_pieces, use_chat)
+                         _process, context_length, draw, eos_ids, prompt_ids, text_pieces,
+                         use_chat)
 from .generation import MAX_CANDIDATES, TOP_ALTERNATIVES
 from .text import clean_text
 
@@ -94,7 +95,7 @@ class _Stream:
         final = _process(row, seen, p)
         if p.temperature == 0:
             return int(final.argmax())
-        return int(torch.multinomial(final.softmax(-1), 1, generator=self.generator))
+        return draw(final, self.generator)
 
     def advance(self, row: torch.Tensor, probs: torch.Tensor, forced_token=None,
                 alternatives=None) -> bool:

@@ -152,8 +152,15 @@ def test_sampling_filters_match_transformers_warpers():
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     g = torch.Generator().manual_seed(0)
-    for top_k, top_p in ((0, 0.9), (50, 0.9), (50, 1.0), (5, 0.5)):
-        logits = torch.randn(1000, generator=g) * 3
+    # a small vocabulary, and SmolLM2's 49152 peaked (top_p's cut among the likeliest few
+    # hundred: `TOP_P_CANDIDATES`) and flat (further down)
+    for vocab, scale, top_k, top_p in ((1000, 3, 0, 0.9), (1000, 3, 50, 0.9), (1000, 3, 50, 1.0),
+                                       (1000, 3, 5, 0.5), (49152, 4, 0, 0.9),
+                                       (49152, 4, 0, 0.999), (49152, 0.5, 0, 0.9),
+                                       (49152, 4, 100, 0.95), (1000, 1, 50, 1.0)):
+        logits = torch.randn(vocab, generator=g) * scale
+        if scale == 1:
+            logits = logits.round()                     # many ties with the k-th: all kept
         ours = G._process(logits, None, G.SamplingParams(temperature=0.7, top_k=top_k,
                                                          top_p=top_p).check())
         theirs = TemperatureLogitsWarper(0.7)(None, logits[None].clone())
@@ -161,9 +168,36 @@ def test_sampling_filters_match_transformers_warpers():
             theirs = TopKLogitsWarper(top_k)(None, theirs)
         if top_p < 1:
             theirs = TopPLogitsWarper(top_p)(None, theirs)
-        assert torch.equal(torch.isinf(ours), torch.isinf(theirs[0])), (top_k, top_p)
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs[0])), (vocab, scale, top_k, top_p)
         finite = ~torch.isinf(ours)
         torch.testing.assert_close(ours[finite], theirs[0][finite])
+
+
+def test_a_drawn_token_follows_the_distribution_and_the_seed():
+    """`draw` (one uniform number through the float64 CDF) samples softmax(logits): counts
+    over 40,000 draws within 4 standard deviations of the probabilities, never a token
+    filtered out (-inf), and the same tokens from the same seed."""
+    vocab = 49152
+    logits = torch.full((vocab,), float("-inf"))
+    chosen = torch.tensor([3, 17, 4000, 30000, vocab - 1])
+    logits[chosen] = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    logits[100:200] = -3.0                                 # a tail of a hundred small ones
+    probs = logits.softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    counts = torch.bincount(torch.tensor([G.draw(logits, g) for _ in range(n)]),
+                            minlength=vocab).double()
+    assert counts[torch.isinf(logits)].sum() == 0
+    for token in chosen.tolist() + [150]:
+        p = float(probs[token])
+        assert abs(counts[token] / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-4, token
+    tail = float(probs[100:200].sum())
+    assert abs(float(counts[100:200].sum()) / n - tail) < 4 * (tail / n) ** 0.5
+    again = [G.draw(logits, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(again)) == 1
+    one = torch.full((vocab,), float("-inf"))
+    one[123] = 0.0
+    assert {G.draw(one, g) for _ in range(50)} == {123}
 
 
 # ---------------------------------------------------------------- right answers (issue 12)
