@@ -70,9 +70,13 @@ def _captions(folder: Path, images: dict, report: DataReport) -> dict:
                 continue
             try:
                 row = json.loads(line)
-                out[_relative(jsonls[0].parent / str(row["image"]).strip(), folder)] = \
-                    str(row.get("caption", ""))
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("image"), str) and \
+                    isinstance(row.get("caption", ""), str):
+                out[_relative(jsonls[0].parent / row["image"].strip(), folder)] = \
+                    row.get("caption", "")
+            else:
                 report.notices.append(f"captions.jsonl line {n} is not an object with "
                                       "'image' and 'caption'; skipped.")
         return out

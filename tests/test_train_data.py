@@ -40,9 +40,12 @@ def test_utf16_csv_jsonl_and_sidecars(tmp_path):
     assert report.pairs[0].caption == "café" and any("UTF-16" in n for n in report.notices)
     images(tmp_path / "j", ["x.png", "y.png"])
     (tmp_path / "j" / "captions.jsonl").write_text(
-        json.dumps({"image": "x.png", "caption": "an x"}) + "\nnot json\n")
+        json.dumps({"image": "x.png", "caption": "an x"}) + "\nnot json\n[1, 2]\n7\n\"y.png\"\n"
+        + json.dumps({"image": ["y.png"], "caption": "a list"}) + "\n")
     report = load_pairs(tmp_path / "j")
-    assert [p.caption for p in report.pairs] == ["an x"] and "line 2" in report.notices[0]
+    assert [p.caption for p in report.pairs] == ["an x"]
+    skipped = [n for n in report.notices if "not an object" in n]      # JSON, not an object
+    assert [n.split()[2] for n in skipped] == ["2", "3", "4", "5", "6"], report.notices
     images(tmp_path / "s", ["x.png"])
     (tmp_path / "s" / "x.txt").write_bytes("caf\xe9 au lait".encode("cp1252"))
     assert load_pairs(tmp_path / "s").pairs[0].caption == "café au lait"
