@@ -213,11 +213,13 @@ class AppContext:
                 kits.release(old, keep=self.kit)
             return kit
 
-    def resumable(self) -> list:
-        """Training runs that were cut short, except the one running now."""
+    def resumable(self, request=None) -> list:
+        """Training runs that were cut short and the session of `request` may resume (see
+        `DataDir.may_resume`), except the one running now."""
         job = self.training
         active = job.name if job is not None and job.running else None
-        return [name for name in self.data.resumable() if name != active]
+        return [name for name in self.data.resumable(session_owner(request))
+                if name != active]
 
     def forget_kit(self, choice: str) -> None:
         """Drop a loaded fine-tuned kit (its checkpoint changed on disk)."""
@@ -243,6 +245,16 @@ class AppContext:
     @property
     def warming(self) -> bool:
         return self._warmer is not None and self._warmer.is_alive()
+
+
+def session_owner(request) -> str | None:
+    """A digest of the session behind `request` (what a training run records as its
+    owner; the session hash itself never goes to disk), or None without one."""
+    import hashlib
+
+    key = getattr(request, "session_hash", None)
+    return hashlib.sha256(str(key).encode("utf-8", "replace")).hexdigest()[:32] if key \
+        else None
 
 
 def text_md(text) -> str:

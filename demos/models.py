@@ -78,7 +78,7 @@ def memory_md(ctx: AppContext) -> str:
 
 def build(ctx: AppContext) -> None:
     @guarded
-    def kit_info() -> dict:
+    def kit_info(request: gr.Request = None) -> dict:
         """The kit's name, device, precision, each role's model, licence and status; the
         fine-tuned models, runs that can resume, and memory in use."""
         from mmcore.precision import capability
@@ -86,7 +86,7 @@ def build(ctx: AppContext) -> None:
         return {"kit": ctx.kit.name, "device": str(ctx.kit.device),
                 "precision": ctx.kit.precision, "cpu": capability().line(),
                 "roles": describe(ctx), "finetuned": sorted(ctx.checkpoints),
-                "resumable": ctx.resumable(), "memory": ctx.memory()}
+                "resumable": ctx.resumable(request), "memory": ctx.memory()}
 
     @guarded
     def load_all() -> list:

@@ -30,7 +30,7 @@ from mmcore.device import gpu_task, on_zero_gpu
 from mmcore.text import as_number
 from mmcore.train import PARTS
 
-from .context import AppContext, guarded, text_md
+from .context import AppContext, guarded, session_owner, text_md
 from .files import uploaded
 
 TITLE = "Fine-tune"
@@ -203,6 +203,7 @@ def build(ctx: AppContext) -> None:
         job.stop.clear()
         job.rows, job.result, job.error, job.name = [], None, "", run.name
         job.owner = getattr(request, "session_hash", None)
+        ctx.data.claim(run, session_owner(request))
 
     def failed(run, exc) -> None:
         job.error = str(exc) if isinstance(exc, mmcore.MmcoreError) else \
@@ -322,7 +323,11 @@ def build(ctx: AppContext) -> None:
         with job.lock:
             if job.running:
                 raise InputError(job.status() + " Only one training job runs at a time.")
-            if name not in ctx.data.resumable():
+            if name not in ctx.resumable(request):
+                if name in [r.name for r in ctx.data.cut_short()]:
+                    raise InputError(f"Run {str(name)[:80]!r} was cut short in another "
+                                     "session; only that session can resume it (anyone "
+                                     "can after the server restarts).")
                 raise InputError(f"No run named {str(name)[:80]!r} can be resumed.")
             run = ctx.data.load(name)
             run.state = "running"
@@ -351,8 +356,8 @@ def build(ctx: AppContext) -> None:
         """The training job's status, for everyone (read-only)."""
         return job.status()
 
-    def resumable():
-        return gr.update(choices=ctx.resumable(), value=None)
+    def resumable(request: gr.Request = None):
+        return gr.update(choices=ctx.resumable(request), value=None)
 
     gr.Markdown(
         f"Fine-tune **{ctx.kit.spec('dual_encoder').name}** on your own image-caption pairs "
@@ -389,8 +394,11 @@ def build(ctx: AppContext) -> None:
         go = gr.Button("Start", variant="primary")
         halt = gr.Button("Stop", variant="stop")
     with gr.Row():
+        # any name may come in (an API client names its run; the list fills on focus):
+        # `resume` checks it is a run this session may resume
         runs = gr.Dropdown(ctx.resumable(), label="Runs cut short (resume from the last "
-                                                  "checkpoint)", value=None)
+                                                  "checkpoint)", value=None,
+                           allow_custom_value=True)
         again = gr.Button("Resume")
     status_md = gr.Markdown(job.status(), label="Status")
     with gr.Row():

@@ -10,12 +10,14 @@ half-written `.tmp-*` / `.old-*` folders (left by a write that was killed), list
 models, and offers to resume runs that were still running when the server stopped.
 """
 
+import hmac
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,8 @@ class Run:
     state: str = "running"              # one of STATES
     started: float = field(default_factory=time.time)
     message: str = ""                   # why it failed, shown to users
+    owner: str = ""                     # a digest of the session that ran it last
+    boot: str = ""                      # the server process (`DataDir.boot`) that ran it
 
 
 class DataDir:
@@ -63,6 +67,7 @@ class DataDir:
         self.root = Path(root) if root else default_data_dir()
         self.models = self.root / "models"
         self.runs = self.root / "runs"
+        self.boot = uuid.uuid4().hex        # this server process: runs of others are orphans
 
     @property
     def lost_on_restart(self) -> bool:
@@ -151,8 +156,25 @@ class DataDir:
                 out[folder.name] = str(folder)
         return out
 
-    def resumable(self) -> list:
-        """Names of runs that stopped before they finished (the server went down, or their
-        user stopped them) and still have their data."""
-        return [r.name for r in self.all_runs() if r.state in ("running", "stopped")
+    def claim(self, run: Run, owner: str | None) -> None:
+        """`owner` (a digest of a session) runs `run` now, in this server process."""
+        run.owner, run.boot = owner or "", self.boot
+        self.save(run)
+
+    def may_resume(self, run: Run, owner: str | None) -> bool:
+        """Only the session that ran it may resume a run, while this server process lives
+        (another session would take the job over: its owner could no longer stop it, and
+        the run would overwrite the owner's model). A run of an earlier process, or one
+        nobody claimed, is anyone's: the session that ran it is gone."""
+        return run.boot != self.boot or not run.owner or (
+            owner is not None and hmac.compare_digest(run.owner, owner))
+
+    def cut_short(self) -> list:
+        """Runs that stopped before they finished (the server went down, or their user
+        stopped them) and still have their data."""
+        return [r for r in self.all_runs() if r.state in ("running", "stopped")
                 and self.data(r).is_dir()]
+
+    def resumable(self, owner: str | None = None) -> list:
+        """Names of the runs cut short that `owner` may resume."""
+        return [r.name for r in self.cut_short() if self.may_resume(r, owner)]

@@ -39,6 +39,22 @@ def test_restart_lists_finished_models_resumes_cut_runs_and_drops_temp_folders(t
     assert len({r.name for r in again.all_runs()}) == 4
 
 
+def test_a_cut_run_resumes_only_in_its_own_session_until_the_server_restarts(tmp_path):
+    data = DataDir(tmp_path)
+    data.prepare()
+    mine, ownerless = data.new_run({}, "mine"), data.new_run({}, "by-hand")
+    data.claim(mine, "session-a")
+    for run in (mine, ownerless):
+        data.data(run).mkdir()
+    data.finish(mine, "stopped")
+    assert data.load("mine").owner == "session-a"
+    assert set(data.resumable("session-a")) == {"mine", "by-hand"}
+    assert data.resumable("session-b") == data.resumable(None) == ["by-hand"]
+    again = DataDir(tmp_path)                   # a restart: the session that ran it is gone
+    assert set(again.resumable("session-b")) == set(again.resumable(None)) == {"mine",
+                                                                               "by-hand"}
+
+
 def test_a_run_takes_the_users_name_or_refuses_it(tmp_path):
     from mmcore import InputError
     from mmcore.datadir import DataDir

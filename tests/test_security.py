@@ -211,6 +211,40 @@ def test_only_the_owner_stops_a_training_job(served):
         stranger.close()
 
 
+def test_only_the_owner_resumes_a_run_it_stopped(served):
+    """A stranger can neither see nor resume a run another session stopped (it would take
+    the job over, so its owner could no longer stop it, and overwrite the owner's model)."""
+    demo, ctx, url = served
+    owner = Client(url, verbose=False)
+    stranger = Client(url, verbose=False)
+    try:
+        job = owner.submit(None, True, 500, 16, 1e-3, 0.05, 0.1, "projections", 1, 0,
+                           "owned-run", api_name="/train")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                "step" in str(o[0]) for o in job.outputs()):
+            time.sleep(0.2)
+        owner.predict(api_name="/stop_training")
+        assert "stopped" in job.result(timeout=120)[0]
+        name = "owned-run"
+        assert name not in stranger.predict(api_name="/kit_info")["resumable"]
+        assert name in owner.predict(api_name="/kit_info")["resumable"]
+        with pytest.raises(Exception, match="another session"):
+            stranger.predict(name, api_name="/resume_training")
+        assert not ctx.training.running
+        again = owner.submit(name, api_name="/resume_training")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not ctx.training.running:
+            time.sleep(0.1)
+        with pytest.raises(Exception, match="started"):
+            stranger.predict(api_name="/stop_training")
+        owner.predict(api_name="/stop_training")
+        assert "stopped" in again.result(timeout=120)[0]
+    finally:
+        owner.close()
+        stranger.close()
+
+
 def test_messages_never_show_server_paths():
     import gradio as gr
 
