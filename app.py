@@ -81,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="memory for models loaded at run time (least recently used goes)")
     p.add_argument("--session-disk-mb", type=int, default=512,
                    help="temp disk space per user session (uploads unpacked, downloads)")
+    p.add_argument("--temp-disk-mb", type=int, default=8192,
+                   help="temp disk space of all sessions together, uploads included")
+    p.add_argument("--data-disk-mb", type=int, default=10240,
+                   help="disk space for fine-tuned models and training runs (kept across "
+                        "restarts; past it new runs are refused; 0: no limit)")
     p.add_argument("--cache-ttl", type=int, default=3600,
                    help="seconds Gradio keeps uploaded files and outputs before deleting them")
     p.add_argument("--admin-token", default=os.environ.get("MMCORE_ADMIN_TOKEN", ""),
@@ -145,6 +150,7 @@ def create(args: argparse.Namespace, kit=None):
     ctx = AppContext(kit=kit, queue_size=args.queue_size, gallery_dir=args.gallery_dir,
                      data_dir=args.data_dir, max_extra_kits=args.max_extra_kits,
                      session_disk_mb=args.session_disk_mb, cache_ttl=args.cache_ttl,
+                     total_disk_mb=args.temp_disk_mb, data_disk_mb=args.data_disk_mb,
                      admin_token=args.admin_token, allowed_models=allowed_models(args),
                      allow_model_loading=getattr(args, "allow_model_loading", False),
                      extra_model_mb=getattr(args, "extra_model_mb", 4096))

@@ -106,9 +106,10 @@ def launch_kwargs(ctx: AppContext, host: str, port: int, share: bool) -> dict:
     """Hardened launch settings (see HARDENING.md)."""
     from starlette.middleware import Middleware
 
-    from .files import UploadLimit
+    from .files import UploadLimit, upload_root
 
-    limit = Middleware(UploadLimit, max_bytes=ctx.session_disk_mb * 2**20)
+    limit = Middleware(UploadLimit, max_bytes=ctx.session_disk_mb * 2**20,
+                       total_bytes=lambda: ctx.files.total_bytes, root=upload_root)
     return dict(server_name=host, server_port=port, share=share, max_file_size=ctx.max_file_size,
                 app_kwargs={"middleware": [limit]},
                 ssr_mode=False, enable_monitoring=False, show_error=False,

@@ -50,7 +50,8 @@ class AppContext:
     data_dir: str | None = None      # fine-tuned models and runs (None: mmcore's default)
     max_extra_kits: int = 2          # fine-tuned models kept loaded at once (LRU)
     session_disk_mb: int = 512       # temp files per user session
-    total_disk_mb: int = 8192        # temp files of all sessions together
+    total_disk_mb: int = 8192        # temp files of all sessions together, uploads included
+    data_disk_mb: int = 10240        # the data dir (fine-tuned models, runs); 0: no limit
     cache_ttl: int = 3600            # seconds Gradio keeps uploads and outputs (delete_cache)
     admin_token: str = ""            # lets the operator stop anyone's training job
     # models users may load into a role at run time (mmcore.model_pool): the operator's
@@ -212,6 +213,17 @@ class AppContext:
                 _, old = self._extra.popitem(last=False)
                 kits.release(old, keep=self.kit)
             return kit
+
+    def data_left(self) -> int:
+        """Bytes the data dir may still grow by (`data_disk_mb`); it holds what users made
+        to keep (fine-tuned models outlive restarts), so nothing there is ever pruned:
+        past the quota new runs are refused instead."""
+        from mmcore.archives import size_of
+
+        if self.data_disk_mb <= 0:
+            return 2**62
+        return self.data_disk_mb * MB - (size_of(self.data.root) if self.data.root.is_dir()
+                                         else 0)
 
     def resumable(self, request=None) -> list:
         """Training runs that were cut short and the session of `request` may resume (see

@@ -164,12 +164,36 @@ class SessionFiles:
 
 class UploadLimit:
     """ASGI middleware: one upload request may carry at most `max_bytes` (Gradio alone takes
-    up to 1000 files of `max_file_size` each per request). The size must be declared
-    (Content-Length; a chunked upload of unknown size is refused), so nothing is written
-    before the check."""
+    up to 1000 files of `max_file_size` each per request), and all uploads together, with
+    everything else in Gradio's folder (`root`: our session files, outputs), at most
+    `total_bytes()` (507 past it: each request under its own cap, one client wrote 1.5 GB
+    in 14 s). The size must be declared (Content-Length; a chunked upload of unknown size
+    is refused), so nothing is written before the checks. The folder's size is measured at
+    most every RECOUNT seconds; uploads accepted in between are added to it."""
 
-    def __init__(self, app, max_bytes: int):
+    RECOUNT = 2.0
+
+    def __init__(self, app, max_bytes: int, total_bytes=None, root=None):
         self.app, self.max_bytes = app, max_bytes
+        self.total_bytes, self.root = total_bytes, root
+        self._lock = threading.Lock()
+        self._counted = (-1e9, 0)           # (when, bytes)
+
+    def _room(self, declared: int) -> bool:
+        """Take `declared` bytes of the folder's quota if they fit."""
+        if self.total_bytes is None:
+            return True
+        limit = int(self.total_bytes())
+        with self._lock:
+            when, used = self._counted
+            if time.monotonic() - when > self.RECOUNT:
+                root = Path(self.root() if callable(self.root) else self.root)
+                when, used = time.monotonic(), size_of(root) if root.is_dir() else 0
+            if used + declared > limit:
+                self._counted = (when, used)
+                return False
+            self._counted = (when, used + declared)
+            return True
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http" or scope.get("method") != "POST" or \
@@ -181,6 +205,9 @@ class UploadLimit:
         if int(declared) > self.max_bytes:
             return await _refuse(send, 413, f"An upload request may carry at most "
                                             f"{self.max_bytes // 2**20} MB.".encode())
+        if not self._room(int(declared)):
+            return await _refuse(send, 507, b"The server's upload space is full; try again "
+                                            b"in a while.")
         return await self.app(scope, receive, send)
 
 

@@ -96,7 +96,7 @@ def build(ctx: AppContext) -> None:
         folder = ctx.data.root / "uploaded-models" / f"{stem}-{uuid.uuid4().hex[:6]}"
         try:
             archives.safe_extract(upload.path, (".json", ".safetensors", ".txt"), folder,
-                                  budget=MAX_MODEL_BYTES)
+                                  budget=min(MAX_MODEL_BYTES, ctx.data_left()))
             load_encoder(folder, base=ctx.kit.encoder())       # checked before it is listed
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)

@@ -307,9 +307,16 @@ def build(ctx: AppContext) -> None:
         with job.lock:
             if job.running:
                 raise InputError(job.status() + " Only one training job runs at a time.")
+            left = ctx.data_left()
+            if left <= 0:
+                raise InputError(
+                    f"This server's storage for fine-tuned models is full "
+                    f"({ctx.data_disk_mb:,} MB). Download the models you want to keep; the "
+                    "operator can remove old ones (or raise --data-disk-mb).")
             run = ctx.data.new_run(options, run_name if isinstance(run_name, str) else "")
             try:
-                data, _ = unpack(file, bool(use_demo), ctx.data.data(run), archives.MAX_TOTAL)
+                data, _ = unpack(file, bool(use_demo), ctx.data.data(run),
+                                 min(archives.MAX_TOTAL, left))
             except Exception:
                 ctx.data.finish(run, "failed", "bad data")
                 raise

@@ -164,6 +164,54 @@ def test_an_upload_request_is_capped_before_it_is_written(served):
     assert ok.status_code == 200
 
 
+def test_uploads_together_are_capped(served):
+    """Many upload requests, each under its own cap, cannot fill the disk: Gradio's upload
+    folder as a whole stays within the server's temp-disk quota (507 past it)."""
+    import httpx
+
+    from mmcore.archives import size_of
+
+    demo, ctx, url = served
+    used = size_of(Path(os.environ["GRADIO_TEMP_DIR"]))
+    ctx.files.total_bytes = used + 3 * 2**20
+    try:
+        sizes = []
+        for i in range(4):                       # 1 MB each, distinct bytes
+            r = httpx.post(f"{url}gradio_api/upload", timeout=30,
+                           files={"files": (f"f{i}.bin", bytes([i]) * 2**20)})
+            sizes.append(r.status_code)
+        assert sizes[:2] == [200, 200] and sizes[-1] == 507, sizes
+        assert "full" in r.text
+        assert size_of(Path(os.environ["GRADIO_TEMP_DIR"])) <= used + 3 * 2**20
+    finally:
+        ctx.files.total_bytes = 8192 * 2**20
+    assert httpx.post(f"{url}gradio_api/upload", files={"files": ("a.txt", b"hi")},
+                      timeout=30).status_code == 200
+
+
+def test_training_stops_taking_runs_when_the_data_dir_is_full(tiny_kit, tmp_path):
+    """Fine-tuned models outlive restarts, so nothing removes them: past the data dir's
+    quota (--data-disk-mb) a new run is refused with a clear message, and nothing saved
+    is touched."""
+    data_dir = tmp_path / "data"
+    demo, ctx, url = launch(["--kit", "tiny", "--data-dir", str(data_dir),
+                             "--data-disk-mb", "1"])
+    client = Client(url, verbose=False)
+    try:
+        assert "finished" in client.predict(None, True, 1, 16, 1e-3, 0.05, 0.1, "projections",
+                                            1, 0, "first", api_name="/train")[0]
+        (data_dir / "operator-notes.bin").write_bytes(b"\0" * 2**20)      # now over 1 MB
+        saved = sorted(p.name for p in (data_dir / "models").iterdir())
+        with pytest.raises(Exception, match="storage for fine-tuned models is full"):
+            client.predict(None, True, 1, 16, 1e-3, 0.05, 0.1, "projections", 1, 0, "second",
+                           api_name="/train")
+        assert sorted(p.name for p in (data_dir / "models").iterdir()) == saved
+        assert "first" in client.predict(api_name="/kit_info")["finetuned"]
+    finally:
+        client.close()
+        demo.close()
+
+
 # ------------------------------------------------------------------ 7. cancel
 
 @pytest.mark.parametrize("api", ["fill_mask_batch", "next_sentence_batch", "zero_shot_batch",

@@ -211,6 +211,14 @@ def test_resume_equals_an_uninterrupted_run(offline_kit, shapes, tmp_path):
     rest = mmcore.finetune(offline_kit, shapes, tmp_path / "part", resume="require", **kw)
     assert rest.resumed_from == 4 and not rest.stopped
     assert [r["loss"] for r in rest.history] == [r["loss"] for r in full.history]
+    # AdamW's moments (twice the trained weights) are kept only while a run can resume
+    stopped = mmcore.finetune(offline_kit, shapes, tmp_path / "kept", stop_event=stop, **kw)
+    assert stopped.stopped and (tmp_path / "kept" / "optimizer.safetensors").is_file()
+    for done in ("full", "part"):
+        assert not list((tmp_path / done).glob("optimizer.*")), done
+    again = mmcore.finetune(offline_kit, shapes, tmp_path / "full", **kw)    # nothing left
+    assert again.resumed_from == again.history[-1]["steps"] and not again.stopped
+    assert again.history == full.history
     for name, value in head(tmp_path / "full").items():
         torch.testing.assert_close(head(tmp_path / "part")[name], value, rtol=0, atol=1e-6)
 
