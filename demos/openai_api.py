@@ -95,8 +95,10 @@ def sampling(body: dict, default_max: int) -> tuple:
                                  (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
         raise ApiError(400, "'stop' must be a string or a list of strings.")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be an integer.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not -2**63 <= seed < 2**63):
+        raise ApiError(400, "'seed' must be an integer from -2**63 to 2**63 - 1 (the "
+                            "Generate tab's range).")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     params = generation.SamplingParams(
         max_new_tokens=_number({"max_tokens": max_tokens}, "max_tokens", int, default_max),

@@ -27,12 +27,24 @@ def check(messages) -> list:
     clean = []
     for m in messages:
         if not (isinstance(m, dict) and m.get("role") in ROLES
-                and isinstance(m.get("content"), str)):
+                and isinstance(m.get("content"), (str, list))):
             raise InputError("Each message needs a role (system, user or assistant) and text "
                              "content.")
-        clean.append({"role": m["role"], "content": clean_text(m["content"], "A message",
-                                                               allow_empty=True)})
+        clean.append({"role": m["role"], "content": clean_text(_text(m["content"]),
+                                                               "A message", allow_empty=True)})
     return clean
+
+
+def _text(content) -> str:
+    """A message's text: a string, or OpenAI's list of parts when all are text parts
+    ({"type": "text", "text": ...}), joined by newlines as vLLM does."""
+    if isinstance(content, str):
+        return content
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+               for p in content):
+        raise InputError("A message's content is text, or a list of text parts only "
+                         '({"type": "text", "text": ...}): this server reads no images.')
+    return "\n".join(p["text"] for p in content)
 
 
 def has_template(tok) -> bool:

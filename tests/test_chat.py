@@ -46,7 +46,20 @@ def test_a_model_without_a_template_gets_a_transcript():
     assert chat.render(tok, CONVERSATION, continue_last=True).endswith("Assistant: Blue")
 
 
+def test_text_parts_are_content_as_openai_sends_them(smol_tokenizer):
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Name a"},
+                                          {"type": "text", "text": "colour."}]}]
+    plain = [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": "Name a\ncolour."}]
+    assert chat.render(smol_tokenizer, parts) == chat.render(smol_tokenizer, plain)
+
+
 @pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     "text parts only"),
+    ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "text parts only"),
+    ([{"role": "user", "content": ["hi"]}], "text parts only"),
     ([], "non-empty list"),
     ("hello", "non-empty list"),
     ([{"role": "tool", "content": "x"}], "needs a role"),

@@ -99,6 +99,8 @@ def test_chat_uses_the_transcript_when_the_model_has_no_template(server):
     ({"prompt": 7}, 400, "'prompt' must be a string"),
     ({"prompt": "a \ud800 b"}, 400, "surrogate"),
     ({"messages": []}, 400, "Unknown field"),
+    ({"prompt": PROMPT, "seed": 2**70}, 400, "'seed' must be an integer from"),
+    ({"prompt": PROMPT, "seed": -2**63 - 1}, 400, "'seed' must be an integer from"),
 ])
 def test_bad_requests_get_openai_style_errors(server, body, status, message):
     ctx, api, url = server
