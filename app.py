@@ -170,6 +170,10 @@ def create(args: argparse.Namespace, kit=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # A host stops the app with SIGTERM (docker stop, a Space restart, systemd): handled as
+    # Ctrl-C is, from the start (a first start converts models for minutes), so the server
+    # closes and exit handlers remove the app's temp folders
+    signal.signal(signal.SIGTERM, _interrupt)
     configure_environment()
     import mmcore
 
@@ -179,6 +183,9 @@ def main(argv=None) -> int:
     except mmcore.MmcoreError as exc:
         print(f"mmcore: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mmcore: stopped while starting", file=sys.stderr)
+        return 130
     from demos import launch_kwargs
 
     demo, ctx = create(args, kit)
@@ -193,9 +200,6 @@ def main(argv=None) -> int:
         # as many API generations at once as the generate lane runs (they share decode
         # steps in the scheduler); one at a time without batching
         openai_api.mount(server, ctx, running=ctx.lanes.get("generate", 1))
-    # A host stops the app with SIGTERM (docker stop, a Space restart, systemd): handled as
-    # Ctrl-C is, so the server closes and exit handlers remove the app's temp folders
-    signal.signal(signal.SIGTERM, _interrupt)
     demo.block_thread()
     return 0
 

@@ -14,6 +14,7 @@ to fetch (removed when the session ends, or after it has been idle a while). A d
 session and one for the whole server bound them; extracted zip bytes count against it.
 """
 
+import asyncio
 import hashlib
 import os
 import re
@@ -90,6 +91,8 @@ def uploaded_list(values, what: str, limit: int) -> list:
 class SessionFiles:
     """Per-request and per-session folders with a disk quota (see the module doc)."""
 
+    EMPTY_AFTER = 600.0         # seconds before an emptied upload folder is removed
+
     def __init__(self, root: Path, session_bytes: int, total_bytes: int,
                  idle_seconds: float = 6 * 3600):
         self.root = Path(root)
@@ -134,9 +137,10 @@ class SessionFiles:
         return folder
 
     def budget(self, request) -> int:
-        """Bytes this session may still write (its own quota and the server's)."""
+        """Bytes this session may still write: its own quota, and the server's, which all of
+        Gradio's folder counts against (uploads, outputs, every session's files)."""
         mine = size_of(self.session(request))
-        return min(self.session_bytes - mine, self.total_bytes - size_of(self.root))
+        return min(self.session_bytes - mine, self.total_bytes - size_of(self.root.parent))
 
     def end(self, request) -> None:
         """The session ended: everything it made goes."""
@@ -151,6 +155,15 @@ class SessionFiles:
             if not force and now - self._swept < 60:
                 return
             self._swept = now
+        uploads = self.root.parent
+        for folder in uploads.iterdir() if uploads.is_dir() else ():
+            # Gradio's cache cleanup deletes old uploads but leaves their (hash) folders
+            try:
+                if UPLOAD_FOLDER.match(folder.name) and \
+                        now - folder.stat().st_mtime > self.EMPTY_AFTER:
+                    folder.rmdir()                     # only when empty
+            except OSError:
+                pass
         if not self.root.is_dir():
             return
         for folder in self.root.glob("s-*"):
@@ -168,31 +181,44 @@ class UploadLimit:
     everything else in Gradio's folder (`root`: our session files, outputs), at most
     `total_bytes()` (507 past it: each request under its own cap, one client wrote 1.5 GB
     in 14 s). The size must be declared (Content-Length; a chunked upload of unknown size
-    is refused), so nothing is written before the checks. The folder's size is measured at
-    most every RECOUNT seconds; uploads accepted in between are added to it."""
+    is refused), so nothing is written before the checks.
+
+    The folder is measured (in a worker thread, never on the event loop) at most every
+    RECOUNT seconds; every request accepted since a measurement began, finished or still
+    streaming in, counts at its declared size on top of it (a slow upload's bytes are not
+    on disk yet when the folder is measured; counting them twice is the safe side)."""
 
     RECOUNT = 2.0
 
     def __init__(self, app, max_bytes: int, total_bytes=None, root=None):
         self.app, self.max_bytes = app, max_bytes
         self.total_bytes, self.root = total_bytes, root
-        self._lock = threading.Lock()
-        self._counted = (-1e9, 0)           # (when, bytes)
+        self._measuring = asyncio.Lock()
+        self._measured_at, self._measured = -1e9, 0
+        self._after = 0                 # declared bytes accepted since the measurement began
+        self._in_flight = 0             # declared bytes of accepted requests not finished
 
-    def _room(self, declared: int) -> bool:
+    def _size(self) -> int:
+        root = Path(self.root() if callable(self.root) else self.root)
+        return size_of(root) if root.is_dir() else 0
+
+    async def _take(self, declared: int) -> bool:
         """Take `declared` bytes of the folder's quota if they fit."""
         if self.total_bytes is None:
+            self._in_flight += declared
             return True
-        limit = int(self.total_bytes())
-        with self._lock:
-            when, used = self._counted
-            if time.monotonic() - when > self.RECOUNT:
-                root = Path(self.root() if callable(self.root) else self.root)
-                when, used = time.monotonic(), size_of(root) if root.is_dir() else 0
-            if used + declared > limit:
-                self._counted = (when, used)
+        import anyio
+
+        async with self._measuring:
+            if time.monotonic() - self._measured_at > self.RECOUNT:
+                streaming = self._in_flight
+                measured = await anyio.to_thread.run_sync(self._size)
+                self._measured_at, self._measured = time.monotonic(), measured
+                self._after = streaming
+            if self._measured + self._after + declared > int(self.total_bytes()):
                 return False
-            self._counted = (when, used + declared)
+            self._after += declared
+            self._in_flight += declared
             return True
 
     async def __call__(self, scope, receive, send):
@@ -202,13 +228,17 @@ class UploadLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if not declared.isdigit():
             return await _refuse(send, 411, b"Uploads must declare their size.")
-        if int(declared) > self.max_bytes:
+        size = int(declared)
+        if size > self.max_bytes:
             return await _refuse(send, 413, f"An upload request may carry at most "
                                             f"{self.max_bytes // 2**20} MB.".encode())
-        if not self._room(int(declared)):
+        if not await self._take(size):
             return await _refuse(send, 507, b"The server's upload space is full; try again "
                                             b"in a while.")
-        return await self.app(scope, receive, send)
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self._in_flight -= size
 
 
 async def _refuse(send, status: int, body: bytes) -> None:

@@ -198,12 +198,17 @@ def build(ctx: AppContext) -> None:
                     accum_steps=as_number(accum, "Accumulation steps", integer=True),
                     seed=as_number(seed, "Seed", 0, 2**32 - 1, integer=True))
 
-    def begin(run, request) -> None:
-        """Make `run` the job (the caller holds job.lock)."""
+    def begin(run, request) -> str:
+        """Make `run` the job (the caller holds job.lock); returns its resume key."""
         job.stop.clear()
         job.rows, job.result, job.error, job.name = [], None, "", run.name
         job.owner = getattr(request, "session_hash", None)
-        ctx.data.claim(run, session_owner(request))
+        return ctx.data.claim(run, session_owner(request))
+
+    def owned(status: str, key: str) -> str:
+        """The status as the page that runs the job sees it: with the run's resume key."""
+        return (f"{status}\n\nResume key of this run: `{key}` (a page reload starts a new "
+                "session: with the key, that page can resume the run if it is cut short).")
 
     def failed(run, exc) -> None:
         job.error = str(exc) if isinstance(exc, mmcore.MmcoreError) else \
@@ -220,10 +225,10 @@ def build(ctx: AppContext) -> None:
             ctx.forget_kit(run.name)
             ctx.checkpoints[run.name] = str(out)
 
-    def launch(run, data, request):
-        """Start `run` in the job's thread (the caller holds job.lock)."""
+    def launch(run, data, request) -> str:
+        """Start `run` in the job's thread (the caller holds job.lock); its resume key."""
         out = ctx.data.model(run)
-        begin(run, request)
+        key = begin(run, request)
 
         def work():
             try:
@@ -236,6 +241,7 @@ def build(ctx: AppContext) -> None:
 
         job.thread = threading.Thread(target=work, name="mmcore-train", daemon=True)
         job.thread.start()
+        return key
 
     @gpu_task(GPU_SECONDS)
     def train_chunk(data: str, out: str, options: dict, resume: str):
@@ -243,7 +249,7 @@ def build(ctx: AppContext) -> None:
         return mmcore.finetune(ctx.kit, data, out, resume=resume, time_budget=CHUNK_SECONDS,
                                **options)
 
-    def in_chunks(run, data, request):
+    def in_chunks(run, data, request, key):
         """ZeroGPU: the run as GPU calls made from this request (the caller holds job.lock
         for the start only); progress is streamed after each call."""
         out, result = ctx.data.model(run), None
@@ -253,16 +259,17 @@ def build(ctx: AppContext) -> None:
                     "auto", job.stop):
                 job.rows = list(result.history)
                 rows = list(job.rows)
-                yield job.status(), loss_frame(rows), metrics_frame(rows), gr.skip(), gr.skip()
+                yield owned(job.status(), key), loss_frame(rows), metrics_frame(rows), \
+                    gr.skip(), gr.skip()
             if result is not None:
                 ended(run, out, result)
         except Exception as exc:  # noqa: BLE001 - shown to every user, logged
             failed(run, exc)
         finally:
             job.in_chunks = False   # a closed request leaves its run "running": resumable
-        yield from final(request)
+        yield from final(request, key)
 
-    def final(request):
+    def final(request, key):
         zipped = None
         if job.result is not None and job.result.checkpoint is not None:
             target = ctx.files.download(request, f"{job.name}.zip")
@@ -271,31 +278,33 @@ def build(ctx: AppContext) -> None:
             with zipfile.ZipFile(zipped, "a") as zf:
                 zf.writestr("HOW-TO-LOAD.txt", HOW_TO_LOAD.format(name=job.name))
         rows = list(job.rows)
-        yield job.status(), loss_frame(rows), metrics_frame(rows), compare(job.result), zipped
+        cut = job.result is None or job.result.stopped          # it may be resumed
+        yield owned(job.status(), key) if cut else job.status(), loss_frame(rows), \
+            metrics_frame(rows), compare(job.result), zipped
 
-    def follow(request):
+    def follow(request, key):
         """Stream the job's progress; if this request goes away first, the job stops."""
         done = False
         try:
             while job.running:
                 rows = list(job.rows)
-                yield job.status(), loss_frame(rows), metrics_frame(rows), gr.skip(), gr.skip()
+                yield owned(job.status(), key), loss_frame(rows), metrics_frame(rows), \
+                    gr.skip(), gr.skip()
                 time.sleep(1.0)
             done = True
         finally:
             if not done:
                 job.stop.set()
-        yield from final(request)
+        yield from final(request, key)
 
     def run_job(run, data, request):
         """The job in this server's way: GPU calls on ZeroGPU, else a background thread
         (the caller holds job.lock; it is released before the streaming starts)."""
         if on_zero_gpu():
-            begin(run, request)
+            key = begin(run, request)
             job.in_chunks = True            # the job is taken before the lock goes
-            return in_chunks(run, data, request)
-        launch(run, data, request)
-        return follow(request)
+            return in_chunks(run, data, request, key)
+        return follow(request, launch(run, data, request))
 
     @guarded
     def start(file=None, use_demo=False, epochs=5, batch_size=32, lr=1e-3, weight_decay=0.05,
@@ -308,6 +317,11 @@ def build(ctx: AppContext) -> None:
             if job.running:
                 raise InputError(job.status() + " Only one training job runs at a time.")
             left = ctx.data_left()
+            if left <= 0:    # runs cut short keep their data (up to a GB): oldest go first
+                freed = ctx.data.free_cut_short(1 - left)
+                if freed:
+                    log.info("data dir full: dropped the data of cut-short runs %s", freed)
+                left = ctx.data_left()
             if left <= 0:
                 raise InputError(
                     f"This server's storage for fine-tuned models is full "
@@ -324,18 +338,21 @@ def build(ctx: AppContext) -> None:
         yield from stream
 
     @guarded
-    def resume(name: str | None = None, request: gr.Request = None):
+    def resume(name: str | None = None, key: str = "", request: gr.Request = None):
         """Resume a run that was cut short (the server stopped, or its user stopped it),
-        from its last checkpoint, with the same data and options."""
+        from its last checkpoint, with the same data and options: in the session that ran
+        it, with its resume key, or by anyone after a server restart."""
         with job.lock:
             if job.running:
                 raise InputError(job.status() + " Only one training job runs at a time.")
-            if name not in ctx.resumable(request):
-                if name in [r.name for r in ctx.data.cut_short()]:
-                    raise InputError(f"Run {str(name)[:80]!r} was cut short in another "
-                                     "session; only that session can resume it (anyone "
-                                     "can after the server restarts).")
+            cut = {r.name: r for r in ctx.data.cut_short()}
+            if not isinstance(name, str) or name not in cut:
                 raise InputError(f"No run named {str(name)[:80]!r} can be resumed.")
+            if not ctx.data.may_resume(cut[name], session_owner(request),
+                                       key if isinstance(key, str) else None):
+                raise InputError(f"Run {name!r} was cut short in another session: give its "
+                                 "resume key (shown on the page that ran it), or wait for a "
+                                 "server restart.")
             run = ctx.data.load(name)
             run.state = "running"
             ctx.data.save(run)
@@ -406,6 +423,8 @@ def build(ctx: AppContext) -> None:
         runs = gr.Dropdown(ctx.resumable(), label="Runs cut short (resume from the last "
                                                   "checkpoint)", value=None,
                            allow_custom_value=True)
+        resume_key = gr.Textbox(label="Resume key (shown on the page that ran it)",
+                                value="", max_length=40)
         again = gr.Button("Resume")
     status_md = gr.Markdown(job.status(), label="Status")
     with gr.Row():
@@ -426,7 +445,7 @@ def build(ctx: AppContext) -> None:
     go.click(start, [file, use_demo, epochs, batch_size, lr, weight_decay, warmup, parts, accum,
                      seed, run_name], outputs, api_name="train", preprocess=False,
              concurrency_id="train", concurrency_limit=4)
-    again.click(resume, [runs], outputs, api_name="resume_training",
+    again.click(resume, [runs, resume_key], outputs, api_name="resume_training",
                 concurrency_id="train", concurrency_limit=4)
     runs.focus(resumable, None, runs, api_visibility="private")
     halt.click(stop, None, status_md, api_name="stop_training")

@@ -10,10 +10,12 @@ half-written `.tmp-*` / `.old-*` folders (left by a write that was killed), list
 models, and offers to resume runs that were still running when the server stopped.
 """
 
+import hashlib
 import hmac
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -60,6 +62,7 @@ class Run:
     message: str = ""                   # why it failed, shown to users
     owner: str = ""                     # a digest of the session that ran it last
     boot: str = ""                      # the server process (`DataDir.boot`) that ran it
+    key: str = ""                       # a digest of its resume key (shown to its owner)
 
 
 class DataDir:
@@ -156,18 +159,43 @@ class DataDir:
                 out[folder.name] = str(folder)
         return out
 
-    def claim(self, run: Run, owner: str | None) -> None:
-        """`owner` (a digest of a session) runs `run` now, in this server process."""
-        run.owner, run.boot = owner or "", self.boot
+    def claim(self, run: Run, owner: str | None) -> str:
+        """`owner` (a digest of a session) runs `run` now, in this server process; returns
+        a new resume key for it (only its digest is kept): with it, another page (a reload
+        makes a new session) may resume the run."""
+        key = secrets.token_urlsafe(9)
+        run.owner, run.boot, run.key = owner or "", self.boot, _digest(key)
         self.save(run)
+        return key
 
-    def may_resume(self, run: Run, owner: str | None) -> bool:
-        """Only the session that ran it may resume a run, while this server process lives
-        (another session would take the job over: its owner could no longer stop it, and
-        the run would overwrite the owner's model). A run of an earlier process, or one
-        nobody claimed, is anyone's: the session that ran it is gone."""
-        return run.boot != self.boot or not run.owner or (
-            owner is not None and hmac.compare_digest(run.owner, owner))
+    def may_resume(self, run: Run, owner: str | None, key: str | None = None) -> bool:
+        """Only the session that ran it, or whoever holds its resume key, may resume a run
+        while this server process lives (anyone else would take the job over: its owner
+        could no longer stop it, and the run would overwrite the owner's model). A run of
+        an earlier process, or one nobody claimed, is anyone's: its session is gone."""
+        if run.boot != self.boot or not run.owner:
+            return True
+        if owner is not None and hmac.compare_digest(run.owner.encode(), owner.encode()):
+            return True
+        return bool(key) and bool(run.key) and hmac.compare_digest(
+            run.key.encode(), _digest(str(key)).encode())
+
+    def free_cut_short(self, needed: int, keep=()) -> list:
+        """Drop the data of runs cut short, oldest first, until `needed` bytes are freed
+        (their models stay; they can no longer resume). The data dir's scratch: a stopped
+        run keeps up to a GB of training data. Returns their names."""
+        from .archives import size_of
+
+        freed, names = 0, []
+        for run in sorted(self.cut_short(), key=lambda r: r.started):
+            if freed >= needed:
+                break
+            if run.name in keep:
+                continue
+            freed += size_of(self.data(run))
+            shutil.rmtree(self.data(run), ignore_errors=True)
+            names.append(run.name)
+        return names
 
     def cut_short(self) -> list:
         """Runs that stopped before they finished (the server went down, or their user
@@ -178,3 +206,7 @@ class DataDir:
     def resumable(self, owner: str | None = None) -> list:
         """Names of the runs cut short that `owner` may resume."""
         return [r.name for r in self.cut_short() if self.may_resume(r, owner)]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]

@@ -173,7 +173,7 @@ def _top_p(logits: torch.Tensor, ordered: torch.Tensor, order: torch.Tensor, top
         if len(ordered) < logits.numel() and not bool(cumulative[-1] > top_p):
             ordered, order = logits.sort(descending=True)       # the cut lies further down
             cumulative = (ordered.double() - total).exp().cumsum(-1)
-    drop = cumulative > top_p
+    drop = cumulative >= top_p          # as transformers: mass above a token >= top_p: out
     drop[1:] = drop[:-1].clone()        # keep the token that crosses top_p
     drop[0] = False
     return ordered[~drop], order[~drop]
@@ -186,6 +186,9 @@ def draw(logits: torch.Tensor, generator: torch.Generator) -> int:
     drawn."""
     probs = logits.softmax(-1)
     cdf = probs.cumsum(-1, dtype=torch.float64)
+    if not bool(torch.isfinite(cdf[-1])):          # NaN or +inf logits: a broken model
+        raise InputError("The model's scores for the next token are not finite numbers "
+                         "(NaN or infinity); it cannot be sampled.")
     u = torch.rand((), generator=generator, device=generator.device, dtype=torch.float64)
     token = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
     if token >= probs.numel() or not bool(probs[token] > 0):   # u * total rounded up to total

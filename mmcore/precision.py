@@ -287,7 +287,8 @@ class SharedInputPart(nn.Module):
     `DynamicInt8Linear` product. The first part called with an input runs the product for
     all (one quantisation of the input, one int8 matmul); the others called with the very
     same tensor take their slices of it. An input it has not seen (or a part asked twice)
-    runs the product again, so a part is always right, only slower. Per-row quantisation
+    runs the product again, so a part is right, only slower, unless the input is changed
+    in place between its parts (no model family here does that). Per-row quantisation
     and exact integer sums make each slice equal, bit for bit, to the part's own product.
     The products in flight are per thread: concurrent forwards never mix."""
 

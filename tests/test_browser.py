@@ -211,8 +211,12 @@ STOP_WHILE_STREAMING = """() => new Promise(done => {
   const button = (name) => [...document.querySelectorAll('button')].find(
       b => b.innerText.trim() === name && b.offsetParent !== null && b.classList.contains('lg'));
   const line = () => document.body.innerText.match(/^(\\d{2,}|[2-9]) tokens ·(?!.*finished).*$/m);
+  const over = () => document.body.innerText.match(/^\\d+ tokens ·.*finished.*$/m);
+  const before = over() && over()[0];                   // the last run's line, still shown
+  const ended = () => over() && over()[0] !== before && over();
   const check = () => {
     const m = line();
+    if (!m && ended()) return done({disabled: null, line: ended()[0]});   // over too soon
     if (!m) return requestAnimationFrame(check);
     const disabled = button('Generate').disabled;
     button('Stop').click();
@@ -238,8 +242,10 @@ def test_generate_flow(browser, served):
     wait_text(page, r"finished: length")
     assert view.count() == 40
     # a second, long run: Generate is disabled while it streams, tokens/s reads live
+    # (greedy: the tiny random model runs all 1000 tokens; a sampled run may draw its EOS)
     panel.get_by_label("Prompt").fill("once upon a time")
     set_number(panel, "Max new tokens", 1000)
+    set_number(panel, "Temperature (0 = greedy)", 0)
     go.click()
     # the moment a few tokens are on screen (in the page, so Stop lands mid-run): is Generate
     # disabled, does tokens/s read live; then Stop

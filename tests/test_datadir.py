@@ -55,6 +55,29 @@ def test_a_cut_run_resumes_only_in_its_own_session_until_the_server_restarts(tmp
                                                                                "by-hand"}
 
 
+def test_a_resume_key_opens_a_run_to_another_session_and_full_data_drops_scratch_first(
+        tmp_path):
+    data = DataDir(tmp_path)
+    data.prepare()
+    old, new = data.new_run({}, "old"), data.new_run({}, "new")
+    old.started, new.started = 1.0, 2.0
+    keys = {run.name: data.claim(run, "session-a") for run in (old, new)}
+    for run in (old, new):
+        data.data(run).mkdir()
+        (data.data(run) / "images.bin").write_bytes(b"\0" * 1000)
+        complete_model(data.model(run))
+        data.finish(run, "stopped")
+    assert data.resumable("session-b") == []
+    assert data.may_resume(data.load("old"), "session-b", keys["old"])
+    assert not data.may_resume(data.load("old"), "session-b", keys["new"])
+    assert not data.may_resume(data.load("old"), "session-b", "")
+    assert "old" not in data.load("old").key                 # only a digest is kept
+    # the data dir is full: the oldest cut-short run's data goes, its model stays
+    assert data.free_cut_short(500) == ["old"]
+    assert data.resumable("session-a") == ["new"]
+    assert set(data.finished_models()) == {"old", "new"}
+
+
 def test_a_run_takes_the_users_name_or_refuses_it(tmp_path):
     from mmcore import InputError
     from mmcore.datadir import DataDir

@@ -198,6 +198,22 @@ def test_a_drawn_token_follows_the_distribution_and_the_seed():
     one = torch.full((vocab,), float("-inf"))
     one[123] = 0.0
     assert {G.draw(one, g) for _ in range(50)} == {123}
+    for broken in (float("nan"), float("inf")):              # a broken model: an error
+        bad = torch.zeros(10)
+        bad[3] = broken
+        with pytest.raises(mmcore.InputError, match="not finite"):
+            G.draw(bad, g)
+
+
+def test_top_p_keeps_what_transformers_keeps_at_an_exact_boundary():
+    from transformers import TopPLogitsWarper
+
+    for logits, top_p in (([0.0, 0.0], 0.5), ([0.0, 0.0, 0.0, 0.0], 0.5),
+                          ([1.0, 1.0, 0.0], 0.5)):
+        x = torch.tensor(logits)
+        ours = G._process(x, None, G.SamplingParams(temperature=1.0, top_p=top_p).check())
+        theirs = TopPLogitsWarper(top_p)(None, x[None].clone())[0]
+        assert int(torch.isfinite(ours).sum()) == int(torch.isfinite(theirs).sum()), logits
 
 
 # ---------------------------------------------------------------- right answers (issue 12)

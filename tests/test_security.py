@@ -4,6 +4,7 @@ the attack against the running app (tiny kit) through gradio_client and raw HTTP
 import io
 import json
 import secrets
+import re
 import tempfile
 import time
 import zipfile
@@ -225,21 +226,38 @@ def test_only_the_owner_resumes_a_run_it_stopped(served):
                 "step" in str(o[0]) for o in job.outputs()):
             time.sleep(0.2)
         owner.predict(api_name="/stop_training")
-        assert "stopped" in job.result(timeout=120)[0]
+        status = job.result(timeout=120)[0]
+        assert "stopped" in status
+        key = re.search(r"Resume key of this run: `([^`]+)`", status).group(1)
         name = "owned-run"
         assert name not in stranger.predict(api_name="/kit_info")["resumable"]
         assert name in owner.predict(api_name="/kit_info")["resumable"]
-        with pytest.raises(Exception, match="another session"):
-            stranger.predict(name, api_name="/resume_training")
+        for wrong in ("", "guess", key[:-1]):
+            with pytest.raises(Exception, match="another session"):
+                stranger.predict(name, wrong, api_name="/resume_training")
         assert not ctx.training.running
-        again = owner.submit(name, api_name="/resume_training")
+        again = owner.submit(name, "", api_name="/resume_training")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not ctx.training.running:
             time.sleep(0.1)
         with pytest.raises(Exception, match="started"):
             stranger.predict(api_name="/stop_training")
         owner.predict(api_name="/stop_training")
-        assert "stopped" in again.result(timeout=120)[0]
+        status = again.result(timeout=120)[0]
+        assert "stopped" in status
+        # the owner's page reloaded (a new session): its resume key still opens the run
+        key = re.search(r"Resume key of this run: `([^`]+)`", status).group(1)
+        reloaded = Client(url, verbose=False)
+        try:
+            third = reloaded.submit(name, key, api_name="/resume_training")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not ctx.training.running:
+                time.sleep(0.1)
+            assert ctx.training.running
+            reloaded.predict(api_name="/stop_training")          # its job now
+            assert "stopped" in third.result(timeout=120)[0]
+        finally:
+            reloaded.close()
     finally:
         owner.close()
         stranger.close()

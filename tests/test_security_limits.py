@@ -189,6 +189,51 @@ def test_uploads_together_are_capped(served):
                       timeout=30).status_code == 200
 
 
+def test_uploads_still_streaming_in_count_against_the_cap(tmp_path):
+    """A slow upload's bytes are not on disk when the folder is measured: accepted uploads
+    count at their declared size until they end, whatever the measurements say."""
+    import asyncio
+
+    from demos.files import UploadLimit
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def slow_app(scope, receive, send):        # Gradio, writing a slow body
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        limit = UploadLimit(slow_app, max_bytes=600, total_bytes=lambda: 1000, root=tmp_path)
+        limit.RECOUNT = 0                                 # measure before every request
+        statuses = []
+
+        async def upload(size):
+            sent = []
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    sent.append(message["status"])
+
+            scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload",
+                     "headers": [(b"content-length", str(size).encode())]}
+            await limit(scope, None, send)
+            statuses.append((size, sent[0]))
+
+        first = asyncio.create_task(upload(500))
+        second = asyncio.create_task(upload(450))
+        await asyncio.sleep(0.05)
+        await upload(500)                  # 500 + 450 still streaming: no room for 500
+        release.set()
+        await asyncio.gather(first, second)
+        (tmp_path / "landed.bin").write_bytes(b"\0" * 950)      # what they wrote
+        await upload(100)                  # measured: 950 on disk, nothing in flight
+        return statuses
+
+    statuses = asyncio.run(scenario())
+    assert statuses == [(500, 507), (500, 200), (450, 200), (100, 507)], statuses
+
+
 def test_training_stops_taking_runs_when_the_data_dir_is_full(tiny_kit, tmp_path):
     """Fine-tuned models outlive restarts, so nothing removes them: past the data dir's
     quota (--data-disk-mb) a new run is refused with a clear message, and nothing saved
@@ -207,6 +252,16 @@ def test_training_stops_taking_runs_when_the_data_dir_is_full(tiny_kit, tmp_path
                            api_name="/train")
         assert sorted(p.name for p in (data_dir / "models").iterdir()) == saved
         assert "first" in client.predict(api_name="/kit_info")["finetuned"]
+        # what fills it is a cut-short run's training data (scratch): that goes first
+        (data_dir / "operator-notes.bin").unlink()
+        cut = ctx.data.new_run({}, "cut")
+        ctx.data.data(cut).mkdir()
+        (ctx.data.data(cut) / "big.bin").write_bytes(b"\0" * 2**20)
+        ctx.data.finish(cut, "stopped")
+        assert "finished" in client.predict(None, True, 1, 16, 1e-3, 0.05, 0.1, "projections",
+                                            1, 0, "second", api_name="/train")[0]
+        assert not ctx.data.data(cut).exists() and "cut" not in ctx.data.resumable(None)
+        assert sorted(p.name for p in (data_dir / "models").iterdir()) == saved + ["second"]
     finally:
         client.close()
         demo.close()
