@@ -83,6 +83,8 @@ class AppContext:
         # other's sessions (app.py gives each start a fresh GRADIO_TEMP_DIR anyway)
         self.files = SessionFiles(Path(get_upload_folder()) / f"mmcore-{uuid.uuid4().hex[:8]}",
                                   self.session_disk_mb * MB, self.total_disk_mb * MB)
+        # its sessions end with the process (an operator's GRADIO_TEMP_DIR outlives it)
+        atexit.register(shutil.rmtree, self.files.root, True)
 
     @property
     def session_disk_bytes(self) -> int:
