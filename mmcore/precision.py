@@ -292,12 +292,19 @@ class SharedInputPart(nn.Module):
     and exact integer sums make each slice equal, bit for bit, to the part's own product.
     The products in flight are per thread: concurrent forwards never mix."""
 
-    def __init__(self, fused: "DynamicInt8Linear", index: int, start: int, end: int,
+    def __init__(self, owner: nn.Module, fused_name: str, index: int, start: int, end: int,
                  parts: int):
         super().__init__()
-        object.__setattr__(self, "fused", fused)        # registered once, on the parent
-        self.index, self.start, self.end, self.parts = index, start, end, parts
-        self.in_features, self.out_features = fused.in_features, end - start
+        # the fused module is registered once, on the parent (`owner`), and found there at
+        # every call: whatever replaces it there (a copy's, a converted one) is what runs
+        object.__setattr__(self, "_owner", owner)
+        self.fused_name, self.index, self.start, self.end = fused_name, index, start, end
+        self.parts = parts
+        self.in_features, self.out_features = self.fused.in_features, end - start
+
+    @property
+    def fused(self) -> "DynamicInt8Linear":
+        return getattr(self._owner, self.fused_name)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -317,10 +324,11 @@ class SharedInputPart(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         live = _shared_products.__dict__.setdefault("live", {})
-        key = id(self.fused)
+        fused = self.fused
+        key = id(fused)
         entry = live.get(key)
         if entry is None or entry[0] is not x or self.index in entry[2]:
-            entry = live[key] = (x, self.fused(x), set())
+            entry = live[key] = (x, fused(x), set())
         entry[2].add(self.index)
         if len(entry[2]) == self.parts:             # every part served: let go of it
             del live[key]
@@ -347,14 +355,22 @@ def fuse_shared_inputs(module: nn.Module) -> int:
             fused = DynamicInt8Linear(torch.cat([lin.qweight_t.T for lin in linears]),
                                       torch.cat([lin.scales for lin in linears]), bias,
                                       linears[0].passes)
-            parent.add_module("fused_" + "_".join(names), fused)
-            start = 0
-            for index, (name, lin) in enumerate(zip(names, linears)):
-                setattr(parent, name, SharedInputPart(fused, index, start,
-                                                      start + lin.out_features, len(names)))
-                start += lin.out_features
+            install_fused(parent, names, fused, [lin.out_features for lin in linears])
             fused_groups += 1
     return fused_groups
+
+
+def install_fused(parent: nn.Module, names: tuple, fused: "DynamicInt8Linear",
+                  sizes: list) -> None:
+    """Register `fused` on `parent` as `fused_<names>` and make each of `names` a
+    `SharedInputPart` of it (its `sizes[i]` output columns, in order)."""
+    fused_name = "fused_" + "_".join(names)
+    parent.add_module(fused_name, fused)
+    start = 0
+    for index, (name, size) in enumerate(zip(names, sizes)):
+        setattr(parent, name, SharedInputPart(parent, fused_name, index, start, start + size,
+                                              len(names)))
+        start += size
 
 
 def dynamic_int8_pays() -> bool:

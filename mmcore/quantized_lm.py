@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .precision import (DynamicInt8Linear, Int4Linear, Int8Linear, dynamic_int8_pays,
-                        fuse_shared_inputs, int8_scales, quantize_int8, replace_linears)
+from .precision import (SHARED_INPUT_GROUPS, DynamicInt8Linear, Int4Linear, Int8Linear,
+                        dynamic_int8_pays, fuse_shared_inputs, install_fused, int8_scales,
+                        quantize_int8, replace_linears)
 
 # GGUF tensor name (per block) -> transformers Llama module name (per layer)
 _LLAMA_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -206,9 +207,19 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
         return None
 
     twin = _sharing_copy(model)
+    # q/k/v and gate/up: one product each (its prefill twin, a copy, shares them), from
+    # weights stored fused (made from separate ones they would double their memory at load:
+    # the allocator keeps what the separate ones freed, +55 MB of RSS)
+    for parent_name, parent in list(twin.named_modules()):
+        for names in SHARED_INPUT_GROUPS:
+            key = f"{parent_name}.fused_{'_'.join(names)}"
+            if f"{key}.qweight" in tensors and all(hasattr(parent, n) for n in names):
+                install_fused(parent, names,
+                              DynamicInt8Linear(tensors[f"{key}.qweight"], tensors[f"{key}.scales"]),
+                              [getattr(parent, n).out_features for n in names])
     replace_linears(twin, make, kinds=(nn.Linear, Int4Linear, Int8Linear, DynamicInt8Linear))
-    fuse_shared_inputs(twin)            # q/k/v and gate/up: one product each (its prefill
-    twin.config.tie_word_embeddings = False     # twin, a copy, shares the fused weights)
+    fuse_shared_inputs(twin)                # groups not stored fused
+    twin.config.tie_word_embeddings = False
     _twins[model] = twin
     return twin
 
@@ -222,12 +233,19 @@ def gguf_twin_tensors(gguf_path, model) -> dict:
     head = model.get_output_embeddings()
     stat = Path(gguf_path).stat()
     key = (f"{Path(gguf_path).name}:{stat.st_size}:{int(stat.st_mtime)}:"
-           f"{type(head).__name__}:int8-twin-v2")
+           f"{type(head).__name__}:int8-twin-v3")
 
     def build() -> dict:
         out = {}
         for name, raw in read_q4_1(gguf_path, model.config).items():
             out[f"{name}.qweight"], out[f"{name}.scales"] = quantize_int8(dequantized(raw))
+        for parent in sorted({n.rsplit(".", 2)[0] for n in out}):      # stored fused
+            for names in SHARED_INPUT_GROUPS:
+                parts = [f"{parent}.{n}" for n in names]
+                if all(f"{p}.qweight" in out for p in parts):
+                    key = f"{parent}.fused_{'_'.join(names)}"
+                    for what in ("qweight", "scales"):
+                        out[f"{key}.{what}"] = torch.cat([out.pop(f"{p}.{what}") for p in parts])
         if isinstance(head, nn.Linear):
             out["lm_head.qweight"], out["lm_head.scales"] = quantize_int8(head.weight.detach())
         elif isinstance(head, Int8Linear):   # int8 already (from the tied table): the same

@@ -74,6 +74,14 @@ def test_linears_reading_one_input_run_as_one_product_bit_for_bit(passes, family
     x = torch.randn(2, 5, part.in_features)
     assert torch.equal(part(x), alone[name](x))
     assert torch.equal(part.weight, alone[name].weight)
+    # whatever replaces the fused module on the parent is what every part runs (a prefill
+    # twin's copy turns it to two passes; a converter may swap it for a new module)
+    owner = part._owner
+    fused_name = part.fused_name
+    old = getattr(owner, fused_name)
+    setattr(owner, fused_name, precision.DynamicInt8Linear(old.qweight_t.T, old.scales, old.bias,
+                                                           3 - old.passes))
+    assert torch.equal(part(x), getattr(owner, fused_name)(x)[..., part.start:part.end])
 
 
 def test_fused_products_are_per_thread(tiny_kit):
