@@ -2,6 +2,7 @@
 
 import io
 import stat
+import tempfile
 import zipfile
 
 import pytest
@@ -19,7 +20,8 @@ def make_zip(path, entries):
     return path
 
 
-def test_good_entries_extract_and_bad_ones_are_listed(tmp_path):
+def test_good_entries_extract_and_bad_ones_are_listed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # its default folder: here
     link = zipfile.ZipInfo("link.png")
     link.external_attr = (stat.S_IFLNK | 0o777) << 16
     z = make_zip(tmp_path / "a.zip", [
@@ -37,6 +39,7 @@ def test_good_entries_extract_and_bad_ones_are_listed(tmp_path):
 
 
 def test_whole_archive_limits(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     (tmp_path / "junk.zip").write_bytes(b"not a zip")
     with pytest.raises(InputError, match="Not a readable .zip"):
         archives.safe_extract(tmp_path / "junk.zip")

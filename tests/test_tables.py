@@ -1,6 +1,7 @@
 """User CSV files: encodings, odd rows and limits; formula cells neutralised on export."""
 
 import csv
+import tempfile
 
 import pytest
 
@@ -43,7 +44,8 @@ def test_limits(tmp_path):
         tables.read_csv(path, ["first", "second"])
 
 
-def test_export_neutralises_formulas(tmp_path):
+def test_export_neutralises_formulas(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # its default folder: here
     out = tables.write_csv([{"a": "=HYPERLINK(\"x\")", "b": "+1"}, {"a": "@SUM", "b": "ok"}],
                            ["a", "b"])
     with open(out, encoding="utf-8") as f:
