@@ -72,10 +72,10 @@ def _captions(folder: Path, images: dict, report: DataReport) -> dict:
                 row = json.loads(line)
             except ValueError:
                 row = None
+            caption = row.get("caption", "") if isinstance(row, dict) else None
             if isinstance(row, dict) and isinstance(row.get("image"), str) and \
-                    isinstance(row.get("caption", ""), str):
-                out[_relative(jsonls[0].parent / row["image"].strip(), folder)] = \
-                    row.get("caption", "")
+                    isinstance(caption, (str, int, float)) and not isinstance(caption, bool):
+                out[_relative(jsonls[0].parent / row["image"].strip(), folder)] = str(caption)
             else:
                 report.notices.append(f"captions.jsonl line {n} is not an object with "
                                       "'image' and 'caption'; skipped.")

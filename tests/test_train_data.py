@@ -41,9 +41,10 @@ def test_utf16_csv_jsonl_and_sidecars(tmp_path):
     images(tmp_path / "j", ["x.png", "y.png"])
     (tmp_path / "j" / "captions.jsonl").write_text(
         json.dumps({"image": "x.png", "caption": "an x"}) + "\nnot json\n[1, 2]\n7\n\"y.png\"\n"
-        + json.dumps({"image": ["y.png"], "caption": "a list"}) + "\n")
+        + json.dumps({"image": ["y.png"], "caption": "a list"}) + "\n"
+        + json.dumps({"image": "y.png", "caption": 1984}) + "\n")      # a number: its text
     report = load_pairs(tmp_path / "j")
-    assert [p.caption for p in report.pairs] == ["an x"]
+    assert [p.caption for p in report.pairs] == ["an x", "1984"]
     skipped = [n for n in report.notices if "not an object" in n]      # JSON, not an object
     assert [n.split()[2] for n in skipped] == ["2", "3", "4", "5", "6"], report.notices
     images(tmp_path / "s", ["x.png"])
