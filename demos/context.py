@@ -25,7 +25,7 @@ from pathlib import Path
 import gradio as gr
 
 from mmcore import Kit, MmcoreError
-from mmcore.datadir import DataDir
+from mmcore.datadir import DataDir, digest
 
 from .files import SessionFiles
 
@@ -218,8 +218,9 @@ class AppContext:
 
     def data_left(self) -> int:
         """Bytes the data dir may still grow by (`data_disk_mb`); it holds what users made
-        to keep (fine-tuned models outlive restarts), so nothing there is ever pruned:
-        past the quota new runs are refused instead."""
+        to keep (fine-tuned models outlive restarts), so no model is pruned: past the quota
+        the training start drops cut-short runs' data (`DataDir.free_cut_short`), then
+        refuses."""
         from mmcore.archives import size_of
 
         if self.data_disk_mb <= 0:
@@ -264,11 +265,8 @@ class AppContext:
 def session_owner(request) -> str | None:
     """A digest of the session behind `request` (what a training run records as its
     owner; the session hash itself never goes to disk), or None without one."""
-    import hashlib
-
     key = getattr(request, "session_hash", None)
-    return hashlib.sha256(str(key).encode("utf-8", "replace")).hexdigest()[:32] if key \
-        else None
+    return digest(str(key)) if key else None
 
 
 def text_md(text) -> str:

@@ -15,7 +15,6 @@ session and one for the whole server bound them; extracted zip bytes count again
 """
 
 import asyncio
-import hashlib
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from mmcore import InputError
 from mmcore.archives import size_of
+from mmcore.datadir import digest
 
 UPLOAD_FOLDER = re.compile(r"^[0-9a-f]{64}$")
 MAX_NAME = 200
@@ -104,8 +104,7 @@ class SessionFiles:
     def session(self, request) -> Path:
         """This user session's folder (made on first use; its stamp marks it alive)."""
         key = getattr(request, "session_hash", None) or "anonymous"
-        digest = hashlib.sha256(str(key).encode("utf-8", "replace")).hexdigest()[:32]
-        folder = self.root / f"s-{digest}"
+        folder = self.root / f"s-{digest(str(key))}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / ".alive").touch()
         return folder

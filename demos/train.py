@@ -353,7 +353,7 @@ def build(ctx: AppContext) -> None:
                 raise InputError(f"Run {name!r} was cut short in another session: give its "
                                  "resume key (shown on the page that ran it), or wait for a "
                                  "server restart.")
-            run = ctx.data.load(name)
+            run = cut[name]
             run.state = "running"
             ctx.data.save(run)
             stream = run_job(run, ctx.data.data(run), request)

@@ -164,7 +164,7 @@ class DataDir:
         a new resume key for it (only its digest is kept): with it, another page (a reload
         makes a new session) may resume the run."""
         key = secrets.token_urlsafe(9)
-        run.owner, run.boot, run.key = owner or "", self.boot, _digest(key)
+        run.owner, run.boot, run.key = owner or "", self.boot, digest(key)
         self.save(run)
         return key
 
@@ -178,9 +178,9 @@ class DataDir:
         if owner is not None and hmac.compare_digest(run.owner.encode(), owner.encode()):
             return True
         return bool(key) and bool(run.key) and hmac.compare_digest(
-            run.key.encode(), _digest(str(key)).encode())
+            run.key.encode(), digest(str(key)).encode())
 
-    def free_cut_short(self, needed: int, keep=()) -> list:
+    def free_cut_short(self, needed: int) -> list:
         """Drop the data of runs cut short, oldest first, until `needed` bytes are freed
         (their models stay; they can no longer resume). The data dir's scratch: a stopped
         run keeps up to a GB of training data. Returns their names."""
@@ -190,8 +190,6 @@ class DataDir:
         for run in sorted(self.cut_short(), key=lambda r: r.started):
             if freed >= needed:
                 break
-            if run.name in keep:
-                continue
             freed += size_of(self.data(run))
             shutil.rmtree(self.data(run), ignore_errors=True)
             names.append(run.name)
@@ -208,5 +206,6 @@ class DataDir:
         return [r.name for r in self.cut_short() if self.may_resume(r, owner)]
 
 
-def _digest(text: str) -> str:
+def digest(text: str) -> str:
+    """A short sha256 digest of `text`: what is kept of a session or a key, never either."""
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]

@@ -207,9 +207,11 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
         return None
 
     twin = _sharing_copy(model)
+    replace_linears(twin, make, kinds=(nn.Linear, Int4Linear, Int8Linear, DynamicInt8Linear))
     # q/k/v and gate/up: one product each (its prefill twin, a copy, shares them), from
     # weights stored fused (made from separate ones they would double their memory at load:
-    # the allocator keeps what the separate ones freed, +55 MB of RSS)
+    # the allocator keeps what the separate ones freed, +55 MB of RSS); they replace the
+    # (shared 4-bit) modules `make` left there
     for parent_name, parent in list(twin.named_modules()):
         for names in SHARED_INPUT_GROUPS:
             key = f"{parent_name}.fused_{'_'.join(names)}"
@@ -217,7 +219,6 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
                 install_fused(parent, names,
                               DynamicInt8Linear(tensors[f"{key}.qweight"], tensors[f"{key}.scales"]),
                               [getattr(parent, n).out_features for n in names])
-    replace_linears(twin, make, kinds=(nn.Linear, Int4Linear, Int8Linear, DynamicInt8Linear))
     fuse_shared_inputs(twin)                # groups not stored fused
     twin.config.tie_word_embeddings = False
     _twins[model] = twin
