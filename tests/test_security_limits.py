@@ -230,7 +230,8 @@ def test_uploads_still_streaming_in_count_against_the_cap(tmp_path):
         await upload(100)                  # measured: 950 on disk, nothing in flight
         return statuses
 
-    statuses = asyncio.run(scenario())
+    # bounded: a middleware that lets the third upload through waits on `release` for ever
+    statuses = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert statuses == [(500, 507), (500, 200), (450, 200), (100, 507)], statuses
 
 
