@@ -30,6 +30,11 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 # transformers; tests/test_precision.py loads `fast` kits itself and gates them against these.
 os.environ.setdefault("MMCORE_PRECISION", "exact")
 _own_folder("GRADIO_TEMP_DIR", "mmcore-test-gradio-")
+# and every other temp file of the run, in this process and the apps it starts: gradio_client
+# downloads each file through a folder of its own in the temp dir that it never removes (a
+# full run left ~1,200 empty folders in /tmp)
+_own_folder("TMPDIR", "mmcore-test-tmp-", replace=True)
+tempfile.tempdir = None                     # gettempdir() reads TMPDIR again
 
 
 @pytest.fixture(scope="session")
