@@ -189,6 +189,9 @@ def main(argv=None) -> int:
     from demos import launch_kwargs
 
     demo, ctx = create(args, kit)
+    from mmcore.lanes import release_threads
+
+    release_threads()    # the main thread's OpenMP workers: model work runs in other threads
     ctx.start_housekeeping()
     if args.warm:
         ctx.start_warming()

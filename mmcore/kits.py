@@ -122,6 +122,9 @@ def get_loaded(spec: ModelSpec, role: str, device, precision: str = "exact"):
                     obj = _load(spec, role, device, precision)
             finally:
                 _loading.discard(key)
+                from .lanes import release_threads
+
+                release_threads()       # an idle OpenMP pool slows other threads' (lanes.py)
             _load_seconds[key] = time.perf_counter() - start
             _registry[key] = obj
         return _registry[key]
@@ -255,8 +258,10 @@ class Kit:
         causal LM (continuous batching). `config`: a `serving.ServingConfig` (None: defaults).
         The app does this; plain Python use decodes each call on its own."""
         from . import serving
+        from .lanes import release_threads
 
         self.serving = config or serving.ServingConfig()
+        release_threads()       # this thread's OpenMP workers would slow the scheduler's
         return self
 
     def stop_serving(self) -> None:

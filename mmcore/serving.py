@@ -21,8 +21,9 @@ log-probability (no alternatives) and has no forced tokens; its paged cache targ
 
 Short work (fill-mask, a search, zero-shot) cuts in through `lanes.PRIORITY`: on a GPU, or
 a CPU whose cores the scheduler fills, the scheduler pauses between steps while one runs,
-so a short request waits at most one decode step; where the scheduler leaves cores free
-(one thread on a small CPU), short work runs on those and decoding goes on.
+so a short request waits at most one decode step; where the scheduler keeps fewer cores
+while short work runs (one thread on a small CPU), short work runs on the others and
+decoding goes on. On a CPU the scheduler decodes on every core while no short work runs.
 """
 
 import queue
@@ -35,7 +36,7 @@ import torch
 from . import lm_scoring
 from .compiled import prefill
 from .errors import InputError
-from .lanes import PRIORITY, cpu_cores, default_threads
+from .lanes import PRIORITY, can_release_threads, cpu_cores, default_threads, release_threads
 from .generation import (Generation, SamplingParams, TokenInfo, TokenText, _alternatives,
                          _process, context_length, draw, eos_ids, prompt_ids, text_pieces,
                          use_chat)
@@ -50,20 +51,33 @@ class ServingConfig:
     idle_seconds: float = 30.0      # the scheduler thread exits after this long without work
     max_pause: float = 1.0          # longest pause for short work before the next step
     threads: int = 0                # CPU threads of the scheduler's ops (0: decode_threads())
+    # CPU threads while no short work runs (0: every core where this thread's OpenMP pool
+    # can be let go of between bursts, `lanes.release_threads`; else `threads`)
+    max_threads: int = 0
     # pause between steps while short work runs (None: unless the scheduler leaves CPU
     # cores free, where short work runs on those instead and decoding goes on)
     pause_for_short: bool | None = None
 
 
 def decode_threads(device) -> int:
-    """Intra-op threads for the scheduler thread on a CPU: 1 on a small machine. Measured on
-    2 cores (SmolLM2 Q4, bench note): a thread other than the main one paid OpenMP's team
-    wake-ups on every one of a decode step's ~1,000 small ops, 20.7 tok/s for one user at 2
-    threads against 33.7 at 1 (8 users: 75.0 -> 83.6); on a larger CPU half the cores."""
+    """Intra-op threads the scheduler thread keeps on a CPU while short work runs beside it:
+    1 on a small machine (short work gets the other cores), half the cores on a larger one."""
     if torch.device(device).type != "cpu":
         return 0                                  # GPU work: the CPU threads do not matter
     cores = cpu_cores()
     return 1 if cores <= 4 else max(1, default_threads() // 2)
+
+
+def decode_threads_alone(device) -> int:
+    """Intra-op threads the scheduler thread uses on a CPU while no short work runs: every
+    core, where OpenMP thread pools can be let go of (`lanes.release_threads`: other
+    threads' idle pools would make this one sleep between its parallel regions), else
+    `decode_threads`. Measured on 2 cores (SmolLM2 Q4, fast, a decode step in the
+    scheduler's thread): batch 1 26.2 ms on 1 thread, 19.5 on 2; batch 8 58.6 -> 37.3."""
+    keep = decode_threads(device)
+    if torch.device(device).type != "cpu" or not can_release_threads():
+        return keep
+    return max(keep, default_threads())
 
 
 class _Stream:
@@ -294,23 +308,39 @@ class Scheduler:
         if threads:
             torch.set_num_threads(threads)     # this thread's own OpenMP team, not the others'
         pause = self.pauses_for_short(threads)
+        # no short work running: every core (where other threads' OpenMP pools let go)
+        most = threads if pause or not threads else \
+            max(threads, self.config.max_threads or decode_threads_alone(self.device))
         held = [0]                  # CPU threads reserved while there is work (no pausing)
+        pooled = [threads > 1]      # ran parallel regions on more than one thread since idle
 
         def hold(busy: bool) -> None:
             want = threads if busy and not pause else 0
             if want != held[0]:
                 PRIORITY.reserve(want - held[0])
                 held[0] = want
+            if not busy and pooled[0]:
+                release_threads()      # idle: its workers would slow other threads' pools
+                pooled[0] = False
+
+        def pace() -> None:
+            """Before a step: every core while no short work runs, else the kept ones
+            (short work started since gets the others after at most this step)."""
+            n = most if PRIORITY.quiet() else threads
+            if n and torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+            pooled[0] = pooled[0] or n > 1
 
         try:
             with torch.inference_mode():
-                self._run(pause, hold)
+                self._run(pause, hold, pace)
         finally:
             hold(False)
 
-    def _run(self, pause: bool, hold) -> None:
+    def _run(self, pause: bool, hold, pace=lambda: None) -> None:
         """The loop: admit, prefill the joining streams, one decode step; `pause`: wait
-        between steps while short work runs, else `hold(busy)` says when cores are taken."""
+        between steps while short work runs, else `hold(busy)` says when cores are taken
+        and `pace()` sets the threads for the next step."""
         while True:
             with self._cond:
                 if not (self._closed or self._waiting or self._active):
@@ -334,6 +364,7 @@ class Scheduler:
                 for stream in joining:
                     stream.end("cancelled")
                 continue
+            pace()
             for stream in joining:
                 try:
                     self._prefill(stream, alone=len(joining) == 1 and not self._active)
