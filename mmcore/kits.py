@@ -286,9 +286,9 @@ class Kit:
 
     def encode_images(self, images):
         """(N, D) L2-normalised image embeddings; images are PIL images or paths."""
-        from .lanes import threads
+        from .lanes import long_work
 
-        with threads():
+        with long_work():
             return self.encoder().encode_images(list(images))
 
     def encode_texts(self, texts):
@@ -306,11 +306,11 @@ class Kit:
 
     def zero_shot_details(self, images, labels, template: str = "a photo of {}.", **options):
         """A ZeroShotResult per image (scores, cosines, notices)."""
-        from .lanes import PRIORITY, threads
+        from .lanes import PRIORITY, long_work
         from .zero_shot import zero_shot_batch
 
         images, encoder = list(images), self.encoder()
-        with PRIORITY.short() if len(images) <= SHORT_ITEMS else threads():
+        with PRIORITY.short() if len(images) <= SHORT_ITEMS else long_work():
             return zero_shot_batch(encoder, images, labels, template, **options)
 
     def describe(self) -> list:

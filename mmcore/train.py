@@ -207,10 +207,13 @@ def finetune(kit, data, out_dir, stop_event=None, progress=None, resume: str = "
     Under torchrun / accelerate launch, create `accelerate.PartialState()` before loading the
     kit (as `main` does), so that each process loads it on its own device.
     """
+    from .lanes import PRIORITY
+
     try:
-        return _finetune(kit, data, out_dir, stop_event, progress, resume, overwrite,
-                         time_budget, default_workers() if workers is None else workers,
-                         options)
+        with PRIORITY.long():          # a scheduler decodes on its kept threads meanwhile
+            return _finetune(kit, data, out_dir, stop_event, progress, resume, overwrite,
+                             time_budget, default_workers() if workers is None else workers,
+                             options)
     except torch.cuda.OutOfMemoryError:
         pass          # leave the except block first: its traceback holds the run's tensors
     gc.collect()

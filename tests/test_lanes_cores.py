@@ -113,8 +113,8 @@ def test_release_threads_lets_go_of_this_threads_openmp_workers():
 
 
 def test_the_scheduler_decodes_on_every_core_unless_short_work_runs(tiny_kit):
-    """`max_threads` while no short work runs, its kept `threads` while some does (short
-    work then runs on the other cores)."""
+    """`max_threads` while no short or long work runs, its kept `threads` while some does
+    (which then runs on the other cores)."""
     lm = tiny_kit.model("causal_lm")
     counts, inner = [], lm.model.forward
 
@@ -133,11 +133,16 @@ def test_the_scheduler_decodes_on_every_core_unless_short_work_runs(tiny_kit):
         with PRIORITY.short():
             list(sched.generate_tokens("Once upon a time", params))
         beside_short = counts[:]
+        counts.clear()
+        with PRIORITY.long():                     # training, a gallery's embedding
+            list(sched.generate_tokens("Once upon a time", params))
+        beside_long = counts[:]
     finally:
         del lm.model.forward
         sched.close()
     assert alone and set(alone) == {2}
     assert beside_short and set(beside_short) == {1}
+    assert beside_long and set(beside_long) == {1}
     # the defaults: every core alone where pools can be let go of, none on a GPU
     assert S.decode_threads_alone("cuda") == 0
     from mmcore.lanes import can_release_threads
