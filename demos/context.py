@@ -320,14 +320,26 @@ def _translate(exc: BaseException) -> gr.Error:
 
 
 def guarded(fn):
-    """Turn any exception into a clear, escaped message; the server keeps serving."""
+    """Turn any exception into a clear, escaped message; the server keeps serving. The
+    server thread that ran the handler (or a streamed handler's step: Gradio may run each
+    on another thread) then lets go of any OpenMP workers its model work started
+    (`lanes.release_threads`): idle pools in server threads would make the scheduler's
+    sleep between its parallel regions."""
+    from mmcore.lanes import release_threads
+
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
+            steps = fn(*args, **kwargs)
             try:
-                yield from fn(*args, **kwargs)
+                for update in steps:
+                    release_threads()
+                    yield update
             except Exception as exc:  # noqa: BLE001 - the guard is the point
                 raise _translate(exc) from None
+            finally:
+                steps.close()           # a closed stream closes the handler at once
+                release_threads()
         return gen_wrapper
 
     @functools.wraps(fn)
@@ -336,6 +348,8 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc) from None
+        finally:
+            release_threads()
     return wrapper
 
 

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from . import cache
 from .errors import InputError
 from .images import load_image
+from .lanes import long_work
 from .text import as_number, clean_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
@@ -143,7 +144,8 @@ class Index:
                 report["errors"] += [(item[0], im) for item, im in zip(batch, loaded)
                                      if isinstance(im, str)]
                 if good:
-                    vecs = self.encoder.encode_images([im[0] for _, im in good])
+                    with long_work():           # a scheduler keeps to its own threads
+                        vecs = self.encoder.encode_images([im[0] for _, im in good])
                     self._append(vecs, [(item[0], item[2], item[3], im[1]) for item, im in good])
                     report["added"] += len(good)
                 if progress is not None:

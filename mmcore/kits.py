@@ -118,13 +118,13 @@ def get_loaded(spec: ModelSpec, role: str, device, precision: str = "exact"):
             try:
                 # never create weights as inference tensors, even when the first use comes
                 # from inside torch.inference_mode(): fine-tuning forks them later
-                with _load_serial, torch.inference_mode(False):
+                from .lanes import PRIORITY, let_go
+
+                with _load_serial, torch.inference_mode(False), PRIORITY.long():
                     obj = _load(spec, role, device, precision)
             finally:
                 _loading.discard(key)
-                from .lanes import release_threads
-
-                release_threads()       # an idle OpenMP pool slows other threads' (lanes.py)
+                let_go()                # an idle OpenMP pool slows other threads' (lanes.py)
             _load_seconds[key] = time.perf_counter() - start
             _registry[key] = obj
         return _registry[key]
@@ -293,7 +293,10 @@ class Kit:
 
     def encode_texts(self, texts):
         """(N, D) L2-normalised text embeddings."""
-        return self.encoder().encode_texts(list(texts))
+        from .lanes import threads
+
+        with threads():
+            return self.encoder().encode_texts(list(texts))
 
     def zero_shot(self, image, labels, template: str = "a photo of {}.", **options) -> list:
         """[(label, probability)] best first. options: ensemble, score, threshold."""

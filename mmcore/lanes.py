@@ -65,13 +65,16 @@ def _omp_pause():
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if len(line.split()) >= 6}
         gomp = sorted(p for p in paths if os.path.basename(p).startswith("libgomp"))
-        home = os.path.dirname(os.path.dirname(torch.__file__))     # torch/, torch.libs/
-        # torch's own where another library brought the system's too
+        home = os.path.dirname(os.path.dirname(os.path.realpath(torch.__file__)))
+        # torch's own (torch/lib, torch.libs/) where another library brought the system's too
         path = next((p for p in gomp if p.startswith(os.path.join(home, "torch"))), gomp[0])
         lib = ctypes.CDLL(path)                 # the loaded one: dlopen gives its handle
         pause = lib.omp_pause_resource
         pause.argtypes, pause.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        return pause, int(lib.omp_get_initial_device())
+        device = int(lib.omp_get_initial_device())     # -2 in torch 2.14's libgomp
+        if pause(OMP_PAUSE_HARD, device) != 0:          # it must work here, once
+            return None
+        return pause, device
     except Exception:  # noqa: BLE001 - no /proc, no libgomp, an old one: nothing to release
         return None
 
@@ -79,6 +82,14 @@ def _omp_pause():
 def can_release_threads() -> bool:
     """Whether `release_threads` works here (torch on GNU OpenMP, as its Linux wheels)."""
     return _omp_pause() is not None
+
+
+def let_go() -> None:
+    """`release_threads`, unless this is the main thread of a process that runs no
+    scheduler (plain Python use: its pool troubles nobody, and keeping it saves starting
+    one per call, which costs more on a CPU of many cores)."""
+    if PRIORITY.decoders or threading.current_thread() is not threading.main_thread():
+        release_threads()
 
 
 def release_threads() -> None:
@@ -107,6 +118,7 @@ class Priority:
     def __init__(self):
         self._running = 0
         self._long = 0                # long work running (training, batch embedding)
+        self.decoders = 0             # scheduler threads running (serving.Scheduler)
         self.waiting = 0              # long loops parked now
         self.reserved = 0             # CPU threads long loops hold without pausing
         self._cond = threading.Condition()
@@ -168,8 +180,8 @@ class Priority:
 def threads(n: int | None = None):
     """Run a block on `n` torch threads in this thread (default: `default_threads()`), back
     to the default after: a pooled worker thread may have started with another thread's
-    count. A block on more than one thread then lets go of its OpenMP workers
-    (`release_threads`: 0.13 ms with starting them again, measured)."""
+    count. A block on more than one thread then lets go of its OpenMP workers (`let_go`:
+    0.13 ms with starting them again, measured on 2 cores)."""
     n = n or default_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
@@ -179,7 +191,7 @@ def threads(n: int | None = None):
         if torch.get_num_threads() != default_threads():
             torch.set_num_threads(default_threads())
         if n > 1:
-            release_threads()       # an idle pool slows every other thread's (~0.1 ms)
+            let_go()                # an idle pool slows every other thread's (~0.1 ms)
 
 
 @contextlib.contextmanager

@@ -262,7 +262,7 @@ class DynamicInt8Linear(nn.Module):
         else:
             # what the first rounding left, t - q1, lies in [-1/2, 1/2]: at 254 steps per
             # unit it is a second int8 row (x = sx * (q1 + q2/254) + under sx/508)
-            q = torch.empty((2 * m, rows.shape[1]))
+            q = rows.new_empty((2 * m, rows.shape[1]))
             q1 = torch.round(t, out=q[:m])
             torch.sub(t, q1, out=q[m:]).mul_(254.0).round_()
             q = q.to(torch.int8)

@@ -61,6 +61,15 @@ class TextRole:
         return getattr(precision, cls.FAST)(model)
 
 
+def _long(steps):
+    """Iterate `steps` as long work (`lanes.PRIORITY.long`), from its first step to its end
+    or close."""
+    from .lanes import PRIORITY
+
+    with PRIORITY.long():
+        yield from steps
+
+
 class CausalLM(TextRole):
     """Left-to-right generation; also plays masked_lm and next_sentence on the offline kit."""
 
@@ -71,17 +80,22 @@ class CausalLM(TextRole):
         self._compiled = None
         self._guard = threading.Lock()
 
+    # plain decoding (not a scheduler's) is long work: a scheduler of another model keeps
+    # to its own threads meanwhile (lanes.PRIORITY)
     def generate(self, prompt, params, num_candidates: int = 1):
-        return generation.generate(self.model, self.tokenizer, prompt, params, num_candidates,
-                                   self.compiled())
+        from .lanes import PRIORITY
+
+        with PRIORITY.long():
+            return generation.generate(self.model, self.tokenizer, prompt, params,
+                                       num_candidates, self.compiled())
 
     def stream(self, prompt, params, stop_event=None):
-        return generation.stream(self.model, self.tokenizer, prompt, params, stop_event,
-                                 self.compiled())
+        return _long(generation.stream(self.model, self.tokenizer, prompt, params, stop_event,
+                                       self.compiled()))
 
     def generate_tokens(self, prompt, params, stop_event=None, forced=None, run=None):
-        return generation.generate_tokens(self.model, self.tokenizer, prompt, params, stop_event,
-                                          forced, run, self.compiled())
+        return _long(generation.generate_tokens(self.model, self.tokenizer, prompt, params,
+                                                stop_event, forced, run, self.compiled()))
 
     def compiled(self):
         """This model's compiled decode steps (`compiled.CompiledDecode`, made on first use;

@@ -23,7 +23,8 @@ Short work (fill-mask, a search, zero-shot) cuts in through `lanes.PRIORITY`: on
 a CPU whose cores the scheduler fills, the scheduler pauses between steps while one runs,
 so a short request waits at most one decode step; where the scheduler keeps fewer cores
 while short work runs (one thread on a small CPU), short work runs on the others and
-decoding goes on. On a CPU the scheduler decodes on every core while no short work runs.
+decoding goes on. On a CPU the scheduler decodes on every core while neither short nor long
+work runs (`lanes.PRIORITY`), where OpenMP pools can be let go of (`lanes.release_threads`).
 """
 
 import queue
@@ -331,11 +332,15 @@ class Scheduler:
                 torch.set_num_threads(n)
             pooled[0] = pooled[0] or n > 1
 
+        with PRIORITY._cond:
+            PRIORITY.decoders += 1
         try:
             with torch.inference_mode():
                 self._run(pause, hold, pace)
         finally:
             hold(False)
+            with PRIORITY._cond:
+                PRIORITY.decoders -= 1
 
     def _run(self, pause: bool, hold, pace=lambda: None) -> None:
         """The loop: admit, prefill the joining streams, one decode step; `pause`: wait

@@ -150,3 +150,84 @@ def test_the_scheduler_decodes_on_every_core_unless_short_work_runs(tiny_kit):
     assert S.decode_threads_alone("cpu") == (max(S.decode_threads("cpu"), default_threads())
                                              if can_release_threads() else
                                              S.decode_threads("cpu"))
+
+
+def test_app_handlers_let_go_of_the_openmp_workers_their_model_work_started():
+    """A handler's thread (and a streamed handler's, after each step: Gradio may run each
+    step on another thread) keeps no OpenMP workers, so none sleeps beside the
+    scheduler's."""
+    import pytest
+
+    from demos.context import guarded
+    from mmcore.lanes import can_release_threads
+
+    if not can_release_threads():
+        pytest.skip("torch does not run on GNU OpenMP here")
+    x = torch.randn(4_000_000)
+    seen = {}
+
+    @guarded
+    def handler():
+        torch.set_num_threads(2)
+        x.mul(2)
+        seen["workers"] = _tasks() - seen["before"]
+        return "done"
+
+    @guarded
+    def streamed():
+        for i in range(2):
+            torch.set_num_threads(2)
+            x.mul(2)
+            seen[f"step {i}"] = _tasks() - seen["before"]
+            yield i
+
+    def run():
+        seen["before"] = _tasks()
+        assert handler() == "done"
+        seen["after handler"] = seen["workers"] & _tasks()
+        for i in streamed():
+            seen[f"after step {i}"] = seen[f"step {i}"] & _tasks()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen["workers"] and not seen["after handler"]
+    assert seen["step 0"] and not seen["after step 0"]
+    assert seen["step 1"] and not seen["after step 1"]
+
+
+def test_plain_decoding_and_loads_count_as_long_work(tiny_kit):
+    """A scheduler keeps to its own threads while a model decodes outside it (one loaded at
+    run time, batching off) or a model loads."""
+    lm = tiny_kit.model("causal_lm")
+    params = G.SamplingParams(max_new_tokens=3, chat=False)
+    during = [PRIORITY.quiet() for _ in lm.generate_tokens("Once upon a time", params)]
+    assert during == [False] * 3 and PRIORITY.quiet()
+    steps = lm.stream("Once upon a time", params)
+    next(steps)
+    assert not PRIORITY.quiet()
+    steps.close()                                  # a closed stream ends its long work
+    assert PRIORITY.quiet()
+
+
+def test_the_main_thread_keeps_its_pool_unless_a_scheduler_runs():
+    import pytest
+
+    from mmcore.lanes import can_release_threads, release_threads, threads
+
+    if not can_release_threads() or threading.current_thread() is not threading.main_thread():
+        pytest.skip("needs GNU OpenMP and the main thread")
+    x = torch.randn(4_000_000)
+    release_threads()                              # whatever earlier tests left
+    before = _tasks()
+    with threads(2):
+        x.mul(2)
+    kept = _tasks() - before
+    try:
+        assert kept                                # plain Python: no new pool per call
+        PRIORITY.decoders += 1
+        with threads(2):
+            x.mul(2)
+        assert not (kept & _tasks())               # serving: let go
+    finally:
+        PRIORITY.decoders -= 1
