@@ -6,7 +6,9 @@ ratio between them. Runs on the bundled demo set.
 """
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -27,11 +29,14 @@ def main() -> None:
 
     kit = mmcore.load_kit("offline")
     kit.encoder()
-    data = demo_data.make(Path(tempfile.mkdtemp(prefix="mmcore-bench-train-")))
+    # the demo set and both fine-tuned models (tens of MB each) go when the run ends
+    work = Path(tempfile.mkdtemp(prefix="mmcore-bench-train-"))
+    atexit.register(shutil.rmtree, work, True)
+    data = demo_data.make(work / "data")
     rates = {}
     for part in ("projections", "text"):
         start = time.perf_counter()
-        result = mmcore.finetune(kit, data, Path(tempfile.mkdtemp()) / part, epochs=args.epochs,
+        result = mmcore.finetune(kit, data, work / part, epochs=args.epochs,
                                  batch_size=args.batch_size, train=part)
         wall = time.perf_counter() - start
         samples = len(result.history) * args.batch_size

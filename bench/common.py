@@ -1,6 +1,8 @@
 """Pieces the side-by-side benchmarks share: timing, a ViT-B/32 CLIP and its per-image
 baseline, and sample photo files."""
 
+import atexit
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +41,7 @@ def photo_files(n: int) -> list:
     from skimage import data
 
     folder = Path(tempfile.mkdtemp(prefix="mmcore-bench-"))
+    atexit.register(shutil.rmtree, folder, True)              # gone when the run ends
     base = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
     paths = []
     for i in range(n):
