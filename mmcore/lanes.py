@@ -149,6 +149,18 @@ class Priority:
             with self._cond:
                 self._long -= 1
 
+    @contextlib.contextmanager
+    def decoding(self):
+        """Mark a scheduler thread's life (`decoders`): while one runs, every thread lets go
+        of its OpenMP workers after multi-threaded work (`let_go`)."""
+        with self._cond:
+            self.decoders += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.decoders -= 1
+
     def quiet(self) -> bool:
         """Neither short nor long work runs now: a scheduler may take every core."""
         return self._running == 0 and self._long == 0

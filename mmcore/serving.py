@@ -313,16 +313,14 @@ class Scheduler:
         most = threads if pause or not threads else \
             max(threads, self.config.max_threads or decode_threads_alone(self.device))
         held = [0]                  # CPU threads reserved while there is work (no pausing)
-        pooled = [threads > 1]      # ran parallel regions on more than one thread since idle
 
         def hold(busy: bool) -> None:
             want = threads if busy and not pause else 0
             if want != held[0]:
                 PRIORITY.reserve(want - held[0])
                 held[0] = want
-            if not busy and pooled[0]:
-                release_threads()      # idle: its workers would slow other threads' pools
-                pooled[0] = False
+            if not busy and most > 1:
+                release_threads()   # idle: its workers would slow other threads' (none: ~1 us)
 
         def pace() -> None:
             """Before a step: every core while no short work runs, else the kept ones
@@ -330,19 +328,14 @@ class Scheduler:
             n = most if PRIORITY.quiet() else threads
             if n and torch.get_num_threads() != n:
                 torch.set_num_threads(n)
-            pooled[0] = pooled[0] or n > 1
 
-        with PRIORITY._cond:
-            PRIORITY.decoders += 1
         try:
-            with torch.inference_mode():
+            with PRIORITY.decoding(), torch.inference_mode():
                 self._run(pause, hold, pace)
         finally:
             hold(False)
-            with PRIORITY._cond:
-                PRIORITY.decoders -= 1
 
-    def _run(self, pause: bool, hold, pace=lambda: None) -> None:
+    def _run(self, pause: bool, hold, pace) -> None:
         """The loop: admit, prefill the joining streams, one decode step; `pause`: wait
         between steps while short work runs, else `hold(busy)` says when cores are taken
         and `pace()` sets the threads for the next step."""

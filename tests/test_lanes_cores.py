@@ -223,11 +223,8 @@ def test_the_main_thread_keeps_its_pool_unless_a_scheduler_runs():
     with threads(2):
         x.mul(2)
     kept = _tasks() - before
-    try:
-        assert kept                                # plain Python: no new pool per call
-        PRIORITY.decoders += 1
+    assert kept                                    # plain Python: no new pool per call
+    with PRIORITY.decoding():                      # a scheduler runs
         with threads(2):
             x.mul(2)
         assert not (kept & _tasks())               # serving: let go
-    finally:
-        PRIORITY.decoders -= 1
