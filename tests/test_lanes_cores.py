@@ -228,3 +228,23 @@ def test_the_main_thread_keeps_its_pool_unless_a_scheduler_runs():
         with threads(2):
             x.mul(2)
         assert not (kept & _tasks())               # serving: let go
+
+
+def test_a_gallerys_embedding_counts_as_long_work(tiny_kit, chelsea):
+    """The app embeds galleries through `Index.add`, not the kit's method."""
+    from mmcore.index import Index
+
+    encoder = tiny_kit.encoder()
+    seen, inner = [], encoder.encode_images
+
+    def watching(images):
+        seen.append(PRIORITY.quiet())
+        return inner(images)
+
+    index = Index(encoder)
+    encoder.encode_images = watching
+    try:
+        report = index.add([chelsea])
+    finally:
+        del encoder.encode_images
+    assert report["added"] == 1 and seen == [False] and PRIORITY.quiet()

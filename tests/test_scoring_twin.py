@@ -406,3 +406,20 @@ def test_fast_int8_lm_prompts_prefill_on_a_two_pass_twin(tiny_kit):
     assert torch.equal(logits, theirs)                      # the prompt ran on the twin
     err = float((logits.float() - want).norm() / want.norm())
     assert err <= 1.05 * float((weight_only - want).norm() / want.norm()), err
+
+
+def test_two_pass_products_follow_their_input_not_the_default_dtype():
+    """The second pass's buffer is made like its input: a process whose default dtype is
+    float64 gets the same fp32 product."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(37, 29)
+    layer = precision.DynamicInt8Linear.from_weight(linear.weight, linear.bias, passes=2)
+    x = torch.randn(3, 37)
+    want = layer(x)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = layer(x)
+    finally:
+        torch.set_default_dtype(before)
+    assert torch.equal(got, want)
