@@ -325,19 +325,22 @@ class CausalFill:
         pending = words
         for round_ in range(WORD_EXTENSIONS + 1):
             conts = [lm_scoring.encode(self.tok, space + w + right) for w in pending]
-            keep = [(w, c) for w, c in zip(pending, conts) if c]
+            keep = [(w, c, self.word_end(space + w, c)) for w, c in zip(pending, conts) if c]
             # a product of two experts: the sentence read left to right, and the same words
-            # as the answer to the blank, read after the whole sentence (one forward)
-            both = lm_scoring.score_rows(self.model, [(prefix, c) for _, c in keep] +
-                                         [(cloze, c) for _, c in keep], self.scorer)
+            # as the answer to the blank, read after the whole sentence (one forward); the
+            # first also gives the distribution right after each word (`at`), which decides
+            # whether the word goes on
+            both = lm_scoring.score_rows(self.model, [(prefix, c, at or len(c))
+                                                      for _, c, at in keep] +
+                                         [(cloze, c) for _, c, _ in keep], self.scorer)
             plain, asked = both[:len(keep)], both[len(keep):]
             totals = [a + b for (a, _), (b, _) in zip(plain, asked)]
             following = [f for _, f in plain]
             grown = []
-            for (w, _), total, nxt in zip(keep, totals, following):
+            for (w, c, at), total, nxt in zip(keep, totals, following):
                 scored[w] = max(total, scored.get(w, -math.inf))
-                if not targets and round_ < WORD_EXTENSIONS:
-                    grown += self.extensions(w, nxt, space, right)
+                if not targets and round_ < WORD_EXTENSIONS and at:
+                    grown += self.extensions(w, nxt, c, at)
             pending = [w for w in dict.fromkeys(grown) if w not in scored]
             if not pending:
                 break
@@ -379,17 +382,23 @@ class CausalFill:
                     break
         return list(dict.fromkeys(words))
 
-    def extensions(self, word: str, next_logp: torch.Tensor, space: str, right: str) -> list:
+    def word_end(self, word: str, ids: list) -> int | None:
+        """How many of `ids` (the word and the text after it) spell the word: the length of
+        its own encoding when that begins `ids`, else None (the word's last token merges with
+        what follows it, so no distribution comes right after the word)."""
+        own = lm_scoring.encode(self.tok, word)
+        return len(own) if own and ids[:len(own)] == own else None
+
+    def extensions(self, word: str, next_logp: torch.Tensor, ids: list, at: int) -> list:
         """`word` grown by its likeliest next token, when that token continues the word and is
-        likelier than what the text says comes next."""
+        likelier than what the text says comes next. `next_logp`: the distribution right
+        after the word, whose tokens are ids[:at] of the word and the text after it."""
         strings = lm_scoring.token_strings(self.tok)
         tid = int(next_logp.argmax())
         piece = strings[tid]
         if not (piece[:1].isalpha() and piece.isalnum()):
             return []
-        actual = lm_scoring.encode(self.tok, space + word + right)
-        done = len(lm_scoring.encode(self.tok, space + word))
-        if done < len(actual) and float(next_logp[actual[done]]) >= float(next_logp[tid]):
+        if at < len(ids) and float(next_logp[ids[at]]) >= float(next_logp[tid]):
             return []
         return [word + piece]
 

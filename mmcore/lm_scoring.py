@@ -79,8 +79,8 @@ def score_continuations(model, prefix: Prefix, continuations: list, want_next: b
     """Total log P(c | prefix) for each token list c (each non-empty).
 
     With `want_next`, also returns each continuation's (V,) log-probabilities of the token
-    that would follow it (used to extend partial words). With `batcher` (a MicroBatcher of
-    `run_rows` on this model), the forward is shared with concurrent requests.
+    that would follow it. With `batcher` (a MicroBatcher of `run_rows` on this model), the
+    forward is shared with concurrent requests.
     """
     if not continuations:
         return ([], []) if want_next else []
@@ -90,9 +90,13 @@ def score_continuations(model, prefix: Prefix, continuations: list, want_next: b
 
 
 def score_rows(model, items: list, batcher=None) -> list:
-    """[(prefix, continuation)], prefixes free to differ -> [(log P(c | prefix), (V,)
-    log P(next token | prefix, c))], in one forward (one sequence per prefix: `_tree_scores`)."""
-    rows = [(prefix, list(c), "score") for prefix, c in items]
+    """[(prefix, continuation[, at])], prefixes free to differ -> [(log P(c | prefix), (V,)
+    log P(next token | prefix, c[:at]))], in one forward (one sequence per prefix:
+    `_tree_scores`). `at` defaults to len(c): the distribution after the whole
+    continuation; a smaller one gives it after its first `at` tokens (e.g. after a word,
+    before the text that follows it), from the same forward."""
+    rows = [(item[0], list(item[1]), "score", item[2] if len(item) > 2 else len(item[1]))
+            for item in items]
     return batcher(rows) if batcher is not None else run_rows(model, rows)
 
 
@@ -103,9 +107,9 @@ def run_many(model, items: list, batcher=None) -> list:
 
 
 def run_rows(model, rows: list) -> list:
-    """Rows (after: Prefix | None, ids, kind), of one request or several, in one forward per
-    kind. Per row, kind "run": the Prefix after `ids`; kind "score" (`after` given):
-    (log P(ids | after), (V,) log P(next token | after, ids))."""
+    """Rows (after: Prefix | None, ids, kind[, at]), of one request or several, in one
+    forward per kind. Per row, kind "run": the Prefix after `ids`; kind "score" (`after`
+    given, and `at`): (log P(ids | after), (V,) log P(next token | after, ids[:at]))."""
     out: list = [None] * len(rows)
     for kind in ("run", "score"):
         picked = [r for r, row in enumerate(rows) if row[2] == kind]
@@ -156,7 +160,7 @@ def _tree_scores(model, rows: list, device) -> list:
         raise InputError(f"Scoring text needs sdpa or eager attention (a 4D mask); this "
                          f"model runs {implementation}.")
     prefixes, used, spans = [], [], []       # per sequence: its prefix, its tokens so far
-    for after, ids, _ in rows:               # per row: (sequence, start)
+    for after, ids, *_ in rows:              # per row: (sequence, start)
         g = next((j for j in range(len(prefixes)) if prefixes[j] is after
                   and used[j] + len(ids) <= TREE_TOKENS), None)
         if g is None:                        # a new sequence
@@ -178,7 +182,9 @@ def _tree_scores(model, rows: list, device) -> list:
                             [(rows[r], (b, spans[r][1])) for r, b in members], implementation,
                             device)
         for (r, _), logits in zip(members, out):
-            scored[r] = _scored(rows[r][0], rows[r][1], logits)
+            ids = rows[r][1]
+            scored[r] = _scored(rows[r][0], ids, logits, rows[r][3] if len(rows[r]) > 3
+                                else len(ids))
         del out, logits
     return [scored[r] for r in range(len(rows))]
 
@@ -194,7 +200,7 @@ def _tree_forward(model, prefixes: list, used: list, placed: list, implementatio
     for g, after in enumerate(prefixes):
         seen[g, 0, :, longest - after.length:longest] = True
         seen[g, 0, used[g]:, longest + used[g]:].fill_diagonal_(True)   # padding: itself
-    for (after, ids, _), (g, start) in placed:
+    for (after, ids, *_), (g, start) in placed:
         n, end = len(ids), start + len(ids)
         x[g, start:end] = torch.tensor(ids, device=device)
         positions[g, start:end] = torch.arange(after.length, after.length + n, device=device)
@@ -207,16 +213,18 @@ def _tree_forward(model, prefixes: list, used: list, placed: list, implementatio
             ~seen, torch.finfo(dtype).min)
     out = model(input_ids=x, attention_mask=mask, position_ids=positions,
                 cache=_padded_cache(prefixes, longest), use_cache=True)
-    return [out.logits[g, start:start + len(ids)] for (_, ids, _), (g, start) in placed]
+    return [out.logits[g, start:start + len(ids)] for (_, ids, *_), (g, start) in placed]
 
 
-def _scored(prefix: Prefix, cont: list, logits: torch.Tensor) -> tuple:
+def _scored(prefix: Prefix, cont: list, logits: torch.Tensor, at: int) -> tuple:
+    """(log P(cont | prefix), (V,) log P(next token | prefix, cont[:at]))."""
     logp = logits[:len(cont)].float().log_softmax(-1)                       # (len(c), V)
     total = prefix.next_logp[cont[0]]
     if len(cont) > 1:
         steps = torch.tensor(cont[1:], device=logp.device)
         total = total + logp[torch.arange(len(cont) - 1, device=logp.device), steps].sum()
-    return float(total), logp[-1].clone()        # not a view keeping all len(c) rows alive
+    following = prefix.next_logp if at == 0 else logp[at - 1].clone()   # .clone(): not a
+    return float(total), following              # view keeping all len(c) rows alive
 
 
 def _cut(out, r: int, after: Prefix | None, ids: list, longest: int) -> Prefix:

@@ -10,7 +10,7 @@ import torch
 from transformers import pipeline
 
 import mmcore
-from mmcore import fill_mask, nsp
+from mmcore import fill_mask, lm_scoring, nsp
 
 DATA = Path(__file__).resolve().parent / "data"
 SENTENCES = ["The capital of France is [MASK].", "the man went to the [MASK] to buy milk .",
@@ -227,6 +227,32 @@ def test_offline_two_masks_give_top_k_words_per_mask(offline_kit):
 ])
 def test_offline_mask_with_little_left_context_uses_the_right(offline_kit, text, want):
     assert offline_kit.fill_mask_details(text, top_k=5).joint[0]["sequence"] == want
+
+
+def test_offline_words_go_on_by_the_distribution_right_after_them(monkeypatch):
+    """Whether a proposed word goes on ("luke" -> "lukewarm") is read from the model's
+    next-token distribution right after the word. It had been read after the text that
+    follows the word, which grew "L" into "LA" (as in "L.A") and "the" into "theday"."""
+    kit = mmcore.load_kit("offline", precision="exact")
+    loaded = kit.model("masked_lm")
+    model, tok = loaded.scoring_model, loaded.tokenizer
+    seen = []
+    real = fill_mask.CausalFill.extensions
+
+    def spy(self, word, next_logp, *rest):
+        seen.append((word, next_logp.clone()))
+        return real(self, word, next_logp, *rest)
+
+    monkeypatch.setattr(fill_mask.CausalFill, "extensions", spy)
+    result = kit.fill_mask("The opposite of hot is [MASK].", top_k=5)[0]
+    prefix = [lm_scoring.start_id(tok)] + lm_scoring.encode(tok, "The opposite of hot is")
+    assert len(seen) >= 12
+    with torch.inference_mode():
+        for word, got in seen:
+            ids = torch.tensor([prefix + lm_scoring.encode(tok, " " + word)])
+            want = model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            assert torch.allclose(got, want, atol=1e-3), word
+    assert "lukewarm" in [r["token_str"] for r in result]
 
 
 def test_offline_nsp_prefers_real_pairs(offline_kit):
