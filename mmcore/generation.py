@@ -134,7 +134,13 @@ def _process(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams) -> tor
                                                      picked / p.repetition_penalty))
     if p.temperature == 0:
         return logits
-    logits = logits / p.temperature
+    scaled = logits / p.temperature
+    if p.temperature < 1 and bool((scaled == float("inf")).any()):
+        # a tiny temperature (1e-37) overflows finite scores to infinity; the same
+        # distribution from scores shifted to a maximum of 0 cannot overflow (a model's
+        # own infinite or NaN score stays one, and `draw` refuses it)
+        scaled = (logits - logits.max()) / p.temperature
+    logits = scaled
     n = logits.numel()
     if p.top_k > 0 or p.top_p < 1.0:
         # only the likeliest can be kept: top-k's survivors, or for top-p alone the

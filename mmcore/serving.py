@@ -473,7 +473,13 @@ class Scheduler:
                             for v, j in zip(values[i], ids[i])]
             if s.cancelled:
                 done.append(s)
-            elif s.advance(logits[i], probs[i], alternatives=alternatives):
+                continue
+            try:
+                ended = s.advance(logits[i], probs[i], alternatives=alternatives)
+            except Exception as exc:  # noqa: BLE001 - that stream's own failure (its
+                self._fail([s], exc)  # sampling settings), not its batch's
+                ended = True
+            if ended:
                 done.append(s)
             else:
                 self._next[i] = s.generated[-1]

@@ -205,6 +205,26 @@ def test_a_drawn_token_follows_the_distribution_and_the_seed():
             G.draw(bad, g)
 
 
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45])
+def test_a_tiny_temperature_samples_the_likeliest_token(tiny_kit, temperature):
+    """Scores divided by a tiny temperature overflow to infinity; that must not read as a
+    broken model ("not finite"): the distribution is the argmax's, with or without top-k,
+    top-p and a repetition penalty, and generation runs."""
+    logits = torch.tensor([1.0, 3.5, -2.0, 3.4999, float("-inf")])
+    g = torch.Generator().manual_seed(0)
+    for extra in ({}, {"top_k": 3}, {"top_p": 0.9}, {"repetition_penalty": 1.3}):
+        p = G.SamplingParams(temperature=temperature, **extra).check()
+        seen = torch.tensor([0])
+        assert {G.draw(G._process(logits, seen, p), g) for _ in range(20)} == {1}
+    lm = tiny_kit.model("causal_lm")
+    runs = []
+    for p in (G.SamplingParams(max_new_tokens=12),
+              G.SamplingParams(max_new_tokens=12, temperature=temperature, seed=3)):
+        runs.append(G.Generation(p))
+        list(G.generate_tokens(lm.model, lm.tokenizer, "the cat", p, run=runs[-1]))
+    assert [t.token_id for t in runs[1].tokens] == [t.token_id for t in runs[0].tokens]
+
+
 def test_top_p_keeps_what_transformers_keeps_at_an_exact_boundary():
     from transformers import TopPLogitsWarper
 

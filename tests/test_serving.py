@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import mmcore
 from mmcore import generation as G
 from mmcore import serving as S
 from mmcore.lanes import PRIORITY
@@ -195,6 +196,43 @@ def test_one_streams_stop_does_not_touch_the_others(tiny_kit, scheduler):
     for i in (1, 3):
         same_run(others[i], alone(tiny_kit, PROMPTS[i], max_new_tokens=40))
     wait_until(lambda: scheduler.load()["active"] == 0)       # the stopped rows left
+
+
+def test_one_streams_failure_in_a_step_fails_that_stream_alone(tiny_kit, scheduler,
+                                                                monkeypatch):
+    """A stream whose own token choice fails mid-batch (its sampling settings) ends with its
+    error; the streams decoding beside it go on as if alone. (One user's temperature 1e-37
+    had failed every stream in the batch with "not finite".)"""
+    real = S._Stream._choose
+
+    def choose(self, row):
+        if self.params.seed == 666 and len(self.generated) >= 3:
+            raise mmcore.InputError("this stream's own failure")
+        return real(self, row)
+
+    monkeypatch.setattr(S._Stream, "_choose", choose)
+    runs = [G.Generation(G.SamplingParams()) for _ in PROMPTS]
+    results = {}
+
+    def user(i):
+        kw = dict(max_new_tokens=30, seed=666 if i == 0 else i)
+        try:
+            list(scheduler.generate_tokens(PROMPTS[i], G.SamplingParams(**kw), run=runs[i]))
+            results[i] = "done"
+        except mmcore.InputError as exc:
+            results[i] = str(exc)
+
+    with PRIORITY.short():                   # all start in the same batch
+        threads = [threading.Thread(target=user, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        wait_until(lambda: scheduler.admitted + scheduler.load()["waiting"] == len(PROMPTS))
+    for t in threads:
+        t.join()
+    assert results[0] == "this stream's own failure" and len(runs[0].tokens) == 3
+    for i in range(1, len(PROMPTS)):
+        assert results[i] == "done"
+        same_run(runs[i], alone(tiny_kit, PROMPTS[i], max_new_tokens=30, seed=i))
 
 
 def test_seeded_sampling_is_the_same_whatever_the_batch(tiny_kit, scheduler):
