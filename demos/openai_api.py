@@ -9,14 +9,18 @@ Both generate through mmcore's own loop with the same parameter checks as the Ge
 (max tokens, temperature, top-p, prompt length), and both pass one admission gate: at most
 `running` generations at once and `waiting` more in line; past that a request gets HTTP 429
 ("queue is full") at once rather than a hang. Streaming answers are server-sent events as
-OpenAI sends them, ending with `data: [DONE]`; a client that disconnects stops its
-generation within a token. Errors are OpenAI-style JSON (`{"error": {"message", "type"}}`).
+OpenAI sends them, ending with `data: [DONE]` (with `stream_options: {"include_usage": true}`
+a last chunk carries the token counts; an error after the first chunk comes as a
+`data: {"error": ...}` event, then `[DONE]`). A client that disconnects, streaming or not,
+while it waits or while it runs, stops its generation within a token and frees its place.
+Errors are OpenAI-style JSON (`{"error": {"message", "type"}}`).
 
 Extensions beyond OpenAI's fields: `top_k` and `repetition_penalty`. Fields that mean
 nothing here (`logprobs`, `presence_penalty`, `frequency_penalty`, `tools`...) are refused
 by name rather than silently ignored.
 """
 
+import collections
 import json
 import logging
 import threading
@@ -43,25 +47,104 @@ class ApiError(Exception):
 
 
 class Admission:
-    """At most `running` requests at once, `waiting` more in line, the rest turned away."""
+    """At most `running` requests at once, `waiting` more in line (first come, first served),
+    the rest turned away with 429. A request over HTTP waits for its turn in the event loop
+    (`enter_async`), holding no thread: waiting requests had each held one of the server's
+    40 worker threads, and 40 of them left a running stream no thread to go on with, which
+    never freed its slot (the whole server hung for good)."""
 
     def __init__(self, running: int, waiting: int):
-        self.slots = threading.BoundedSemaphore(max(1, running))
+        self.running = max(1, running)
+        self.limit = self.running + max(0, waiting)
         self.guard = threading.Lock()
-        self.inside, self.limit = 0, max(1, running) + max(0, waiting)
+        self.inside = 0                   # running + waiting
+        self.busy = 0                     # running
+        self.line: collections.deque = collections.deque()     # waiting: _Turn
 
-    def __enter__(self):
+    def _join(self, loop=None) -> "_Turn":
+        turn = _Turn(self, loop)
         with self.guard:
             if self.inside >= self.limit:
                 raise ApiError(429, "The queue is full; try again shortly.", "rate_limit_error")
             self.inside += 1
-        self.slots.acquire()
+            if self.busy < self.running:
+                self.busy += 1
+                turn.granted = True
+                turn.event.set()
+            else:
+                self.line.append(turn)
+        return turn
+
+    def enter(self) -> "_Turn":
+        """A slot, waiting in this thread for it (plain Python use)."""
+        turn = self._join()
+        turn.event.wait()
+        return turn
+
+    async def enter_async(self) -> "_Turn":
+        """A slot, waiting in the event loop for it; a cancelled wait leaves the line."""
+        import asyncio
+
+        turn = self._join(asyncio.get_running_loop())
+        if not turn.granted:
+            try:
+                await turn.future
+            except BaseException:
+                with self.guard:
+                    waiting = not turn.granted
+                    if waiting:
+                        self.line.remove(turn)
+                        self.inside -= 1
+                if not waiting:
+                    turn.release()
+                raise
+        return turn
+
+    def _release(self) -> None:
+        with self.guard:
+            self.inside -= 1
+            if self.line:
+                self.line.popleft().grant()     # the slot passes on: busy stays
+            else:
+                self.busy -= 1
+
+    def __enter__(self):
+        self._held = getattr(self, "_held", threading.local())
+        self._held.turn = self.enter()
         return self
 
     def __exit__(self, *exc):
-        self.slots.release()
-        with self.guard:
-            self.inside -= 1
+        self._held.turn.release()
+
+
+class _Turn:
+    """One request's place: granted once it may run; `release()` (idempotent, also as a
+    context manager's exit) frees the slot."""
+
+    def __init__(self, gate: Admission, loop=None):
+        self.gate, self.loop, self.granted, self.released = gate, loop, False, False
+        self.event = threading.Event()
+        self.future = loop.create_future() if loop is not None else None
+
+    def grant(self) -> None:              # under the gate's guard
+        self.granted = True
+        self.event.set()
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(
+                lambda: self.future.done() or self.future.set_result(None))
+
+    def release(self) -> None:
+        with self.gate.guard:
+            if self.released:
+                return
+            self.released = True
+        self.gate._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def _number(body: dict, name: str, cast, default):
@@ -84,12 +167,24 @@ NOTHING = {"best_of": (1,), "logit_bias": ({},), "tools": ([],), "functions": ([
 
 def sampling(body: dict, default_max: int) -> tuple:
     """(SamplingParams, n) from an OpenAI request body, checked like the Generate tab's."""
-    unknown = sorted(k for k in body if k in REFUSED and body[k] not in (None, False, 0)
-                     and body[k] not in NOTHING.get(k, ()))
+    # a field asks for nothing only as null, false (an integer 0 is not false here: a
+    # completion's `logprobs: 0` asks for the chosen tokens' log-probabilities) or its
+    # listed neutral value
+    unknown = sorted(k for k in body if k in REFUSED and body[k] is not None
+                     and body[k] is not False and not any(
+                         type(body[k]) is type(v) and body[k] == v for v in NOTHING.get(k, ())))
     if unknown:
         raise ApiError(400, f"Not supported by this server: {', '.join(unknown)}.")
-    if body.get("stream") not in (None, True, False):
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise ApiError(400, "'stream' must be true or false.")
+    options = body.get("stream_options")
+    if options is not None:
+        if not body.get("stream"):
+            raise ApiError(400, "'stream_options' needs 'stream': true.")
+        if not isinstance(options, dict) or set(options) - {"include_usage"} or \
+                not isinstance(options.get("include_usage", False), bool):
+            raise ApiError(400, "'stream_options' takes only 'include_usage' (true or "
+                                "false).")
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or
                                  (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
@@ -197,13 +292,21 @@ class Api:
         run = generation.Generation(params)
         return run, model[1].generate_tokens(prompt, params, stop_event, run=run)
 
-    def complete(self, body: dict, chat: bool) -> dict:
-        prompt, params, n, model = self.prepare(body, chat)
+    def complete(self, body: dict, chat: bool, slot=None, stop_event=None) -> dict:
+        """The whole answer to a request. `slot`: its admission, already granted (else it
+        waits for one here); `stop_event` ends it early (a client gone)."""
+        prepared = self.prepare(body, chat)
+        return self.answer(prepared, chat, slot, stop_event)
+
+    def answer(self, prepared: tuple, chat: bool, slot=None, stop_event=None) -> dict:
+        prompt, params, n, model = prepared
         choices, prompt_tokens, completion = [], 0, 0
-        with self.admission:
+        with slot or self.admission.enter():
             for i in range(n):
+                if stop_event is not None and stop_event.is_set():
+                    break
                 p = generation.SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-                run, tokens = self.run(prompt, p, model)
+                run, tokens = self.run(prompt, p, model, stop_event)
                 for _ in tokens:
                     pass
                 prompt_tokens, completion = run.prompt_tokens, completion + len(run.tokens)
@@ -218,26 +321,34 @@ class Api:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                           "total_tokens": prompt_tokens + completion}}
 
-    def chunks(self, body: dict, chat: bool, stop_event: threading.Event):
-        """Server-sent event lines for a streaming request (the admission is held while the
+    def chunks(self, body: dict, chat: bool, stop_event: threading.Event, slot=None):
+        """Server-sent event lines for a streaming request (`slot`: its admission, already
+        granted, else it waits for one when the first line is asked for; held while the
         generator runs)."""
-        prompt, params, _, model = self.prepare(body, chat)
+        prepared = self.prepare(body, chat)
+        yield from self.stream(prepared, chat, stop_event, slot,
+                               bool((body.get("stream_options") or {}).get("include_usage")))
+
+    def stream(self, prepared: tuple, chat: bool, stop_event: threading.Event, slot=None,
+               usage: bool = False):
+        prompt, params, _, model = prepared
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
 
-        def event(piece=None, finish=None, first=False):
+        def event(piece=None, finish=None, first=False, **extra):
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else \
                     ({"content": piece} if piece is not None else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
             else:
-                choice = {"index": 0, "text": piece or "", "logprobs": None,
-                          "finish_reason": finish}
+                choices = [{"index": 0, "text": piece or "", "logprobs": None,
+                            "finish_reason": finish}]
             return "data: " + json.dumps({"id": ident, "object": kind, "created": created,
-                                          "model": model[0], "choices": [choice]}) + "\n\n"
+                                          "model": model[0],
+                                          "choices": [] if extra else choices, **extra}) + "\n\n"
 
-        with self.admission:
+        with slot or self.admission.enter():
             run, tokens = self.run(prompt, params, model, stop_event)
             if chat:
                 yield event(first=True)
@@ -245,6 +356,10 @@ class Api:
                 if info.text:
                     yield event(info.text)
             yield event(finish=FINISH.get(run.finish, "stop"))
+            if usage:       # stream_options.include_usage: one more chunk, no choices
+                yield event(usage={"prompt_tokens": run.prompt_tokens,
+                                   "completion_tokens": len(run.tokens),
+                                   "total_tokens": run.prompt_tokens + len(run.tokens)})
         yield "data: [DONE]\n\n"
 
 
@@ -267,6 +382,8 @@ def error_body(exc: Exception) -> tuple:
 
 def mount(app, ctx, running: int = 1) -> Api:
     """Add the /v1 routes to the FastAPI app Gradio serves (the one `launch` returns)."""
+    from functools import partial
+
     import anyio
     from fastapi import APIRouter, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -287,18 +404,55 @@ def mount(app, ctx, running: int = 1) -> Api:
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "The request body is not valid JSON.") from None
 
+    async def watching(request: Request, stop: threading.Event, work):
+        """`await work()` while watching the client: when it goes away, `stop` is set and a
+        wait in the event loop is cancelled (a call in a thread then ends within a token).
+        (finished, its value)."""
+        result = []
+
+        async def watch(scope):
+            while not stop.is_set():
+                if await request.is_disconnected():
+                    stop.set()
+                    scope.cancel()
+                    return
+                await anyio.sleep(0.25)
+
+        failed = []
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch, group.cancel_scope)
+            try:
+                result.append(await work())
+            except Exception as exc:  # noqa: BLE001 - raised below, outside the group
+                failed.append(exc)
+            group.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        return bool(result), (result[0] if result else None)
+
     async def handle(request: Request, chat: bool):
+        slot = None
         try:
             body = await read(request)
-            if isinstance(body, dict) and body.get("stream"):
-                stop = threading.Event()
-                lines = api.chunks(body, chat, stop)
-                first = await anyio.to_thread.run_sync(next, lines)   # errors before 200
+            prepared = await anyio.to_thread.run_sync(api.prepare, body, chat)
+            stop = threading.Event()
+            admitted, slot = await watching(request, stop, api.admission.enter_async)
+            if not admitted:                          # gone while waiting: nothing to send
+                return JSONResponse({}, status_code=499)
+            if body.get("stream"):
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                lines = api.stream(prepared, chat, stop, slot, usage)
+                first = await anyio.to_thread.run_sync(next, lines)
 
                 async def events():
                     yield first
                     while not await request.is_disconnected():
-                        line = await anyio.to_thread.run_sync(next, lines, None)
+                        try:
+                            line = await anyio.to_thread.run_sync(next, lines, None)
+                        except Exception as exc:  # noqa: BLE001 - said in the stream
+                            yield "data: " + json.dumps(error_body(exc)[1]) + "\n\n"
+                            yield "data: [DONE]\n\n"
+                            break
                         if line is None:
                             break
                         yield line
@@ -307,15 +461,20 @@ def mount(app, ctx, running: int = 1) -> Api:
                     # Runs after the response ends, a client's disconnect included (Starlette
                     # cancels the stream, then runs the background task). No thread is inside
                     # `lines` by then (the awaits above are not abandoned on cancel), so
-                    # closing it is safe; it frees the admission slot, and `stop` ends the
-                    # generation loop within a token.
+                    # closing it is safe; `stop` ends the generation loop within a token, and
+                    # the slot is freed (also if the generator never started).
                     stop.set()
                     lines.close()
+                    slot.release()
                 return StreamingResponse(events(), media_type="text/event-stream",
                                          background=BackgroundTask(cleanup))
-            result = await anyio.to_thread.run_sync(api.complete, body, chat)
-            return JSONResponse(result)
+            done, result = await watching(request, stop, partial(
+                anyio.to_thread.run_sync, api.answer, prepared, chat, slot, stop))
+            slot.release()
+            return JSONResponse(result if done else {}, status_code=200 if done else 499)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an API error body
+            if slot is not None:
+                slot.release()
             status, payload = error_body(exc)
             return JSONResponse(payload, status_code=status)
 

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 import app as app_module
+import mmcore
 from demos import launch_kwargs, openai_api
 
 PROMPT = "the cat sat on the"
@@ -24,8 +25,8 @@ def server(tiny_kit):
     demo.close()
 
 
-def post(url, body, **kw):
-    return httpx.post(url, content=json.dumps(body), timeout=120,
+def post(url, body, timeout=120, **kw):
+    return httpx.post(url, content=json.dumps(body), timeout=timeout,
                       headers={"content-type": "application/json"}, **kw)
 
 
@@ -101,6 +102,13 @@ def test_chat_uses_the_transcript_when_the_model_has_no_template(server):
     ({"messages": []}, 400, "Unknown field"),
     ({"prompt": PROMPT, "seed": 2**70}, 400, "'seed' must be an integer from"),
     ({"prompt": PROMPT, "seed": -2**63 - 1}, 400, "'seed' must be an integer from"),
+    # asked for, so refused rather than ignored (they had passed)
+    ({"prompt": PROMPT, "logprobs": 0}, 400, "Not supported by this server: logprobs"),
+    ({"prompt": PROMPT, "stream": 1}, 400, "'stream' must be true or false"),
+    ({"prompt": PROMPT, "stream": 0}, 400, "'stream' must be true or false"),
+    ({"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "needs 'stream'"),
+    ({"prompt": PROMPT, "stream": True, "stream_options": {"usage": 1}}, 400,
+     "takes only 'include_usage'"),
 ])
 def test_bad_requests_get_openai_style_errors(server, body, status, message):
     ctx, api, url = server
@@ -192,3 +200,108 @@ def test_a_model_loaded_on_the_models_tab_is_served_by_name(server, tmp_path):
     assert want != ctx.kit.generate(PROMPT, max_new_tokens=10)
     missing = post(f"{url}/completions", {"model": "gpt-4", "prompt": PROMPT})
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+
+
+def slowed(api, monkeypatch, delay, fail_after=None):
+    """The API's generations sleep `delay` s per token (in their worker thread, as a slow
+    model would), and raise after `fail_after` tokens if given."""
+    real = api.run
+
+    def run(prompt, params, model, stop_event=None):
+        generation, tokens = real(prompt, params, model, stop_event)
+
+        def slow():
+            for n, info in enumerate(tokens):
+                if fail_after is not None and n == fail_after:
+                    raise mmcore.InputError("this generation's own failure")
+                time.sleep(delay)
+                yield info
+        return generation, slow()
+
+    monkeypatch.setattr(api, "run", run)
+
+
+def test_requests_waiting_in_line_hold_no_thread(server, monkeypatch):
+    """45 requests waiting behind a running stream (one runs at a time here) must not take
+    the server's 40 worker threads: they had, the stream found no thread for its next
+    token, never freed its slot, and the whole server hung for good."""
+    import threading
+
+    ctx, api, url = server
+    slowed(api, monkeypatch, 0.05)
+    statuses, lines = [], []
+
+    def waiter():
+        try:
+            statuses.append(post(f"{url}/completions", {"prompt": PROMPT, "max_tokens": 1},
+                                 timeout=90).status_code)
+        except httpx.HTTPError as exc:
+            statuses.append(repr(exc))
+
+    with httpx.stream("POST", f"{url}/completions", timeout=90,
+                      json={"prompt": PROMPT, "max_tokens": 80, "temperature": 0,
+                            "stream": True}) as response:
+        stream = response.iter_lines()
+        lines.append(next(stream))
+        threads = [threading.Thread(target=waiter) for _ in range(45)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while api.admission.inside < 46 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert api.admission.inside == 46          # all 45 in line behind the stream
+        lines += [line for line in stream if line]
+    for t in threads:
+        t.join(timeout=120)
+    assert lines[-1] == "data: [DONE]"
+    assert statuses == [200] * 45
+    assert post(f"{url}/completions", {"prompt": PROMPT, "max_tokens": 1}).status_code == 200
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_stops_it(server, monkeypatch):
+    """A non-streamed request whose client went away stops within a token and frees its
+    place (8 x 1024 tokens had gone on decoding to the end)."""
+    ctx, api, url = server
+    slowed(api, monkeypatch, 0.02)            # the whole answer: 8 x 1000 x 20 ms > 160 s
+    with pytest.raises(httpx.TimeoutException):
+        post(f"{url}/completions", {"prompt": PROMPT, "max_tokens": 1000, "n": 8,
+                                    "temperature": 0}, timeout=1.5)
+    deadline = time.monotonic() + 20
+    while api.admission.inside and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert api.admission.inside == 0
+
+
+def test_an_error_mid_stream_is_said_in_the_stream(server, monkeypatch):
+    """An error after the first chunk ends the stream with an error event and [DONE] (the
+    connection had just been cut); the stream's place is freed."""
+    ctx, api, url = server
+    slowed(api, monkeypatch, 0.0, fail_after=3)
+    with httpx.stream("POST", f"{url}/completions", timeout=60,
+                      json={"prompt": PROMPT, "max_tokens": 40, "temperature": 0,
+                            "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: "):])["error"]
+    assert error["message"] == "this generation's own failure"
+    assert error["type"] == "invalid_request_error"
+    assert len(lines) == 3 + 2
+    deadline = time.monotonic() + 10
+    while api.admission.inside and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.admission.inside == 0
+
+
+def test_stream_options_include_usage_adds_the_token_counts(server):
+    ctx, api, url = server
+    request = {"prompt": PROMPT, "max_tokens": 9, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/completions", timeout=60,
+                      json={**request, "stream_options": {"include_usage": True}}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    last = chunks[-1]
+    assert last["choices"] == [] and all(c["choices"] for c in chunks[:-1])
+    whole = post(f"{url}/completions", {k: v for k, v in request.items() if k != "stream"})
+    assert last["usage"] == whole.json()["usage"]
+    assert last["usage"]["completion_tokens"] == 9
