@@ -44,6 +44,8 @@ from .generation import (Generation, SamplingParams, TokenInfo, TokenText, _alte
 from .generation import MAX_CANDIDATES, TOP_ALTERNATIVES
 from .text import clean_text
 
+PREFILL_CHUNK = 128     # prompt tokens per forward while other streams decode (`_chunked_prefill`)
+
 
 @dataclass
 class ServingConfig:
@@ -368,14 +370,7 @@ class Scheduler:
                     self._prefill(stream, alone=len(joining) == 1 and not self._active)
                 except Exception as exc:  # noqa: BLE001 - that stream's own failure
                     self._fail([stream], exc)
-            try:
-                self._leave([s for s in self._active if s.cancelled], "cancelled")
-                if self._active:
-                    self._step()
-            except Exception as exc:  # noqa: BLE001 - every stream in the batch hears
-                self._fail(self._active, exc)
-                self._active = []
-                self._cache = self._mask = self._pos = self._next = self._single = None
+            self._decode_once()
 
     def _fail(self, streams: list, exc: BaseException) -> None:
         for s in streams:
@@ -407,9 +402,14 @@ class Scheduler:
         """Prompt + forced tokens at batch 1; report the forced tokens; join the batch.
         `alone`: it will decode alone (for now), on the compiled step if one is ready."""
         seq = torch.tensor([s.ids + s.forced], device=self.device)
-        decode = self.compiled if alone and not self._waiting else None
-        logits, cache, fast = prefill(self.model, decode, seq, s.cost, len(s.forced) + 1,
-                                      wait=False)                               # (F+1, V)
+        if self._active and seq.shape[1] > PREFILL_CHUNK:
+            logits, cache, fast = self._chunked_prefill(s, seq, len(s.forced) + 1)
+            if logits is None:
+                return
+        else:
+            decode = self.compiled if alone and not self._waiting else None
+            logits, cache, fast = prefill(self.model, decode, seq, s.cost, len(s.forced) + 1,
+                                          wait=False)                           # (F+1, V)
         for step in range(len(s.forced) + 1):
             if s.cancelled:
                 s.end("cancelled")
@@ -419,6 +419,41 @@ class Scheduler:
             if s.advance(row, row.softmax(-1), forced):
                 return
         self._join(s, cache, seq.shape[1], fast)
+
+    def _chunked_prefill(self, s: _Stream, seq: torch.Tensor, keep: int) -> tuple:
+        """(logits of the last `keep` positions, cache, None): the prompt in chunks of
+        PREFILL_CHUNK tokens with one decode step of the running streams after each, so a
+        long prompt no longer freezes them for its whole prefill (8,150 digits: 29 s on the
+        offline kit), and a Stop or a closed client ends it between chunks ((None,) * 3)."""
+        from transformers import DynamicCache
+
+        from .quantized_lm import prefill_model
+
+        runner, cache, total = prefill_model(self.model), DynamicCache(config=self.model.config), \
+            seq.shape[1]
+        starts = list(range(0, max(total - keep, 1), PREFILL_CHUNK))   # the last holds `keep`
+        for i, start in enumerate(starts):
+            if s.cancelled:
+                s.end("cancelled")
+                return None, None, None
+            last = i == len(starts) - 1
+            out = runner(input_ids=seq[:, start:None if last else start + PREFILL_CHUNK],
+                         cache=cache, use_cache=True, logits_to_keep=keep if last else 1)
+            if not last:
+                self._decode_once()
+        return out.logits[0], cache, None
+
+    def _decode_once(self) -> None:
+        """One decode step of the running streams (those cancelled leave first); a failure
+        of the batch's step ends every stream in it."""
+        try:
+            self._leave([s for s in self._active if s.cancelled], "cancelled")
+            if self._active:
+                self._step()
+        except Exception as exc:  # noqa: BLE001 - every stream in the batch hears
+            self._fail(self._active, exc)
+            self._active = []
+            self._cache = self._mask = self._pos = self._next = self._single = None
 
     def _join(self, s: _Stream, cache, length: int, step=None) -> None:
         from transformers import DynamicCache

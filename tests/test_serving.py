@@ -235,6 +235,36 @@ def test_one_streams_failure_in_a_step_fails_that_stream_alone(tiny_kit, schedul
         same_run(runs[i], alone(tiny_kit, PROMPTS[i], max_new_tokens=30, seed=i))
 
 
+def test_a_long_prompt_joining_running_streams_does_not_freeze_them(tiny_kit, scheduler):
+    """A long prompt is prefilled in chunks with a decode step of the running streams after
+    each (it had run whole, freezing every other stream: 29 s for 8,150 digits on the
+    offline kit); its answer is the one it gets alone, and so are theirs."""
+    long_prompt = " ".join(["the cat sat on the mat and looked at the dog"] * 20)
+    model, tok = parts(tiny_kit)
+    assert len(tok(long_prompt)["input_ids"]) > 500           # 4+ chunks
+    running = G.Generation(G.SamplingParams())
+    seen = {}
+
+    def runner():
+        list(scheduler.generate_tokens(PROMPTS[3], G.SamplingParams(max_new_tokens=400),
+                                       run=running))
+
+    thread = threading.Thread(target=runner)
+    thread.start()
+    wait_until(lambda: len(running.tokens) >= 5)
+    joining = G.Generation(G.SamplingParams())
+    seen["before"] = len(running.tokens)
+    for _ in scheduler.generate_tokens(long_prompt, G.SamplingParams(max_new_tokens=20),
+                                       run=joining):
+        seen.setdefault("first", len(running.tokens))
+    thread.join()
+    # the running stream went on during the joining prompt's chunks (old: one step at most)
+    assert seen["first"] - seen["before"] >= 3, seen
+    assert running.finish == "length"
+    same_run(joining, alone(tiny_kit, long_prompt, max_new_tokens=20))
+    same_run(running, alone(tiny_kit, PROMPTS[3], max_new_tokens=400))
+
+
 def test_seeded_sampling_is_the_same_whatever_the_batch(tiny_kit, scheduler):
     kw = dict(max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.95, seed=7)
     ref = alone(tiny_kit, "the cat", **kw)
