@@ -60,6 +60,7 @@ class Admission:
         self.inside = 0                   # running + waiting
         self.busy = 0                     # running
         self.line: collections.deque = collections.deque()     # waiting: _Turn
+        self._held = threading.local()    # `with gate:` in plain Python: each thread's turn
 
     def _join(self, loop=None) -> "_Turn":
         turn = _Turn(self, loop)
@@ -109,7 +110,6 @@ class Admission:
                 self.busy -= 1
 
     def __enter__(self):
-        self._held = getattr(self, "_held", threading.local())
         self._held.turn = self.enter()
         return self
 
