@@ -104,17 +104,22 @@ class Admission:
     def _release(self) -> None:
         with self.guard:
             self.inside -= 1
-            if self.line:
-                self.line.popleft().grant()     # the slot passes on: busy stays
-            else:
-                self.busy -= 1
+            while self.line:
+                turn = self.line.popleft()
+                try:
+                    turn.grant()                # the slot passes on: busy stays
+                    return
+                except RuntimeError:            # its event loop is gone: it left the line
+                    self.inside -= 1
+            self.busy -= 1
 
     def __enter__(self):
-        self._held.turn = self.enter()
+        turns = self._held.__dict__.setdefault("turns", [])
+        turns.append(self.enter())
         return self
 
     def __exit__(self, *exc):
-        self._held.turn.release()
+        self._held.turns.pop().release()
 
 
 class _Turn:
@@ -127,11 +132,11 @@ class _Turn:
         self.future = loop.create_future() if loop is not None else None
 
     def grant(self) -> None:              # under the gate's guard
-        self.granted = True
-        self.event.set()
-        if self.loop is not None:
+        if self.loop is not None:         # raises RuntimeError if that loop is closed
             self.loop.call_soon_threadsafe(
                 lambda: self.future.done() or self.future.set_result(None))
+        self.granted = True
+        self.event.set()
 
     def release(self) -> None:
         with self.gate.guard:
@@ -162,17 +167,26 @@ def _number(body: dict, name: str, cast, default):
 
 # values of refused fields that ask for nothing (clients send them by default)
 NOTHING = {"best_of": (1,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
-           "suffix": ("",)}
+           "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,),
+           "top_logprobs": (0,)}
+
+
+def _neutral(name: str, value) -> bool:
+    """Whether a refused field's value asks for nothing: null, false, or its listed neutral
+    value (a number equal to it, never a boolean). A completion's `logprobs: 0` asks for
+    the chosen tokens' log-probabilities, so 0 is not neutral there."""
+    if value is None or value is False:
+        return True
+    if isinstance(value, bool):
+        return False
+    number = isinstance(value, (int, float))
+    return any(value == v and number == isinstance(v, (int, float))
+               for v in NOTHING.get(name, ()))
 
 
 def sampling(body: dict, default_max: int) -> tuple:
     """(SamplingParams, n) from an OpenAI request body, checked like the Generate tab's."""
-    # a field asks for nothing only as null, false (an integer 0 is not false here: a
-    # completion's `logprobs: 0` asks for the chosen tokens' log-probabilities) or its
-    # listed neutral value
-    unknown = sorted(k for k in body if k in REFUSED and body[k] is not None
-                     and body[k] is not False and not any(
-                         type(body[k]) is type(v) and body[k] == v for v in NOTHING.get(k, ())))
+    unknown = sorted(k for k in body if k in REFUSED and not _neutral(k, body[k]))
     if unknown:
         raise ApiError(400, f"Not supported by this server: {', '.join(unknown)}.")
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
@@ -442,30 +456,45 @@ def mount(app, ctx, running: int = 1) -> Api:
             if body.get("stream"):
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 lines = api.stream(prepared, chat, stop, slot, usage)
-                first = await anyio.to_thread.run_sync(next, lines)
-
-                async def events():
-                    yield first
-                    while not await request.is_disconnected():
-                        try:
-                            line = await anyio.to_thread.run_sync(next, lines, None)
-                        except Exception as exc:  # noqa: BLE001 - said in the stream
-                            yield "data: " + json.dumps(error_body(exc)[1]) + "\n\n"
-                            yield "data: [DONE]\n\n"
-                            break
-                        if line is None:
-                            break
-                        yield line
 
                 def cleanup():
-                    # Runs after the response ends, a client's disconnect included (Starlette
-                    # cancels the stream, then runs the background task). No thread is inside
-                    # `lines` by then (the awaits above are not abandoned on cancel), so
-                    # closing it is safe; `stop` ends the generation loop within a token, and
-                    # the slot is freed (also if the generator never started).
+                    # No thread is inside `lines` whenever this runs (the awaits below are not
+                    # abandoned on cancel), so closing it is safe; `stop` ends the generation
+                    # loop within a token, and the slot is freed (also if the generator never
+                    # started). Idempotent: it runs at the stream's end and again as the
+                    # response's background task.
                     stop.set()
                     lines.close()
                     slot.release()
+
+                # the first line (errors before 200), watched: a client gone while its stream
+                # waits in the scheduler's queue or prefills is noticed before any token
+                try:
+                    started, first = await watching(
+                        request, stop, partial(anyio.to_thread.run_sync, next, lines))
+                except BaseException:
+                    cleanup()
+                    raise
+                if not started:
+                    cleanup()
+                    return JSONResponse({}, status_code=499)
+
+                async def events():
+                    try:
+                        yield first
+                        while not await request.is_disconnected():
+                            try:
+                                line = await anyio.to_thread.run_sync(next, lines, None)
+                            except Exception as exc:  # noqa: BLE001 - said in the stream
+                                yield "data: " + json.dumps(error_body(exc)[1]) + "\n\n"
+                                yield "data: [DONE]\n\n"
+                                break
+                            if line is None:
+                                break
+                            yield line
+                    finally:
+                        cleanup()
+
                 return StreamingResponse(events(), media_type="text/event-stream",
                                          background=BackgroundTask(cleanup))
             done, result = await watching(request, stop, partial(

@@ -433,7 +433,7 @@ class Scheduler:
             seq.shape[1]
         starts = list(range(0, max(total - keep, 1), PREFILL_CHUNK))   # the last holds `keep`
         for i, start in enumerate(starts):
-            if s.cancelled:
+            if s.cancelled or self._closed:
                 s.end("cancelled")
                 return None, None, None
             last = i == len(starts) - 1

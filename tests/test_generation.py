@@ -205,7 +205,7 @@ def test_a_drawn_token_follows_the_distribution_and_the_seed():
             G.draw(bad, g)
 
 
-@pytest.mark.parametrize("temperature", [1e-38, 1e-45])
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1e-46, 5e-324])
 def test_a_tiny_temperature_samples_the_likeliest_token(tiny_kit, temperature):
     """Scores divided by a tiny temperature overflow to infinity; that must not read as a
     broken model ("not finite"): the distribution is the argmax's, with or without top-k,

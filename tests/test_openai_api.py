@@ -129,6 +129,42 @@ def test_bad_json_and_huge_bodies_are_refused(server):
     assert bad_chat.status_code == 400 and "role" in bad_chat.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("neutral", [{"presence_penalty": 0}, {"frequency_penalty": 0.0},
+                                     {"top_logprobs": 0}, {"best_of": 1.0}, {"logprobs": None},
+                                     {"logprobs": False}])
+def test_fields_asking_for_nothing_pass(server, neutral):
+    """Clients send some refused fields at their neutral values by default."""
+    ctx, api, url = server
+    out = post(f"{url}/completions", {"prompt": PROMPT, "max_tokens": 2, **neutral})
+    assert out.status_code == 200, out.text
+
+
+def test_a_client_gone_while_waiting_in_line_leaves_it(server, monkeypatch):
+    """A request waiting for its turn whose client goes away leaves the line: it never runs,
+    and the line's count goes back to 0."""
+    import threading
+
+    ctx, api, url = server
+    slowed(api, monkeypatch, 0.05)
+    ran = []
+    real = api.answer
+    monkeypatch.setattr(api, "answer", lambda *a, **k: ran.append(1) or real(*a, **k))
+    holder = threading.Thread(target=post, args=(f"{url}/completions",
+                                                 {"prompt": PROMPT, "max_tokens": 60}))
+    holder.start()
+    deadline = time.monotonic() + 30
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(httpx.TimeoutException):
+        post(f"{url}/completions", {"prompt": PROMPT, "max_tokens": 5}, timeout=0.5)
+    holder.join()
+    deadline = time.monotonic() + 20
+    while api.admission.inside and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.admission.inside == 0 and api.admission.busy == 0 and not api.admission.line
+    assert len(ran) == 1
+
+
 def test_the_queue_is_bounded():
     gate = openai_api.Admission(running=1, waiting=0)
     with gate:
