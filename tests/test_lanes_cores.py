@@ -217,6 +217,12 @@ def test_the_main_thread_keeps_its_pool_unless_a_scheduler_runs():
 
     if not can_release_threads() or threading.current_thread() is not threading.main_thread():
         pytest.skip("needs GNU OpenMP and the main thread")
+    # an earlier test's scheduler idles up to its idle_seconds (30 s) before it exits
+    import time
+    deadline = time.monotonic() + 90
+    while PRIORITY.decoders and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert PRIORITY.decoders == 0, "a scheduler of an earlier test never went idle"
     x = torch.randn(4_000_000)
     release_threads()                              # whatever earlier tests left
     before = _tasks()
