@@ -70,7 +70,6 @@ class Admission:
             self.inside += 1
             if self.busy < self.running:
                 self.busy += 1
-                turn.granted = True
                 turn.event.set()
             else:
                 self.line.append(turn)
@@ -127,15 +126,18 @@ class _Turn:
     context manager's exit) frees the slot."""
 
     def __init__(self, gate: Admission, loop=None):
-        self.gate, self.loop, self.granted, self.released = gate, loop, False, False
-        self.event = threading.Event()
+        self.gate, self.loop, self.released = gate, loop, False
+        self.event = threading.Event()                     # set: granted
         self.future = loop.create_future() if loop is not None else None
+
+    @property
+    def granted(self) -> bool:
+        return self.event.is_set()
 
     def grant(self) -> None:              # under the gate's guard
         if self.loop is not None:         # raises RuntimeError if that loop is closed
             self.loop.call_soon_threadsafe(
                 lambda: self.future.done() or self.future.set_result(None))
-        self.granted = True
         self.event.set()
 
     def release(self) -> None:
@@ -306,13 +308,13 @@ class Api:
         run = generation.Generation(params)
         return run, model[1].generate_tokens(prompt, params, stop_event, run=run)
 
-    def complete(self, body: dict, chat: bool, slot=None, stop_event=None) -> dict:
-        """The whole answer to a request. `slot`: its admission, already granted (else it
-        waits for one here); `stop_event` ends it early (a client gone)."""
-        prepared = self.prepare(body, chat)
-        return self.answer(prepared, chat, slot, stop_event)
+    def complete(self, body: dict, chat: bool) -> dict:
+        """The whole answer to a request (plain Python use: waits here for a slot)."""
+        return self.answer(self.prepare(body, chat), chat)
 
     def answer(self, prepared: tuple, chat: bool, slot=None, stop_event=None) -> dict:
+        """The whole answer to a prepared request. `slot`: its admission, already granted
+        (else it waits for one here); `stop_event` ends it early (a client gone)."""
         prompt, params, n, model = prepared
         choices, prompt_tokens, completion = [], 0, 0
         with slot or self.admission.enter():
@@ -335,16 +337,11 @@ class Api:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                           "total_tokens": prompt_tokens + completion}}
 
-    def chunks(self, body: dict, chat: bool, stop_event: threading.Event, slot=None):
-        """Server-sent event lines for a streaming request (`slot`: its admission, already
-        granted, else it waits for one when the first line is asked for; held while the
-        generator runs)."""
-        prepared = self.prepare(body, chat)
-        yield from self.stream(prepared, chat, stop_event, slot,
-                               bool((body.get("stream_options") or {}).get("include_usage")))
-
     def stream(self, prepared: tuple, chat: bool, stop_event: threading.Event, slot=None,
                usage: bool = False):
+        """Server-sent event lines for a prepared streaming request (`slot`: its admission,
+        already granted, else it waits for one when the first line is asked for; held while
+        the generator runs). `usage`: stream_options.include_usage."""
         prompt, params, _, model = prepared
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion.chunk" if chat else "text_completion"

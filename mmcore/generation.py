@@ -138,8 +138,8 @@ def _process(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams) -> tor
     if p.temperature < 1 and bool((scaled == float("inf")).any()):
         # a tiny temperature (1e-37) overflows finite scores to infinity; the same
         # distribution from scores shifted to a maximum of 0 cannot overflow (a model's
-        # own infinite or NaN score stays one, and `draw` refuses it)
-        # (in float64: below ~7e-46 a temperature is 0 in float32, and 0/0 is NaN)
+        # own infinite or NaN score stays one, and `draw` refuses it). In float64: below
+        # ~7e-46 a temperature is 0 in float32, and 0/0 is NaN
         scaled = ((logits.double() - logits.max()) / p.temperature).to(logits.dtype)
     logits = scaled
     n = logits.numel()

@@ -95,8 +95,7 @@ def score_rows(model, items: list, batcher=None) -> list:
     `_tree_scores`). `at` defaults to len(c): the distribution after the whole
     continuation; a smaller one gives it after its first `at` tokens (e.g. after a word,
     before the text that follows it), from the same forward."""
-    rows = [(item[0], list(item[1]), "score", item[2] if len(item) > 2 else len(item[1]))
-            for item in items]
+    rows = [(item[0], list(item[1]), "score", *item[2:]) for item in items]
     return batcher(rows) if batcher is not None else run_rows(model, rows)
 
 
