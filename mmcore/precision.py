@@ -262,15 +262,19 @@ class DynamicInt8Linear(nn.Module):
         else:
             # what the first rounding left, t - q1, lies in [-1/2, 1/2]: at 254 steps per
             # unit it is a second int8 row (x = sx * (q1 + q2/254) + under sx/508)
-            q = rows.new_empty((2 * m, rows.shape[1]))
-            q1 = torch.round(t, out=q[:m])
-            torch.sub(t, q1, out=q[m:]).mul_(254.0).round_()
-            q = q.to(torch.int8)
             if m == 1:      # one row (a decode step): two 1-row products, ~2x cheaper than
-                # one of 2 rows (a 49152-row head: 2 x 1.0 against 2.3 ms); the same sums
-                y = torch._int_mm(q[:1], self.qweight_t).float().add_(
-                    torch._int_mm(q[1:], self.qweight_t), alpha=1 / 254.0)
+                # one of 2 rows (a 49152-row head: 2 x 1.0 against 2.3 ms); the same sums.
+                # Two tensors, not two slices of one buffer: compiled, inductor handed
+                # `_int_mm` the slices of an in-graph int8 buffer wrongly (errors ~1e9)
+                q1 = torch.round(t)
+                q2 = torch.sub(t, q1).mul_(254.0).round_()
+                y = torch._int_mm(q1.to(torch.int8), self.qweight_t).float().add_(
+                    torch._int_mm(q2.to(torch.int8), self.qweight_t), alpha=1 / 254.0)
             else:
+                q = rows.new_empty((2 * m, rows.shape[1]))
+                q1 = torch.round(t, out=q[:m])
+                torch.sub(t, q1, out=q[m:]).mul_(254.0).round_()
+                q = q.to(torch.int8)
                 y = torch._int_mm(q, self.qweight_t).float()
                 y = y[:m].add_(y[m:], alpha=1 / 254.0)
         y = y.mul_(sx).mul_(self.scales)

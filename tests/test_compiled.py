@@ -1,6 +1,7 @@
 """Compiled decode steps (mmcore/compiled.py): a bucket compiles in the background while
 requests decode eagerly, then requests decode through it, token for token as eager."""
 
+import pytest
 import torch
 
 from mmcore import compiled as C
@@ -111,6 +112,59 @@ def test_exact_stays_token_identical_when_compiled_on_the_offline_lm(offline_kit
         params = G.SamplingParams(max_new_tokens=48, chat=False)
         assert [t.token_id for t in tokens(lm, prompt, params, decode).tokens] == \
             [t.token_id for t in tokens(lm, prompt, params).tokens]
+
+
+needs_cxx = pytest.mark.skipif(
+    not (C.shutil.which("g++") or C.shutil.which("c++") or C.shutil.which("clang++")),
+    reason="inductor's CPU code needs a C++ compiler")
+
+
+@needs_cxx
+@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_x_int8_products_compile_to_their_eager_results(passes, rows):
+    """A fast LM's vocabulary head (two passes) is in every compiled decode step, at one
+    row. Inductor once gave nonsense for its one-row form (two 1-row products on slices of
+    one int8 buffer: errors of 1e9), so every greedy token after the first was garbage."""
+    from mmcore.precision import DynamicInt8Linear
+
+    torch.manual_seed(0)
+    weight = torch.randn(1024, 576) * 0.05
+    linear = DynamicInt8Linear.from_weight(weight, passes=passes).eval()
+    x = torch.randn(1, rows, 576)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        eager = linear(x)
+        compiled = torch.compile(linear, dynamic=False)(x)
+        exact = x @ weight.T
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
+    assert ((compiled - exact).norm() / exact.norm()) < (0.02 if passes == 1 else 0.01)
+
+
+@needs_cxx
+def test_fast_gives_its_eager_tokens_when_compiled_on_the_offline_lm():
+    """`fast` compiled decodes what `fast` eager decodes, up to a near-tie: the offline
+    LM's 4-bit body and two-pass int8 head, 48 greedy tokens on two prompts (it once gave
+    " Johannes proble strugg strugg snipp ..." after a right first token)."""
+    import mmcore
+
+    lm = mmcore.load_kit("offline", precision="fast").model("causal_lm")
+    decode = ready(lm)
+    for prompt in ("The history of the printing press begins in",
+                   "Here is a short guide to growing tomatoes at home:"):
+        params = G.SamplingParams(max_new_tokens=48, chat=False)
+        eager = tokens(lm, prompt, params)
+        compiled = tokens(lm, prompt, params, decode)
+        assert len(compiled.tokens) == len(eager.tokens) == 48
+        for i, (a, b) in enumerate(zip(compiled.tokens, eager.tokens)):
+            # bf16 activations are rounded where inductor fuses, not where eager does:
+            # probabilities move by up to ~0.03, so only a near-tie may go the other way
+            assert abs(a.prob - b.prob) < 0.03, (prompt, i)
+            if a.token_id != b.token_id:
+                top = [p for _, p, _ in b.alternatives[:2]]
+                assert top[0] - top[1] < 0.06, (prompt, i, a, b)
+                break                                   # the texts go on differently
+        assert i >= 32, (prompt, i)
 
 
 def test_the_scheduler_decodes_a_lone_stream_on_the_compiled_step(tiny_kit):
