@@ -127,6 +127,13 @@ def main() -> None:
           f"({len(toks['c'])} compared); (d) matches (c) for the first {agree(toks['c'], toks['d'])}"
           " tokens" + (f"; (e) matches (c) for {agree(toks['c'], toks['e'])}, (f) matches (d) "
                        f"for {agree(toks['d'], toks['f'])}" if "e" in toks else ""))
+    # a fast path that goes wrong still runs at full speed: its rate means nothing then
+    # (compiled `fast` once decoded garbage from token 2 and was reported at 2.89x)
+    for key, like in (("d", "c"), ("e", "c"), ("f", "d")):
+        if key in toks and agree(toks[like], toks[key]) < 32:
+            print(f"  ** ({key}) leaves ({like})'s tokens at token {agree(toks[like], toks[key])}: "
+                  f"check its text before reading its rate: "
+                  f"{fast.tokenizer.decode(toks[key][:24])!r}")
     long_prompts(pipe, exact, fast, args.long, args.rounds)
     sampling(pipe, fast, args.new, args.rounds)
     int8_prompts(args.rounds)
