@@ -40,6 +40,7 @@ MASK_SPELLINGS = r"\[mask\]|<mask>"
 CAUSAL_CANDIDATES = 12      # next-token candidates considered per mask by the causal backend
 MAX_TARGET_TOKENS = 16      # tokens per target word (the causal backend scores every one)
 MAX_TARGET_WORK = 20000     # target tokens the causal backend may score per request (~20 s)
+MAX_BEAM_WORK = 40000       # tokens the causal backend's rounds may read per request (~20 s)
 WORD_EXTENSIONS = 2         # extra tokens a causal candidate may grow by to finish its word
 RIGHT_CONTEXT = 6           # tokens after a candidate that take part in its score
 BLANK = "___"               # how a mask is shown in the fill-in-the-blank proposal prompt
@@ -418,6 +419,22 @@ class CausalFill:
                              f"{work} tokens; the limit is {MAX_TARGET_WORK}. Use fewer "
                              f"targets or masks.")
 
+    def check_beam_work(self, text_tokens: int, masks: int, width: int, top_k: int,
+                        targets: list) -> None:
+        """Refuse, before any forward, a beam this backend would spend minutes on: every
+        beam after the first mask runs a round of its own (the text read twice, as plain
+        text and as a question, then each proposed word with its right context, twice), so
+        work grows with masks x width x the text's length. 5 masks at top-k 20 on a short
+        sentence took 43 s on 2 cores; the same in a 10,000-character text, over 13
+        minutes, while the short lane's one slot held every other user's search."""
+        rounds = 1 + (masks - 1) * 2 * width
+        words = len(targets) if targets else max(CAUSAL_CANDIDATES, 2 * top_k)
+        work = rounds * (3 * text_tokens + 2 * words * (RIGHT_CONTEXT + 2))
+        if work > MAX_BEAM_WORK:
+            raise InputError(f"{masks} masks at top-k {top_k} in a {text_tokens}-token text "
+                             f"would read about {work} tokens; the limit is {MAX_BEAM_WORK}. "
+                             f"Use fewer masks, a smaller top-k or a shorter text.")
+
     def fill(self, text: str, top_k: int, targets: list) -> FillResult:
         segments = split_masks(text, None)
         masks = len(segments) - 1
@@ -429,6 +446,7 @@ class CausalFill:
                              f"{room} here.")
         width = max(top_k, 8) if masks > 1 else max(top_k, CAUSAL_CANDIDATES)
         self.check_target_work(targets, masks, width)
+        self.check_beam_work(total_tokens, masks, width, top_k, targets)
         beams = [(0.0, segments[0], [])]      # (log P, text so far, words)
         for m in range(masks):
             right, rest = segments[m + 1], BLANK.join(segments[m + 1:])

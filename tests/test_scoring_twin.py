@@ -3,6 +3,7 @@ in one forward (one sequence per prefix, a tree mask), and at `fast` on an int8 
 of the model that shares its embeddings and norms."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -292,6 +293,30 @@ def test_causal_fill_refuses_targets_it_would_spend_minutes_on(offline_kit):
     assert time.perf_counter() - start < 5
     got = offline_kit.fill_mask("The capital of France is [MASK].", targets=many[:3] + ["Paris"])
     assert got[0][0]["token_str"] == "Paris"
+
+
+def test_causal_fill_refuses_a_beam_it_would_spend_minutes_on(offline_kit):
+    """Checked before any forward: 5 masks at top-k 20 (43 s on 2 cores, holding the short
+    lane's one slot against every other user), and 5 masks in a long text (over 13
+    minutes), get a clear message at once; 2 masks at top-k 5 still run."""
+    import time
+
+    from mmcore import lm_scoring
+    from mmcore.errors import InputError
+
+    forwards = []
+    real = lm_scoring.run_many
+    five = "The [MASK] [MASK] at the [MASK] [MASK] near [MASK]."
+    start = time.perf_counter()
+    with mock.patch.object(lm_scoring, "run_many",
+                           lambda *a, **k: forwards.append(1) or real(*a, **k)):
+        with pytest.raises(InputError, match="Use fewer masks, a smaller top-k or a shorter"):
+            offline_kit.fill_mask(five, top_k=20)
+        with pytest.raises(InputError, match="5 masks at top-k 5 in a [0-9]+-token text"):
+            offline_kit.fill_mask("It rained all day. " * 120 + five, top_k=5)
+    assert not forwards and time.perf_counter() - start < 5
+    got = offline_kit.fill_mask("The [MASK] sat on the [MASK].", top_k=5)
+    assert len(got) == 2 and all(len(mask) == 5 for mask in got)
 
 
 @needs_int8
