@@ -322,10 +322,19 @@ class Index:
         n = len(ids)
         if vectors.ndim != 2 or vectors.shape[0] != n or len(captions) != n or len(hashes) != n:
             raise InputError("The index is damaged: its parts disagree in length.")
-        if not vectors.is_floating_point() or not torch.isfinite(vectors).all():
+        # checked as searched: float32 (a float64 1e300 is finite, and inf as float32)
+        vectors = vectors.float() if vectors.is_floating_point() else None
+        if vectors is None or not torch.isfinite(vectors).all():
             raise InputError("The index is damaged: its vectors are not finite numbers.")
+        dim = getattr(encoder, "dim", None)
+        if n and dim and vectors.shape[1] != dim:
+            raise InputError(f"The index is damaged: its vectors have {vectors.shape[1]} "
+                             f"numbers each; this model's have {dim}.")
+        if n and not torch.allclose(vectors.norm(dim=1), torch.ones(n), atol=1e-3):
+            raise InputError("The index is damaged: its vectors are not of unit length "
+                             "(their scores would not be cosine similarities).")
         index = cls(encoder)
-        index.vectors, index.ids = vectors.float(), ids
+        index.vectors, index.ids = vectors, ids
         index.captions, index.hashes = captions, hashes
         index.thumbnails = _unpack(tensors, n)
         return index

@@ -221,6 +221,13 @@ def test_a_tampered_index_is_refused_without_naming_the_folder(tiny_kit, gallery
     refused({**meta, "ids": [1] * len(meta["ids"])}, tensors, "lists of text")
     refused({**meta, "captions": ["x" * 20_000] * len(meta["ids"])}, tensors, "longer")
     refused(meta, {**tensors, "vectors": tensors["vectors"] * float("nan")}, "finite")
+    vectors = tensors["vectors"]
+    # finite as float64, infinite as the float32 it is searched in
+    refused(meta, {**tensors, "vectors": vectors.double() * 1e300}, "finite")
+    refused(meta, {**tensors, "vectors": vectors[:, :5].contiguous()},
+            f"5 numbers each; this model's have {vectors.shape[1]}")
+    refused(meta, {**tensors, "vectors": vectors * 3e3}, "unit length")    # not cosines
+    refused(meta, {**tensors, "vectors": vectors * 0}, "unit length")
     refused(meta, {**tensors, "thumbnail_offsets": tensors["thumbnail_offsets"].flip(0)},
             "out of order")
     refused({**meta, "identity": "hf-clip:another"}, tensors, "another model")
