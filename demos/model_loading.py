@@ -14,6 +14,7 @@ import gradio as gr
 
 from mmcore import ROLES, InputError
 from mmcore.dual_encoder import public_name
+from mmcore.text import clean_text
 
 from .context import AppContext, guarded, text_md
 from .files import uploaded
@@ -64,6 +65,8 @@ def build(ctx: AppContext) -> None:
         folder the operator listed."""
         from mmcore.dual_encoder import public_name
 
+        role, source = (clean_text(v, what, 1000) for v, what in
+                        ((role, "Role"), (source, "Model name")))
         listed = {public_name(s): s for v in ctx.allowed_models.values() for s in v}
         name = ctx.pool.request(role, listed.get(source, source))
         return (f"{text_md(public_name(name))} for {role}: {ctx.pool.status(role, name)}. "
@@ -75,8 +78,10 @@ def build(ctx: AppContext) -> None:
         "error: why" (a failed load's reason)."""
         from mmcore.dual_encoder import public_name
 
+        role, source = (clean_text(v, what, 1000, allow_empty=True).strip() for v, what in
+                        ((role, "Role"), (source, "Model name")))
         listed = {public_name(s): s for v in ctx.allowed_models.values() for s in v}
-        return ctx.pool.status(role, listed.get(source, str(source or "").strip()))
+        return ctx.pool.status(role, listed.get(source, source))
 
     @guarded
     def load_finetuned_zip(file=None) -> str:

@@ -475,6 +475,8 @@ def test_errors_become_clear_messages(served, tmp_path):
         client.close()
     labels = list(mmcore.attention.choices(ctx.kit))
     clear(queue_call(url, "worked_example", ["the \ud800 cat"]), "invalid character")
+    for fn in ("load_model", "model_status"):        # their status text had echoed the name
+        clear(queue_call(url, fn, ["causal_lm", "ab\ud800cd"]), "invalid character")
     for template in ("{} and {}", "{0} {1}"):
         clear(queue_call(url, "zero_shot_batch", [[], "a, b", template, False, "softmax", 0,
                                                   "base model"]))
