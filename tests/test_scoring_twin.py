@@ -297,13 +297,15 @@ def test_causal_fill_refuses_targets_it_would_spend_minutes_on(offline_kit):
 
 def test_causal_fill_refuses_a_beam_it_would_spend_minutes_on(offline_kit):
     """Checked before any forward: 5 masks at top-k 20 (43 s on 2 cores, holding the short
-    lane's one slot against every other user), and 5 masks in a long text (over 13
-    minutes), get a clear message at once; 2 masks at top-k 5 still run."""
+    lane's one slot against every other user), 5 masks in a long text (over 13 minutes) and
+    one mask in a 2,000-token text (~20 s; attention grows with its square) get a clear
+    message at once; 2 masks at top-k 5 still run."""
     import time
 
     from mmcore import lm_scoring
     from mmcore.errors import InputError
 
+    offline_kit.fill_mask("The capital of France is [MASK].")       # loaded before the clock
     forwards = []
     real = lm_scoring.run_many
     five = "The [MASK] [MASK] at the [MASK] [MASK] near [MASK]."
@@ -314,6 +316,8 @@ def test_causal_fill_refuses_a_beam_it_would_spend_minutes_on(offline_kit):
             offline_kit.fill_mask(five, top_k=20)
         with pytest.raises(InputError, match="5 masks at top-k 5 in a [0-9]+-token text"):
             offline_kit.fill_mask("It rained all day. " * 120 + five, top_k=5)
+        with pytest.raises(InputError, match="1 mask at top-k 5 in a [0-9]+-token text"):
+            offline_kit.fill_mask("It rained all day. " * 400 + "The [MASK] sat.", top_k=5)
     assert not forwards and time.perf_counter() - start < 5
     got = offline_kit.fill_mask("The [MASK] sat on the [MASK].", top_k=5)
     assert len(got) == 2 and all(len(mask) == 5 for mask in got)
