@@ -130,10 +130,10 @@ def main() -> None:
     # a fast path that goes wrong still runs at full speed: its rate means nothing then
     # (compiled `fast` once decoded garbage from token 2 and was reported at 2.89x)
     for key, like in (("d", "c"), ("e", "c"), ("f", "d")):
-        if key in toks and agree(toks[like], toks[key]) < min(32, args.new):
-            print(f"  ** ({key}) leaves ({like})'s tokens at token {agree(toks[like], toks[key])}: "
-                  f"check its text before reading its rate: "
-                  f"{fast.tokenizer.decode(toks[key][:24])!r}")
+        at = agree(toks[like], toks[key]) if key in toks else args.new
+        if at < min(32, args.new):
+            print(f"  ** ({key}) leaves ({like})'s tokens at token {at}: check its text "
+                  f"before reading its rate: {fast.tokenizer.decode(toks[key][:24])!r}")
     long_prompts(pipe, exact, fast, args.long, args.rounds)
     sampling(pipe, fast, args.new, args.rounds)
     int8_prompts(args.rounds)

@@ -37,10 +37,13 @@ def policy_md(ctx: AppContext) -> str:
             "(any hub id) or `--models FILE` (a list) to turn it on.")
 
 
+def listed_source(ctx: AppContext, name: str) -> str:
+    """The operator-listed folder or id shown as `name`, else `name` itself."""
+    return {public_name(s): s for v in ctx.allowed_models.values() for s in v}.get(name, name)
+
+
 def catalogue(ctx: AppContext) -> list:
     """Every model a user can pick, per role: the kit's, fine-tuned ones, loaded and listed."""
-    from mmcore.dual_encoder import public_name
-
     rows = [{"role": r["role"], "model": r["name"], "kind": "kit", "status": r["status"]}
             for r in ctx.kit.describe()]
     rows += [{"role": "dual_encoder", "model": name, "kind": "fine-tuned",
@@ -63,12 +66,9 @@ def build(ctx: AppContext) -> None:
         """Start loading a model into a role (returns at once; see /models for its status).
         role: causal_lm, masked_lm, next_sentence or dual_encoder; source: a hub id, or a
         folder the operator listed."""
-        from mmcore.dual_encoder import public_name
-
         role, source = (clean_text(v, what, 1000) for v, what in
                         ((role, "Role"), (source, "Model name")))
-        listed = {public_name(s): s for v in ctx.allowed_models.values() for s in v}
-        name = ctx.pool.request(role, listed.get(source, source))
+        name = ctx.pool.request(role, listed_source(ctx, source))
         return (f"{text_md(public_name(name))} for {role}: {ctx.pool.status(role, name)}. "
                 "Once ready, pick it as \"loaded: ...\" in that role's tabs.")
 
@@ -76,12 +76,9 @@ def build(ctx: AppContext) -> None:
     def model_status(role: str, source: str) -> str:
         """The status of a model you asked to load: "loading", "ready", "not loaded" or
         "error: why" (a failed load's reason)."""
-        from mmcore.dual_encoder import public_name
-
         role, source = (clean_text(v, what, 1000, allow_empty=True).strip() for v, what in
                         ((role, "Role"), (source, "Model name")))
-        listed = {public_name(s): s for v in ctx.allowed_models.values() for s in v}
-        return ctx.pool.status(role, listed.get(source, source))
+        return ctx.pool.status(role, listed_source(ctx, source))
 
     @guarded
     def load_finetuned_zip(file=None) -> str:
@@ -121,8 +118,6 @@ def build(ctx: AppContext) -> None:
     with gr.Row():
         role = gr.Dropdown(choices=[(ROLE_LABELS[r], r) for r in ROLES], value="causal_lm",
                            label="Role", scale=1)
-        from mmcore.dual_encoder import public_name
-
         listed = sorted({public_name(s) for v in ctx.allowed_models.values() for s in v})
         source = gr.Dropdown(choices=listed, value=None, allow_custom_value=True,
                              label="Hub id or listed folder", scale=2,
@@ -146,11 +141,8 @@ def build(ctx: AppContext) -> None:
         return table(ctx), gr.Timer(active=busy), line
 
     def remember(role_name, name):
-        from mmcore.dual_encoder import public_name
-
-        listed = {public_name(s): s for v in ctx.allowed_models.values() for s in v}
         name = str(name or "").strip()
-        return (role_name, listed.get(name, name), name)
+        return (role_name, listed_source(ctx, name), name)
 
     load.click(load_model, [role, source], status, api_name="load_model").then(
         remember, [role, source], asked, api_visibility="private").then(

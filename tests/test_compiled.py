@@ -114,9 +114,8 @@ def test_exact_stays_token_identical_when_compiled_on_the_offline_lm(offline_kit
             [t.token_id for t in tokens(lm, prompt, params).tokens]
 
 
-needs_cxx = pytest.mark.skipif(
-    not (C.shutil.which("g++") or C.shutil.which("c++") or C.shutil.which("clang++")),
-    reason="inductor's CPU code needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(not C._has_compiler(),
+                               reason="inductor's CPU code needs a C++ compiler")
 
 
 def _quantized(kind):
