@@ -1,8 +1,9 @@
 """Generation speed on the offline kit's model, greedy, a 20-token prompt, 128 new tokens.
 
 Side by side on this machine, interleaved: (a) transformers.pipeline("text-generation") fp32
-with its defaults, (b) model.generate fp32, (c) mmcore's decode loop at `exact` (fp32, the
-GGUF dequantised), (d) mmcore at `fast` (the GGUF's own 4-bit blocks, int8 head, bf16
+with its defaults, (b) model.generate fp32 (both on the model as transformers loads it),
+(c) mmcore's decode loop at `exact` (fp32, the GGUF dequantised; linears on oneDNN where
+MKL's fp32 path is slow, see the first line), (d) mmcore at `fast` (the GGUF's own 4-bit blocks, int8 head, bf16
 matmuls), (e) and (f) the same two with compiled decode steps (mmcore/compiled.py; their
 compile time is printed first, from the inductor cache under $MMCORE_CACHE when warm). Prints tokens/s and time to first token of each, the ratios to (a), whether (b)
 and (c) give the same tokens and where (d) first differs, and beside each decode rate the
@@ -46,12 +47,15 @@ def main() -> None:
     print(roofline.header(args.threads))
     import mmcore
     from mmcore import generation as G
+    from mmcore import hub, offline
     from mmcore.compiled import bucket as compiled_bucket
     from transformers import pipeline
 
     exact = mmcore.load_kit("offline", precision="exact").model("causal_lm")
     fast = mmcore.load_kit("offline", precision="fast").model("causal_lm")
-    model, tok = exact.model, exact.tokenizer
+    # (a) and (b) run the same weights as transformers loads them (exact may have moved its
+    # linears to oneDNN: precision.onednn_fp32_pays)
+    model, tok = hub.load_role("causal_lm", str(offline.smollm2_folder()), "cpu")
     ids = tok(PROMPT, return_tensors="pt")
     n_prompt = ids["input_ids"].shape[1]
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
@@ -134,7 +138,8 @@ def main() -> None:
         if at < min(32, args.new):
             print(f"  ** ({key}) leaves ({like})'s tokens at token {at}: check its text "
                   f"before reading its rate: {fast.tokenizer.decode(toks[key][:24])!r}")
-    long_prompts(pipe, exact, fast, args.long, args.rounds)
+    if args.long > 0:
+        long_prompts(pipe, exact, fast, args.long, args.rounds)
     sampling(pipe, fast, args.new, args.rounds)
     int8_prompts(args.rounds)
 

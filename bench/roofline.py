@@ -14,17 +14,12 @@ import torch
 
 def header(threads: int | None = None) -> str:
     """Set torch's threads (if given) and return the capability line to print first."""
-    from mmcore.precision import capability
+    from mmcore.precision import capability, onednn_fp32_pays
 
     if threads:
         torch.set_num_threads(threads)
-    cap = capability()
-    note = ""
-    if cap.vendor == "AuthenticAMD":
-        note = " (AMD: MKL's fp32 GEMM may take its non-AVX-512 path; no override is applied)"
-    elif cap.vendor == "GenuineIntel":
-        note = " (Intel: MKL takes its AVX-512 path; no vendor override needed)"
-    return cap.line() + note
+    gemm = "oneDNN (MKL's fp32 path is slow on this CPU)" if onednn_fp32_pays() else "MKL"
+    return f"{capability().line()}; mmcore's exact fp32 linears: {gemm}"
 
 
 def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:

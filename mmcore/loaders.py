@@ -39,8 +39,8 @@ def load_hf(spec, role: str, device, precision: str):
         enc.precision = prec.convert(precision, model, lambda: prec.fast_encoder(model))
         enc.image_batch = prec.image_batch("clip", next(model.parameters()).dtype)
         return enc
-    return cls(model, processor, spec.name, prec.convert(precision, model,
-                                                         lambda: cls.make_fast(model)))
+    return cls(model, processor, spec.name, prec.convert(
+        precision, model, lambda: cls.make_fast(model), lambda: prec.exact_linears(model)))
 
 
 def load_smollm2(spec, role: str, device, precision: str) -> CausalLM:
@@ -55,7 +55,8 @@ def load_smollm2(spec, role: str, device, precision: str) -> CausalLM:
         cache.remove(folder)
         model, tokenizer = hub.load_role("causal_lm", str(offline.smollm2_folder()), device)
     form = prec.convert(precision, model,
-                        lambda: prec.fast_gguf_q4_1(model, offline.smollm2_gguf()))
+                        lambda: prec.fast_gguf_q4_1(model, offline.smollm2_gguf()),
+                        lambda: prec.exact_linears(model))
     return CausalLM(model, tokenizer, spec.name, form)
 
 

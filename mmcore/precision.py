@@ -23,6 +23,7 @@ Tasks keep reading logits and attention weights of the same module, so token pro
 alternatives and the attention view work in every mode.
 """
 
+import copy
 import functools
 import os
 import platform
@@ -381,6 +382,110 @@ def install_fused(parent: nn.Module, names: tuple, fused: "DynamicInt8Linear",
         start += size
 
 
+class OneDNNLinear(nn.Module):
+    """An fp32 linear whose weight lives in oneDNN's own layout, multiplied by oneDNN's
+    GEMM instead of MKL's: the same fp32 arithmetic (sums in another order, ~1e-6 relative),
+    for CPUs where MKL takes a slow path (`onednn_fp32_pays`). Inference only (no gradient
+    for the weight). `weight` gives the dense fp32 weight back (a copy, bit for bit)."""
+
+    def __init__(self, weight: torch.Tensor, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        _register_onednn_linear()
+        # a buffer, so copies that share a model's tensors (the attention view's eager
+        # twin) share this one too; not saved (it is the weight in another layout)
+        self.register_buffer("packed", weight.detach().float().contiguous().to_mkldnn(),
+                             persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(),
+                                                           requires_grad=False)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "OneDNNLinear":
+        """From an `nn.Linear` or GPT-2's `Conv1D` (weight stored (in, out))."""
+        weight = module.weight
+        return cls(weight if isinstance(module, nn.Linear) else weight.T, module.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.to_dense()
+
+    def __deepcopy__(self, memo):
+        # torch cannot deep-copy oneDNN's tensors: a copy repacks the dense weight, unless
+        # the copy shares this module's tensors (they are in `memo`: attention.eager_twin)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = dict(self.__dict__)
+        buffers = dict(state.pop("_buffers"))
+        packed = buffers["packed"]
+        if id(packed) not in memo:
+            memo[id(packed)] = packed.to_dense().to_mkldnn()
+        buffers["packed"] = memo[id(packed)]
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._buffers = buffers
+        return new
+
+    # a state dict holds the dense weight, as nn.Linear's does, and loading one repacks it
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        weight = state_dict.pop(prefix + "weight", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if weight is not None:
+            self.packed = weight.detach().float().contiguous().to_mkldnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mmcore.onednn_linear(x.reshape(-1, self.in_features), self.packed,
+                                           self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+@functools.cache
+def _register_onednn_linear() -> None:
+    """oneDNN's fp32 linear as an op of our own, `torch.ops.mmcore.onednn_linear`: inductor
+    lowers `mkldnn._linear_pointwise` only for frozen graph-constant weights, and calls an
+    op it does not know as it is, so a compiled decode step (compiled.py) keeps these
+    linears. Registered by the first OneDNNLinear (not at import)."""
+    @torch.library.custom_op("mmcore::onednn_linear", mutates_args=())
+    def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+
+    @onednn_linear.register_fake
+    def _(x, packed, bias):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def onednn_fp32_pays() -> bool:
+    """Do fp32 linears run faster through oneDNN than through MKL on this CPU? MKL picks its
+    AVX-512 kernels only on Intel CPUs; elsewhere (AMD Zen 4/5 measured for issue 17) its
+    fp32 GEMM takes a slower path: on 2 cores, SmolLM2's 49,152 x 576 head at batch 1 ran
+    7.2 ms in MKL against 2.6 in oneDNN, a 256 x 768 x 3072 GEMM 7.1 ms against 2.8.
+    oneDNN reads the CPU's features, not its vendor. ($MMCORE_FP32_GEMM=onednn / mkl
+    overrides.)"""
+    forced = os.environ.get("MMCORE_FP32_GEMM", "").strip().lower()
+    usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                              "_linear_pointwise")
+    if forced in ("onednn", "mkl"):
+        return usable and forced == "onednn"
+    cap = capability()
+    return (usable and torch.backends.mkl.is_available() and platform.machine() in
+            ("x86_64", "AMD64") and cap.vendor not in ("", "GenuineIntel"))
+
+
+def exact_linears(model: nn.Module) -> str:
+    """An inference-only model's fp32 linears (and GPT-2's Conv1D) through oneDNN where that
+    pays (`onednn_fp32_pays`); the form it runs in, in words."""
+    if not onednn_fp32_pays():
+        return EXACT
+    from transformers.pytorch_utils import Conv1D
+
+    replace_linears(model, lambda name, lin: OneDNNLinear.from_module(lin),
+                    kinds=(nn.Linear, Conv1D))
+    return "exact (fp32, oneDNN GEMMs: MKL's fp32 path is slow on this CPU)"
+
+
 def dynamic_int8_pays() -> bool:
     """Does this CPU have int8 dot products for `DynamicInt8Linear` (VNNI or AMX)?"""
     cap = capability()
@@ -406,8 +511,9 @@ def weight_bytes(module: nn.Module) -> int:
     """Bytes of every parameter and buffer (the weights a forward reads, at most)."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        key = id(t) if t.is_mkldnn else t.data_ptr()      # oneDNN's tensors have no pointer
+        if key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
     return total
 
@@ -431,12 +537,14 @@ def image_batch(tower: str, dtype: torch.dtype) -> int:
 EXACT = "exact (fp32)"
 
 
-def convert(precision: str, model: nn.Module, make_fast) -> str:
+def convert(precision: str, model: nn.Module, make_fast, make_exact=None) -> str:
     """The weight form `model` runs at `precision`, in words for the Models tab and the
-    header: `make_fast()` converts it in place (once, at load) and says what it did."""
+    header: `make_fast()` converts it in place (once, at load) and says what it did;
+    `make_exact()`, for a model only ever run (never trained), likewise at `exact` on a CPU."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
     if precision != "fast":
-        return EXACT
-    if next(model.parameters()).device.type != "cpu":
+        return make_exact() if (make_exact and on_cpu) else EXACT
+    if not on_cpu:
         return "exact (fp32; GPU precision is autocast's)"
     return make_fast()
 

@@ -5,6 +5,7 @@ the GGUF dequantised: the Q4_1 reference model): the fill-mask probes, the zero-
 photos, greedy tokens on five prompts and perplexity on a packaged paragraph.
 """
 
+import copy
 import csv
 import json
 import math
@@ -98,6 +99,80 @@ def test_int8_linear_is_close_and_conv1d_is_covered(tiny_kit):
     model = fast_tiny.model("causal_lm").model                    # GPT-2: Conv1D
     assert not [m for m in model.modules() if type(m).__name__ in ("Conv1D", "Linear")]
     assert fast_tiny.generate("hello", max_new_tokens=4, chat=False) is not None
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="this torch has no oneDNN")
+
+
+@needs_onednn
+def test_onednn_linear_is_torch_linear_in_another_layout():
+    """Same fp32 products as nn.Linear / GPT-2's Conv1D (sums in another order), any input
+    shape or layout, and the dense weight back bit for bit."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 64)
+    for module in (torch.nn.Linear(64, 48), torch.nn.Linear(64, 48, bias=False),
+                   Conv1D(48, 64)):
+        torch.nn.init.normal_(module.weight)
+        one = precision.OneDNNLinear.from_module(module)
+        with torch.inference_mode():
+            torch.testing.assert_close(one(x), module(x), rtol=1e-5, atol=1e-4)
+            columns = torch.randn(64, 7).T                               # not contiguous
+            torch.testing.assert_close(one(columns), module(columns), rtol=1e-5, atol=1e-4)
+            assert one(torch.randn(0, 64)).shape == (0, 48)
+        dense = module.weight if isinstance(module, torch.nn.Linear) else module.weight.T
+        assert torch.equal(one.weight, dense) and one.out_features == 48
+        state = one.state_dict()
+        assert torch.equal(state["weight"], dense) and "packed" not in state
+        other = precision.OneDNNLinear(torch.zeros(48, 64), module.bias)
+        other.load_state_dict(state)
+        assert torch.equal(other.weight, dense)
+        twin = copy.deepcopy(one)                          # torch cannot copy oneDNN tensors
+        assert twin.packed is not one.packed and torch.equal(twin.weight, dense)
+        shared = copy.deepcopy(one, {id(one.packed): one.packed})
+        assert shared.packed is one.packed
+
+
+def test_fp32_gemm_goes_to_onednn_only_where_mkl_is_slow(monkeypatch):
+    import dataclasses
+
+    monkeypatch.delenv("MMCORE_FP32_GEMM", raising=False)
+    for vendor, expected in (("GenuineIntel", False), ("AuthenticAMD", True), ("", False)):
+        monkeypatch.setattr(precision, "capability",
+                            lambda v=vendor: dataclasses.replace(CAP, vendor=v))
+        usable = (torch.backends.mkldnn.is_available() and torch.backends.mkl.is_available()
+                  and __import__("platform").machine() == "x86_64")
+        assert precision.onednn_fp32_pays() == (expected and usable), vendor
+    monkeypatch.setenv("MMCORE_FP32_GEMM", "mkl")
+    assert not precision.onednn_fp32_pays()
+    monkeypatch.setenv("MMCORE_FP32_GEMM", "onednn")
+    assert precision.onednn_fp32_pays() == torch.backends.mkldnn.is_available()
+
+
+@needs_onednn
+def test_exact_on_onednn_gives_transformers_tokens(monkeypatch):
+    """The offline LM with every linear on oneDNN: transformers' own greedy decoding gives
+    the same 32 tokens as on the MKL model for the five prompts, through the kit's loader."""
+    from mmcore import hub
+
+    monkeypatch.setenv("MMCORE_FP32_GEMM", "onednn")
+    spec = mmcore.load_kit("offline", precision="exact").spec("causal_lm")
+    ours = kits._load(spec, "causal_lm", "cpu", "exact")          # uncached: a new load
+    assert "oneDNN" in ours.precision
+    assert sum(isinstance(m, precision.OneDNNLinear) for m in ours.model.modules()) == 211
+    reference, tok = hub.load_role("causal_lm", str(offline.smollm2_folder()), "cpu")
+    assert not any(isinstance(m, precision.OneDNNLinear) for m in reference.modules())
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt")
+        got, want = (m.generate(**ids, max_new_tokens=32, do_sample=False)
+                     for m in (ours.model, reference))
+        assert got.tolist() == want.tolist(), prompt
+    with torch.inference_mode():
+        ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
+        torch.testing.assert_close(ours.model(ids).logits, reference(ids).logits,
+                                   rtol=1e-4, atol=2e-3)
 
 
 def test_registry_keys_on_precision(exact):
