@@ -46,12 +46,12 @@ def footprint(ctx: AppContext, role: str) -> list:
     asking never loads it)."""
     if ctx.kit.status(role) != "ready":
         return ["", "", "", ""]
-    from mmcore.memory import tensors_of
+    from mmcore.memory import tensor_key, tensors_of
 
     loaded = ctx.kit.model(role)                    # ready: the one already loaded
     seconds = ctx.kit.load_seconds(role)
     took = "" if seconds is None else f"{seconds:.1f} s"
-    tensors = {t.data_ptr(): t for t in tensors_of(loaded)}.values()   # each tensor once
+    tensors = {tensor_key(t): t for t in tensors_of(loaded)}.values()  # each tensor once
     if not tensors:
         return ["", "", "", took]
     mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20

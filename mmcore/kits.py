@@ -358,14 +358,14 @@ def release(kit: Kit, keep: Kit | None = None) -> None:
 
 def loaded_bytes(kit: Kit, base: Kit | None = None) -> int:
     """Bytes of the weights `kit` holds beyond those of `base` (0 for roles not loaded)."""
-    from .memory import own_bytes, tensors_of
+    from .memory import own_bytes, tensor_key, tensors_of
 
     def loaded(k):
         found = {id(o): o for o in (_registry.get(k._key(role)) for role in k.specs)
                  if o is not None}
         return list(found.values())
 
-    shared = {t.data_ptr() for o in (loaded(base) if base is not None else []) for t in
+    shared = {tensor_key(t) for o in (loaded(base) if base is not None else []) for t in
               tensors_of(o)}
     return sum(own_bytes(o, shared) for o in loaded(kit))
 

@@ -33,12 +33,18 @@ def tensors_of(obj):
                     yield from tensors_of(value)
 
 
+def tensor_key(t: torch.Tensor) -> int:
+    """What tells tensors apart for counting memory once: the data pointer (views and tied
+    weights share it), or the object for oneDNN's opaque tensors, which have none."""
+    return id(t) if t.is_mkldnn else t.data_ptr()
+
+
 def own_bytes(obj, shared: set) -> int:
-    """Bytes of the tensors in `obj` not in `shared` (data pointers of another model's
+    """Bytes of the tensors in `obj` not in `shared` (`tensor_key`s of another model's
     tensors: a fork shares its frozen towers with the base model)."""
     seen, total = set(shared), 0
     for t in tensors_of(obj):
-        ptr = t.data_ptr()
+        ptr = tensor_key(t)
         if ptr not in seen:
             seen.add(ptr)
             total += t.element_size() * t.nelement()

@@ -393,7 +393,7 @@ class OneDNNLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         _register_onednn_linear()
         # a buffer, so copies that share a model's tensors (the attention view's eager
-        # twin) share this one too; not saved (it is the weight in another layout)
+        # twin) share this one too; a state dict holds the dense weight instead
         self.register_buffer("packed", weight.detach().float().contiguous().to_mkldnn(),
                              persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(),
@@ -441,12 +441,20 @@ class OneDNNLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-@functools.cache
+_registering = threading.Lock()      # roles load in parallel threads: register the op once
+
+
 def _register_onednn_linear() -> None:
     """oneDNN's fp32 linear as an op of our own, `torch.ops.mmcore.onednn_linear`: inductor
     lowers `mkldnn._linear_pointwise` only for frozen graph-constant weights, and calls an
     op it does not know as it is, so a compiled decode step (compiled.py) keeps these
     linears. Registered by the first OneDNNLinear (not at import)."""
+    with _registering:
+        if not hasattr(torch.ops.mmcore, "onednn_linear"):
+            _define_onednn_linear()
+
+
+def _define_onednn_linear() -> None:
     @torch.library.custom_op("mmcore::onednn_linear", mutates_args=())
     def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
@@ -509,13 +517,9 @@ def replace_linears(module: nn.Module, make, skip=(), kinds=(nn.Linear,)) -> int
 
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of every parameter and buffer (the weights a forward reads, at most)."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = id(t) if t.is_mkldnn else t.data_ptr()      # oneDNN's tensors have no pointer
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    from .memory import own_bytes
+
+    return own_bytes(module, set())
 
 
 # ------------------------------------------------------------------ per role, at load

@@ -16,7 +16,7 @@ import torch
 
 import mmcore
 from mmcore import generation as G
-from mmcore import kits, offline, precision, quantized_lm
+from mmcore import kits, memory, offline, precision, quantized_lm
 
 DATA = Path(__file__).parent / "data"
 CAP = precision.capability()
@@ -173,6 +173,11 @@ def test_exact_on_onednn_gives_transformers_tokens(monkeypatch):
         ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
         torch.testing.assert_close(ours.model(ids).logits, reference(ids).logits,
                                    rtol=1e-4, atol=2e-3)
+    # memory is counted with oneDNN's pointer-less tensors (the Models tab's footprint):
+    # the same weights, plus the tied head's own packed copy
+    head = reference.get_output_embeddings().weight
+    assert memory.own_bytes(ours, set()) == memory.own_bytes(reference, set()) + \
+        head.numel() * head.element_size()
 
 
 def test_registry_keys_on_precision(exact):
