@@ -5,7 +5,8 @@ kit's EfficientNet-Lite0 ConSE tower, in one run and interleaved: the per-image 
 (the reference), then mmcore's `encode_images` at each batch size x layout x dtype. Prints
 images/s, the ratio to the loop, the fraction of the compute roof (a GEMM's FLOP/s in the
 same dtype) and the CPU's capability; the best setting per tower is what
-`precision.IMAGE_BATCH` should hold.
+`precision.IMAGE_BATCH` should hold. The offline tower also runs each setting "folded"
+(its norms folded into its convs: `precision.folded_twin`, what `fast` runs).
 
     .venv/bin/python bench/bench_gallery.py [--images 32] [--threads 2] [--rounds 2]
 """
@@ -23,32 +24,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def variants(encoder, module_attr: str, batches, layouts):
-    """{label: (encoder copy, batch)}: fp32 and (where native) bf16, each layout."""
-    from mmcore.precision import capability
+def variants(encoder, module_attr: str, batches, layouts, fold: bool = False):
+    """{label: (encoder copy, batch)}: fp32 and (where native) bf16, each layout; with
+    `fold`, each also with the tower's norms folded into its convs (what `fast` runs)."""
+    from mmcore.precision import capability, folded_twin
 
     dtypes = [torch.float32] + ([torch.bfloat16] if capability().bf16 else [])
     out = {}
     for dtype in dtypes:
         for layout in layouts:
-            enc = copy.copy(encoder)
-            if isinstance(enc, torch.nn.Module):        # its own module table, not the shared one
-                enc._modules = dict(encoder._modules)
-            module = copy.deepcopy(getattr(encoder, module_attr))
-            module.to(dtype=dtype, memory_format=layout)
-            setattr(enc, module_attr, module)
-            for b in batches:
-                name = "cl" if layout == torch.channels_last else "nchw"
-                out[f"{str(dtype)[6:]} {name} b{b}"] = (enc, b)
+            for folded in (False, True) if fold else (False,):
+                enc = copy.copy(encoder)
+                if isinstance(enc, torch.nn.Module):    # its own module table, not the shared one
+                    enc._modules = dict(encoder._modules)
+                module = copy.deepcopy(getattr(encoder, module_attr))
+                twin = folded_twin(module) if folded else None
+                for m in (module, twin):
+                    if m is not None:
+                        m.to(dtype=dtype, memory_format=layout)
+                setattr(enc, module_attr, module)
+                if folded:
+                    enc.set_serving_image_model(twin)
+                for b in batches:
+                    name = "cl" if layout == torch.channels_last else "nchw"
+                    out[f"{str(dtype)[6:]} {name} b{b}" + (" folded" if folded else "")] = \
+                        (enc, b)
     return out
 
 
 def run_tower(title, loop, encoder, module_attr, files, batches, layouts, flops_per_image,
-              roofs, rounds):
+              roofs, rounds, fold=False):
     from common import best_rates
 
     fns = {"per-image fp32 loop": loop}
-    for label, (enc, b) in variants(encoder, module_attr, batches, layouts).items():
+    for label, (enc, b) in variants(encoder, module_attr, batches, layouts, fold).items():
         def ours(enc=enc, b=b):
             enc.image_batch = b
             enc.encode_images(files)
@@ -103,7 +112,7 @@ def main() -> None:
     flops = roofline.flops_of(lambda: tower.image_model(pixels))
     run_tower("(2) offline tower (EfficientNet-Lite0 + ConSE)", loop, tower, "image_model",
               files, (4, 8, 16, 32), (torch.contiguous_format, torch.channels_last), flops,
-              roofs, args.rounds)
+              roofs, args.rounds, fold=True)
 
 
 if __name__ == "__main__":

@@ -255,6 +255,11 @@ class TowerConfig:
 class TowerDualEncoder(nn.Module, DualEncoder):
     """backbone -> features -> linear projection -> L2 norm, for each side."""
 
+    # an inference copy of the image tower with its norms folded into its convs (`fast`:
+    # precision.folded_twin), run where no gradient is taken; not a submodule, so it is
+    # never trained, saved or copied into a trained fork
+    serving_image_model = None
+
     def __init__(self, cfg: TowerConfig, image_model: nn.Module, transform, text_model: nn.Module,
                  tokenizer, name: str = "tower"):
         nn.Module.__init__(self)
@@ -283,13 +288,19 @@ class TowerDualEncoder(nn.Module, DualEncoder):
     def device(self):
         return self.image_projection.weight.device
 
+    def set_serving_image_model(self, module) -> None:
+        object.__setattr__(self, "serving_image_model", module)    # not registered
+
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         # the tower's own dtype and layout in (bf16 / channels-last under `fast`), fp32 out
-        first = next(self.image_model.parameters())
+        tower = self.image_model
+        if self.serving_image_model is not None and not torch.is_grad_enabled():
+            tower = self.serving_image_model
+        first = next(tower.parameters())
         layout = torch.channels_last if first.dim() == 4 and \
             first.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         pixels = pixels.to(dtype=first.dtype, memory_format=layout)
-        feats = self.image_model(pixels).float()                          # (B, image_dim)
+        feats = tower(pixels).float()                                     # (B, image_dim)
         if self.cfg.conse_top_t > 0:
             probs = (feats / self.cfg.conse_temperature).softmax(-1)
             top = probs.topk(self.cfg.conse_top_t, dim=-1)
@@ -322,6 +333,8 @@ class TowerDualEncoder(nn.Module, DualEncoder):
                                 self.tokenizer, name or self.name)
         twin.load_state_dict({k: v for k, v in self.state_dict().items()
                               if not k.startswith(("image_model.", "text_model."))}, strict=False)
+        if not copy_image:                                   # the same frozen image tower
+            twin.set_serving_image_model(self.serving_image_model)
         return twin.eval().to(self.device)
 
     # ---- training surface
@@ -387,6 +400,8 @@ class TowerDualEncoder(nn.Module, DualEncoder):
             if (folder / f"{tower}.safetensors").exists():
                 getattr(self, tower).load_state_dict(
                     load_file(str(folder / f"{tower}.safetensors")), strict=True)
+                if tower == "image_model":              # its folded copy holds the old weights
+                    self.set_serving_image_model(None)
         self._text_cache.clear()
 
 

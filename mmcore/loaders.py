@@ -71,13 +71,20 @@ def load_conse(spec, role: str, device, precision: str) -> TowerDualEncoder:
     folder = offline.minilm_folder()
     text_model = tf.AutoModel.from_pretrained(folder, local_files_only=True).eval().to(device)
     tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # at fast, images run through a copy with its norms folded into its convs (the
+    # classifier itself stays as it is: trained copies and checkpoints keep its layout)
+    on_cpu = next(classifier.parameters()).device.type == "cpu"
+    folded = prec.folded_twin(classifier) if precision == "fast" and on_cpu else None
     form = prec.convert(precision, classifier, lambda: prec.fast_encoder(
-        classifier, text_model, channels_last=(classifier,)))
+        classifier, text_model, folded, channels_last=(classifier, folded)))
+    if folded is not None and form.startswith("fast"):
+        form += "; norms folded into convs"
     key = f"{folder}|{de.CLASS_TEMPLATE}|v1"
     key += "" if text_model.dtype == torch.float32 else f"|{text_model.dtype}"
     classes = cache.cached_tensor("conse-class-embeddings", key, lambda: de.class_embeddings(
         text_model, tokenizer, class_names))
     enc = de.conse_encoder(classifier, transform, text_model, tokenizer, classes)
+    enc.set_serving_image_model(folded if form.startswith("fast") else None)
     enc.class_names, enc.precision = class_names, form
     enc.image_batch = prec.image_batch("conse", next(classifier.parameters()).dtype)
     return enc

@@ -271,6 +271,68 @@ def test_zero_shot_photos_score_the_same(fast, exact, monkeypatch):
     assert float(cos) > 0.99
 
 
+def _conv_bn(misordered: bool = False):
+    """A conv, a timm BatchNormAct2d declared after it, and a second conv; `misordered` runs
+    the norm after the second conv instead."""
+    from timm.layers import BatchNormAct2d
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, bias=False)
+            self.bn = BatchNormAct2d(8, act_layer=torch.nn.ReLU)
+            self.conv2 = torch.nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            x = self.conv1(x)
+            return self.bn(self.conv2(x)) if misordered else self.conv2(self.bn(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.bn.running_mean.normal_()
+        net.bn.running_var.uniform_(0.5, 2)
+        net.bn.weight.normal_()
+        net.bn.bias.normal_()
+    return net.eval()
+
+
+def test_folding_norms_into_convs_keeps_the_function_or_is_refused():
+    net = _conv_bn()
+    twin = precision.folded_twin(net, size=32)
+    assert twin is not None and not any(isinstance(m, torch.nn.BatchNorm2d)
+                                         for m in twin.modules())
+    assert isinstance(net.bn, torch.nn.BatchNorm2d)                   # the original is kept
+    x = torch.randn(4, 3, 20, 20)
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), net(x), rtol=1e-4, atol=1e-5)
+    assert precision.folded_twin(_conv_bn(misordered=True), size=32) is None
+    assert precision.folded_twin(torch.nn.Conv2d(3, 8, 3), size=32) is None   # nothing to fold
+
+
+def test_fast_image_tower_runs_a_copy_with_its_norms_folded(fast):
+    from skimage import data as skdata
+    from PIL import Image
+
+    enc = fast.encoder()
+    twin = enc.serving_image_model
+    assert twin is not None and "folded" in enc.precision
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in twin.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.image_model.modules())
+    assert not any(k.startswith("serving") for k in enc.state_dict())   # never saved
+    image = Image.fromarray(skdata.chelsea())
+    folded = enc.encode_images([image])
+    try:
+        enc.set_serving_image_model(None)
+        plain = enc.encode_images([image])
+    finally:
+        enc.set_serving_image_model(twin)
+    assert float(torch.nn.functional.cosine_similarity(folded, plain)) > 0.999
+    # a fork that trains the image tower copies the tower as it is, without the folded copy
+    assert enc.trainable_copy("image", "t").serving_image_model is None
+    assert enc.trainable_copy("projections", "t").serving_image_model is twin
+
+
 def _greedy(kit, prompt, n=32):
     run = G.Generation(G.SamplingParams())
     for _ in G.generate_tokens(*_lm(kit), prompt, G.SamplingParams(max_new_tokens=n), run=run):
