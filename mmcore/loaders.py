@@ -77,14 +77,14 @@ def load_conse(spec, role: str, device, precision: str) -> TowerDualEncoder:
     folded = prec.folded_twin(classifier) if precision == "fast" and on_cpu else None
     form = prec.convert(precision, classifier, lambda: prec.fast_encoder(
         classifier, text_model, folded, channels_last=(classifier, folded)))
-    if folded is not None and form.startswith("fast"):
+    if folded is not None:                       # in fp32 too where bf16 does not pay
         form += "; norms folded into convs"
     key = f"{folder}|{de.CLASS_TEMPLATE}|v1"
     key += "" if text_model.dtype == torch.float32 else f"|{text_model.dtype}"
     classes = cache.cached_tensor("conse-class-embeddings", key, lambda: de.class_embeddings(
         text_model, tokenizer, class_names))
     enc = de.conse_encoder(classifier, transform, text_model, tokenizer, classes)
-    enc.set_serving_image_model(folded if form.startswith("fast") else None)
+    enc.set_serving_image_model(folded)
     enc.class_names, enc.precision = class_names, form
     enc.image_batch = prec.image_batch("conse", next(classifier.parameters()).dtype)
     return enc
