@@ -293,13 +293,15 @@ _shared_products = threading.local()
 
 class SharedInputPart(nn.Module):
     """One linear of a group that reads one input (q/k/v): its columns of the group's fused
-    `DynamicInt8Linear` product. The first part called with an input runs the product for
-    all (one quantisation of the input, one int8 matmul); the others called with the very
-    same tensor take their slices of it. An input it has not seen (or a part asked twice)
-    runs the product again, so a part is right, only slower, unless the input is changed
-    in place between its parts (no model family here does that). Per-row quantisation
-    and exact integer sums make each slice equal, bit for bit, to the part's own product.
-    The products in flight are per thread: concurrent forwards never mix."""
+    product (a `DynamicInt8Linear`, or an `Int4Linear` of the parts' rows stacked). The first part
+    called with an input runs the product for all (one quantisation of the input, one
+    matmul); the others called with the very same tensor take their slices of it. An
+    input it has not seen (or a part asked twice) runs the product again, so a part is
+    right, only slower, unless the input is changed in place between its parts (no model
+    family here does that). Each output column is its own sum (int8: per-row quantisation
+    and exact integer sums; 4-bit: per-column groups), so each slice equals, bit for bit,
+    the part's own product. The products in flight are per thread: concurrent forwards
+    never mix. `torch.compile` traces it into one product and slices (no graph break)."""
 
     def __init__(self, owner: nn.Module, fused_name: str, index: int, start: int, end: int,
                  parts: int):
@@ -312,7 +314,7 @@ class SharedInputPart(nn.Module):
         self.in_features, self.out_features = self.fused.in_features, end - start
 
     @property
-    def fused(self) -> "DynamicInt8Linear":
+    def fused(self) -> "DynamicInt8Linear | Int4Linear":
         return getattr(self._owner, self.fused_name)
 
     @property
@@ -369,7 +371,7 @@ def fuse_shared_inputs(module: nn.Module) -> int:
     return fused_groups
 
 
-def install_fused(parent: nn.Module, names: tuple, fused: "DynamicInt8Linear",
+def install_fused(parent: nn.Module, names: tuple, fused: nn.Module,
                   sizes: list) -> None:
     """Register `fused` on `parent` as `fused_<names>` and make each of `names` a
     `SharedInputPart` of it (its `sizes[i]` output columns, in order)."""

@@ -157,6 +157,37 @@ def test_quantized_linears_compile_to_their_eager_results(kind, rows):
 
 
 @needs_cxx
+def test_shared_input_parts_compile_to_one_product():
+    """q/k/v as parts of one 4-bit product trace into one graph with one product (the
+    per-thread bookkeeping of `SharedInputPart` is Python dynamo runs at trace time)."""
+    from mmcore import precision as P
+
+    torch.manual_seed(0)
+    blocks = [(torch.randint(0, 16, (rows, 128)), torch.rand(rows, 4) * 0.01,
+               -torch.rand(rows, 4) * 0.05) for rows in (64, 32, 32)]
+    layers = [P.Int4Linear.from_q4_1(*b, torch.bfloat16) for b in blocks]
+    stacked = P.Int4Linear.from_q4_1(*(torch.cat(x) for x in zip(*blocks)), torch.bfloat16)
+
+    class Attention(torch.nn.Module):
+        def forward(self, h):
+            return self.q_proj(h)[..., :32] * self.k_proj(h) + self.v_proj(h)
+
+    model = Attention()
+    P.install_fused(model, ("q_proj", "k_proj", "v_proj"), stacked, [64, 32, 32])
+    x = torch.randn(1, 1, 128)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model)(x)
+        compiled = torch.compile(model, dynamic=False, fullgraph=True)(x)
+        want = layers[0](x)[..., :32] * layers[1](x) + layers[2](x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    products = [n for n in explained.graphs[0].graph.nodes
+                if "int4pack_mm" in str(n.target)]
+    assert len(products) == 1
+    torch.testing.assert_close(compiled, want, rtol=0.01, atol=0.01)
+
+
+@needs_cxx
 def test_fast_gives_its_eager_tokens_when_compiled_on_the_offline_lm():
     """`fast` compiled decodes what `fast` eager decodes, up to a near-tie: the offline
     LM's 4-bit body and two-pass int8 head, 48 greedy tokens on two prompts (it once gave

@@ -88,6 +88,48 @@ def test_int4_layers_hold_the_gguf_weights_exactly(exact):
 
 
 @needs_fast
+def test_int4_stacked_parts_equal_their_own_layers():
+    """q/k/v as one 4-bit product (the parts' Q4_1 rows stacked, then packed): each part's
+    columns are its own layer's output bit for bit, at one row and at many, row counts
+    that do not fill the kernel's row blocks included; a part fed an input alone answers."""
+    torch.manual_seed(0)
+    sizes, blocks = [64, 32, 32], []
+    for rows in sizes:
+        blocks.append((torch.randint(0, 16, (rows, 128)), torch.rand(rows, 4) * 0.01,
+                       -torch.rand(rows, 4) * 0.05))
+    layers = [precision.Int4Linear.from_q4_1(*b, torch.bfloat16) for b in blocks]
+    stacked = precision.Int4Linear.from_q4_1(*(torch.cat(x) for x in zip(*blocks)),
+                                            torch.bfloat16)
+    parent = torch.nn.Module()
+    names = ("q_proj", "k_proj", "v_proj")
+    precision.install_fused(parent, names, stacked, sizes)
+    for rows in (1, 7):
+        x = torch.randn(2, rows, 128)
+        got = [getattr(parent, n)(x) for n in names]
+        for out, layer in zip(got, layers):
+            assert torch.equal(out, layer(x))
+    assert torch.equal(parent.v_proj(x[0]), layers[2](x[0]))
+    assert torch.equal(parent.k_proj.weight, layers[1].weight)
+
+
+@needs_fast
+def test_fast_offline_lm_runs_qkv_and_gate_up_as_one_4bit_product_each(fast, exact):
+    """Per layer 4 4-bit products (q/k/v, o, gate/up, down), not 7; every part's weight is
+    still the GGUF's (the fp32 model's, dequantised), rows in transformers' order."""
+    model = fast.model("causal_lm").model
+    if not any(isinstance(m, precision.Int4Linear) for m in model.modules()):
+        pytest.skip("no 4-bit form on this CPU")
+    layers = model.config.num_hidden_layers
+    assert sum(isinstance(m, precision.Int4Linear) for m in model.modules()) == 4 * layers
+    assert sum(isinstance(m, precision.SharedInputPart) for m in model.modules()) == 5 * layers
+    state = exact.model("causal_lm").model.state_dict()
+    attention, mlp = model.model.layers[3].self_attn, model.model.layers[3].mlp
+    for name, part in (("self_attn.k_proj", attention.k_proj), ("mlp.up_proj", mlp.up_proj)):
+        want = state[f"model.layers.3.{name}.weight"]
+        assert torch.allclose(part.weight.float(), want, atol=0.02 * want.abs().max())
+
+
+@needs_fast
 def test_int8_linear_is_close_and_conv1d_is_covered(tiny_kit):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
@@ -196,7 +238,7 @@ def test_fast_shares_one_quantized_lm_and_says_so(fast, exact):
     assert fast.model("masked_lm").model is lm
     assert fast.model("next_sentence").model is lm
     assert lm is not exact.model("causal_lm").model
-    assert sum(isinstance(m, precision.Int4Linear) for m in lm.modules()) == 210
+    assert sum(isinstance(m, precision.Int4Linear) for m in lm.modules()) == 4 * 30
     fast.model("dual_encoder")
     rows = {r["role"]: r["precision"] for r in fast.describe()}
     assert "4-bit" in rows["causal_lm"]
