@@ -2,8 +2,9 @@
 
 `Scheduler` runs one thread per causal LM that decodes every active stream in one forward
 per step (as text-generation-inference and vLLM do). A stream's prompt (plus any forced
-tokens) is prefilled alone, at batch 1, exactly as `generation.generate_tokens` does it; its
-KV cache then joins the batch between two decode steps. The batch is one `DynamicCache`,
+tokens) is prefilled at batch 1, exactly as `generation.generate_tokens` does it, or, when
+several streams join at once, in one left-padded forward with theirs; the KV cache rows then
+join the batch between two decode steps. The batch is one `DynamicCache`,
 left-padded: each row has its own attention mask and explicit position ids, so a row reads
 the same keys at the same positions as it would alone. A stream leaves the batch on EOS, a
 stop sequence, `max_new_tokens`, its own stop event, or when its consumer closes the
@@ -45,6 +46,7 @@ from .generation import MAX_CANDIDATES, TOP_ALTERNATIVES
 from .text import clean_text
 
 PREFILL_CHUNK = 128     # prompt tokens per forward while other streams decode (`_chunked_prefill`)
+PREFILL_TOKENS = 512    # positions (padding included) of one forward over joining prompts
 
 
 @dataclass
@@ -365,11 +367,14 @@ class Scheduler:
                     stream.end("cancelled")
                 continue
             pace()
-            for stream in joining:
+            for group in self._prefill_groups(joining):
                 try:
-                    self._prefill(stream, alone=len(joining) == 1 and not self._active)
-                except Exception as exc:  # noqa: BLE001 - that stream's own failure
-                    self._fail([stream], exc)
+                    if len(group) > 1:
+                        self._prefill_together(group)
+                    else:
+                        self._prefill(group[0], alone=len(joining) == 1 and not self._active)
+                except Exception as exc:  # noqa: BLE001 - those streams' own failure
+                    self._fail(group, exc)
             self._decode_once()
 
     def _fail(self, streams: list, exc: BaseException) -> None:
@@ -398,6 +403,68 @@ class Scheduler:
             used += stream.cost
         return joining
 
+    @staticmethod
+    def _prefill_groups(joining: list) -> list:
+        """Streams joining at once, in groups prefilled by one forward each: short prompts
+        together (shortest first, at most PREFILL_TOKENS positions a group, padding
+        included), each longer one alone (chunked while others decode)."""
+        short = sorted((s for s in joining if len(s.ids) + len(s.forced) <= PREFILL_CHUNK),
+                       key=lambda s: len(s.ids) + len(s.forced))
+        groups, group = [], []
+        for stream in short:
+            width = len(stream.ids) + len(stream.forced)      # the longest so far
+            if group and width * (len(group) + 1) > PREFILL_TOKENS:
+                groups.append(group)
+                group = []
+            group.append(stream)
+        groups += [group] if group else []
+        return groups + [[s] for s in joining if len(s.ids) + len(s.forced) > PREFILL_CHUNK]
+
+    def _prefill_together(self, streams: list) -> None:
+        """Prompts + forced tokens of several streams in one forward, left-padded (each row
+        its own mask and positions, as in the batch), then each reports its forced tokens
+        and first token, and those still running join the batch. Eight users arriving at
+        once: one forward instead of eight (bench_serving)."""
+        from transformers import DynamicCache
+
+        from .quantized_lm import prefill_model
+
+        seqs = [s.ids + s.forced for s in streams]
+        width, keep = max(map(len, seqs)), max(len(s.forced) for s in streams) + 1
+        ids = torch.tensor([[0] * (width - len(q)) + q for q in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in seqs],
+                            device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        logits = prefill_model(self.model)(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            cache=cache, use_cache=True, logits_to_keep=keep).logits               # (n, keep, V)
+        going = []
+        for i, s in enumerate(streams):
+            try:
+                if not self._first_tokens(s, logits[i, keep - len(s.forced) - 1:]):
+                    going.append(i)
+            except Exception as exc:  # noqa: BLE001 - that stream's own failure (its
+                self._fail([s], exc)  # sampling settings), not the others'
+        if going:
+            if len(going) < len(streams):
+                idx = torch.tensor(going, device=self.device)
+                cache.batch_select_indices(idx)
+                mask = mask[idx]
+            self._join([streams[i] for i in going], *_trim(cache, mask))
+
+    def _first_tokens(self, s: _Stream, logits: torch.Tensor) -> bool:
+        """Report the forced tokens and choose the first one from the prompt's last (F+1)
+        rows of logits; True when the stream has ended."""
+        for step in range(len(s.forced) + 1):
+            if s.cancelled:
+                s.end("cancelled")
+                return True
+            row = logits[step].float()
+            forced = s.forced[step] if step < len(s.forced) else None
+            if s.advance(row, row.softmax(-1), forced):
+                return True
+        return False
+
     def _prefill(self, s: _Stream, alone: bool = False) -> None:
         """Prompt + forced tokens at batch 1; report the forced tokens; join the batch.
         `alone`: it will decode alone (for now), on the compiled step if one is ready."""
@@ -410,15 +477,8 @@ class Scheduler:
             decode = self.compiled if alone and not self._waiting else None
             logits, cache, fast = prefill(self.model, decode, seq, s.cost, len(s.forced) + 1,
                                           wait=False)                           # (F+1, V)
-        for step in range(len(s.forced) + 1):
-            if s.cancelled:
-                s.end("cancelled")
-                return
-            row = logits[step].float()
-            forced = s.forced[step] if step < len(s.forced) else None
-            if s.advance(row, row.softmax(-1), forced):
-                return
-        self._join(s, cache, seq.shape[1], fast)
+        if not self._first_tokens(s, logits):
+            self._join([s], cache, torch.ones_like(seq), fast)
 
     def _chunked_prefill(self, s: _Stream, seq: torch.Tensor, keep: int) -> tuple:
         """(logits of the last `keep` positions, cache, None): the prompt in chunks of
@@ -455,33 +515,33 @@ class Scheduler:
             self._active = []
             self._cache = self._mask = self._pos = self._next = self._single = None
 
-    def _join(self, s: _Stream, cache, length: int, step=None) -> None:
+    def _join(self, streams: list, cache, mask: torch.Tensor, step=None) -> None:
+        """Prefilled streams join the batch: their cache rows (`mask`: (n, T) ones where
+        a row has a token) and their last tokens. `step`: a lone stream's compiled step."""
         from transformers import DynamicCache
 
         if step is None and any(type(layer).__name__ != "DynamicLayer"
                                 for layer in cache.layers):
             raise NotImplementedError("continuous batching needs a full-attention KV cache")
-        token = torch.tensor([s.generated[-1]], device=self.device)
+        tokens = torch.tensor([s.generated[-1] for s in streams], device=self.device)
+        mask = mask.to(device=self.device, dtype=torch.long)
+        lengths = mask.sum(-1)                   # the next token's position in each row
         if self._single is not None:            # the lone stream's static cache: a batch's now
             self._cache = _dynamic(self._cache, self._mask.shape[1])
             self._single = None
         if not self._active:
-            self._single = step
-            self._cache = cache
-            self._mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-            self._pos = torch.tensor([length], device=self.device)
-            self._next = token
+            self._single = step if len(streams) == 1 else None
+            self._cache, self._mask, self._pos, self._next = cache, mask, lengths, tokens
         else:
-            width = max(self._mask.shape[1], length)
+            width = max(self._mask.shape[1], mask.shape[1])
             layers = [(torch.cat([_pad_left(bk, width), _pad_left(k, width)]),
                        torch.cat([_pad_left(bv, width), _pad_left(v, width)]))
                       for (bk, bv, _), (k, v, _) in zip(self._cache, cache)]
             self._cache = DynamicCache(ddp_cache_data=layers)
-            mask = torch.ones(1, length, dtype=torch.long, device=self.device)
             self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
-            self._pos = torch.cat([self._pos, torch.tensor([length], device=self.device)])
-            self._next = torch.cat([self._next, token])
-        self._active.append(s)
+            self._pos = torch.cat([self._pos, lengths])
+            self._next = torch.cat([self._next, tokens])
+        self._active.extend(streams)
         self.peak_batch = max(self.peak_batch, len(self._active))
 
     def _step(self) -> None:
@@ -533,12 +593,18 @@ class Scheduler:
             return
         idx = torch.tensor(keep, device=self.device)
         self._cache.batch_select_indices(idx)
-        self._mask, self._pos, self._next = self._mask[idx], self._pos[idx], self._next[idx]
-        first = int(self._mask.any(0).int().argmax())      # columns only padding uses
-        if first > 0:
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
-            self._mask = self._mask[:, first:]
+        self._pos, self._next = self._pos[idx], self._next[idx]
+        self._cache, self._mask = _trim(self._cache, self._mask[idx])
+
+
+def _trim(cache, mask: torch.Tensor) -> tuple:
+    """(cache, mask) without the leading columns that only padding uses."""
+    first = int(mask.any(0).int().argmax())
+    if first > 0:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+        mask = mask[:, first:]
+    return cache, mask
 
 
 def _dynamic(cache, length: int):

@@ -157,6 +157,62 @@ def test_streams_join_mid_flight(tiny_kit, scheduler):
     same_run(results["c"], alone(tiny_kit, PROMPTS[3], max_new_tokens=30))
 
 
+def test_streams_arriving_together_share_one_prefill(tiny_kit, scheduler):
+    """Users arriving at once: their prompts (forced tokens included) run in one left-padded
+    forward, joining a running stream, and each still gets what it gets alone (greedy,
+    seeded, forced); one ending at its first token leaves the others' rows right."""
+    model, _ = parts(tiny_kit)
+    prompt_forwards = []
+
+    def seen(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:
+            prompt_forwards.append(tuple(ids.shape))
+
+    ref = alone(tiny_kit, "the cat sat", max_new_tokens=8)
+    forced = [t.token_id for t in ref.tokens[:2]] + [ref.tokens[2].alternatives[1][2]]
+    jobs = {"b": (PROMPTS[1], dict(max_new_tokens=20)),
+            "c": ("the cat sat", dict(max_new_tokens=9, forced=forced)),
+            "d": (PROMPTS[3], dict(max_new_tokens=25, temperature=0.9, seed=4)),
+            "e": (PROMPTS[2], dict(max_new_tokens=1)),              # ends at its first token
+            "f": ("hi", dict(max_new_tokens=15))}
+    results = {}
+
+    def user(name, prompt, kw):
+        kw = dict(kw)
+        forced = kw.pop("forced", None)
+        run = G.Generation(G.SamplingParams())
+        list(scheduler.generate_tokens(prompt, G.SamplingParams(**kw), forced=forced, run=run))
+        results[name] = run
+
+    hook = model.register_forward_pre_hook(seen, with_kwargs=True)
+    try:
+        with PRIORITY.short():               # hold the scheduler between two steps
+            a = threading.Thread(target=user, args=("a", PROMPTS[0], dict(max_new_tokens=40)))
+            a.start()
+            wait_until(lambda: scheduler.admitted == 1)
+            others = [threading.Thread(target=user, args=(n, p, kw)) for n, (p, kw) in
+                      jobs.items()]
+            for t in others:
+                t.start()
+            wait_until(lambda: scheduler.load()["waiting"] == len(jobs))
+        for t in [a] + others:
+            t.join()
+    finally:
+        hook.remove()
+    # a's prompt alone, then the five others' in one forward, padded to the longest
+    tok = parts(tiny_kit)[1]
+    chat = G.use_chat(tok, G.SamplingParams().chat)
+    widths = [len(G.prompt_ids(tok, p, chat)) + len(kw.get("forced", ())) for p, kw in jobs.values()]
+    assert prompt_forwards[1:] == [(len(jobs), max(widths))]
+    assert scheduler.peak_batch == 1 + len(jobs) - 1           # e left before joining
+    same_run(results["a"], alone(tiny_kit, PROMPTS[0], max_new_tokens=40))
+    for name, (prompt, kw) in jobs.items():
+        kw = dict(kw)
+        same_run(results[name], alone(tiny_kit, prompt, forced=kw.pop("forced", None), **kw))
+    assert [t.token_id for t in results["c"].tokens][:3] == forced
+
+
 def test_one_streams_stop_does_not_touch_the_others(tiny_kit, scheduler):
     mine = threading.Event()
     runs = {}
