@@ -102,11 +102,10 @@ def main() -> None:
     import mmcore
 
     tower = mmcore.load_kit("offline", precision="exact").encoder()
-    loop_enc = copy.copy(tower)
-    loop_enc.image_batch = 1
 
-    def loop():
-        loop_enc.encode_images(files)
+    def loop():                         # one photo per call: decoded, then its forward
+        for path in files:
+            tower.encode_images([path])
 
     pixels = torch.randn(1, 3, 224, 224)
     flops = roofline.flops_of(lambda: tower.image_model(pixels))

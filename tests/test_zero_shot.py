@@ -3,6 +3,7 @@ cached label embeddings, clear limits, and real quality on real photos (offline 
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,43 @@ def test_batched_image_encoding_equals_one_by_one(tiny_kit, chelsea):
     alone = torch.cat([tiny_kit.encode_images([im]) for im in images])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(together.norm(dim=-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("kind", ["tower", "clip"])
+def test_many_photos_decode_on_every_core_with_the_same_embeddings(tiny_kit, offline_kit,
+                                                                   chelsea, tmp_path, kind,
+                                                                   monkeypatch):
+    """A gallery's photos are decoded and resized on several threads at once (Pillow lets
+    go of the GIL), the model's forwards stay on the caller's thread, and the embeddings
+    are those of decoding on one thread, bit for bit (and the one-by-one ones, up to the
+    batch's rounding); one bad file still fails the call with its name."""
+    from mmcore import dual_encoder, lanes
+
+    if lanes.cpu_cores() < 2:
+        pytest.skip("one core: nothing to decode beside")
+    enc = offline_kit.encoder() if kind == "tower" else tiny_kit.encoder()
+    paths = []
+    for i, name in enumerate(["rocket", "coffee", "astronaut", "chelsea"] * 3):
+        paths.append(tmp_path / f"{i}.jpg")
+        photo(name).save(paths[-1])
+    alone = torch.cat([enc.encode_images([p]) for p in paths])
+    with monkeypatch.context() as one_core:
+        one_core.setattr(lanes, "cpu_cores", lambda: 1)
+        serial = enc.encode_images(paths)
+    threads, inner = set(), dual_encoder.load_image
+
+    def watched(src):
+        threads.add(threading.get_ident())
+        return inner(src)
+
+    monkeypatch.setattr(dual_encoder, "load_image", watched)
+    together = enc.encode_images(paths)
+    assert len(threads - {threading.get_ident()}) >= 2
+    assert torch.equal(together, serial)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    (tmp_path / "bad.jpg").write_bytes(b"not a photo")
+    with pytest.raises(mmcore.InputError, match="bad.jpg"):
+        enc.encode_images(paths[:5] + [tmp_path / "bad.jpg"] + paths[5:])
 
 
 @pytest.mark.parametrize("labels, message", [
