@@ -46,15 +46,15 @@ def footprint(ctx: AppContext, role: str) -> list:
     asking never loads it)."""
     if ctx.kit.status(role) != "ready":
         return ["", "", "", ""]
-    from mmcore.memory import tensor_key, tensors_of
+    from mmcore.memory import own_bytes, tensors_of
 
     loaded = ctx.kit.model(role)                    # ready: the one already loaded
     seconds = ctx.kit.load_seconds(role)
     took = "" if seconds is None else f"{seconds:.1f} s"
-    tensors = {tensor_key(t): t for t in tensors_of(loaded)}.values()  # each tensor once
+    tensors = list(tensors_of(loaded))
     if not tensors:
         return ["", "", "", took]
-    mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    mb = own_bytes(loaded, set()) / 2**20             # each tensor once
     dtypes = "/".join(sorted({str(t.dtype).replace("torch.", "") for t in tensors
                               if t.is_floating_point()}))
     return [f"{mb:,.1f} MB", dtypes, str(next(iter(tensors)).device), took]

@@ -396,8 +396,7 @@ class OneDNNLinear(nn.Module):
         _register_onednn_linear()
         # a buffer, so copies that share a model's tensors (the attention view's eager
         # twin) share this one too; a state dict holds the dense weight instead
-        self.register_buffer("packed", weight.detach().float().contiguous().to_mkldnn(),
-                             persistent=False)
+        self.register_buffer("packed", _onednn_layout(weight), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(),
                                                            requires_grad=False)
 
@@ -420,7 +419,7 @@ class OneDNNLinear(nn.Module):
         buffers = dict(state.pop("_buffers"))
         packed = buffers["packed"]
         if id(packed) not in memo:
-            memo[id(packed)] = packed.to_dense().to_mkldnn()
+            memo[id(packed)] = _onednn_layout(packed.to_dense())
         buffers["packed"] = memo[id(packed)]
         new.__dict__.update(copy.deepcopy(state, memo))
         new._buffers = buffers
@@ -435,12 +434,17 @@ class OneDNNLinear(nn.Module):
         weight = state_dict.pop(prefix + "weight", None)
         super()._load_from_state_dict(state_dict, prefix, *args)
         if weight is not None:
-            self.packed = weight.detach().float().contiguous().to_mkldnn()
+            self.packed = _onednn_layout(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.mmcore.onednn_linear(x.reshape(-1, self.in_features), self.packed,
                                            self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _onednn_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A dense (N, K) weight as an fp32 tensor in oneDNN's layout (a new tensor)."""
+    return weight.detach().float().contiguous().to_mkldnn()
 
 
 _registering = threading.Lock()      # roles load in parallel threads: register the op once
