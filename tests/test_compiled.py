@@ -76,6 +76,37 @@ def test_buckets_compile_once_each_and_long_runs_stay_eager(tiny_kit):
     assert set(decode.state) == {256}
 
 
+def test_each_model_keeps_its_own_graphs_and_few_guards(tiny_kit):
+    """The compiled step's guards leave out the model's modules and tensors (checking them
+    each step cost ~1 ms a token on SmolLM2): two models of one class in different forms
+    (fp32, int8 weights) still each compile and run their own graph, with their own eager
+    tokens."""
+    import copy
+    from types import SimpleNamespace
+
+    from mmcore import quantized_lm
+
+    lm = tiny_kit.model("causal_lm")
+    other = copy.deepcopy(lm.model)
+    quantized_lm.int8_weights(other)
+    kept = []
+    for model in (lm.model, other):
+        decode = C.CompiledDecode(model)
+        inner = decode._guards
+        decode._guards = lambda entries, inner=inner: kept.append(
+            [e.name for e, keep in zip(entries, inner(entries)) if keep]) or inner(entries)
+        assert decode.session(60) is not None, decode.state
+        params = G.SamplingParams(max_new_tokens=24, chat=False)
+        twin = SimpleNamespace(model=model, tokenizer=lm.tokenizer)
+        eager = tokens(twin, "Once upon a time", params)
+        compiled = tokens(twin, "Once upon a time", params, decode)
+        assert [t.token_id for t in compiled.tokens] == [t.token_id for t in eager.tokens]
+        for a, b in zip(compiled.tokens, eager.tokens):
+            assert abs(a.prob - b.prob) < 1e-4
+    assert len(kept) == 2                          # a graph each, guarded without modules
+    assert not [name for names in kept for name in names if name.startswith("self.model.")]
+
+
 def test_a_failed_compile_leaves_eager_decoding(tiny_kit, monkeypatch):
     lm = tiny_kit.model("causal_lm")
 
