@@ -130,8 +130,9 @@ class CompiledDecode:
             torch.set_num_threads(default_threads())    # inductor writes it into its kernels
             import torch._dynamo as dynamo
 
-            # one graph per bucket and model, all of one code object (`_step`): past
-            # dynamo's default of 8 it would silently fall back to eager
+            # one graph per bucket on this model's code object (`_own_code`), and the
+            # attention view's and other callers' graphs: past dynamo's default of 8 a
+            # code object silently falls back to eager
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
             with self._lock:
                 if self._fn is None:
