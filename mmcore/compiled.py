@@ -130,9 +130,8 @@ class CompiledDecode:
             torch.set_num_threads(default_threads())    # inductor writes it into its kernels
             import torch._dynamo as dynamo
 
-            # one graph per bucket on this model's code object (`_own_code`), and the
-            # attention view's and other callers' graphs: past dynamo's default of 8 a
-            # code object silently falls back to eager
+            # one graph per bucket on this model's own code object (`_own_code`): past
+            # the limit (dynamo's default is 8) a code object silently runs eager
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
             with self._lock:
                 if self._fn is None:
