@@ -174,8 +174,8 @@ def _int4_tensors(gguf_path, config, dtype) -> dict:
     def build() -> dict:
         # groups stacked as GGUF rows, then packed: the kernel's layout interleaves rows in
         # blocks, so packed layers stack only where every part's row count fills its blocks
-        rows = {f"{name}.rows": torch.from_numpy(raw)
-                for name, raw in read_q4_1(gguf_path, config).items()}
+        rows = {f"{name}.rows": torch.from_numpy(np.array(raw))      # a copy: the cache's
+                for name, raw in read_q4_1(gguf_path, config).items()}   # arrays are read-only
         _store_fused(rows, {"rows": 0})
         out = {}
         for key, raw in rows.items():
