@@ -3,6 +3,7 @@ mode made RGB the same way, EXIF orientation applied, bad files reported and ski
 """
 
 import io
+import threading
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,10 @@ FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 MAX_PIXELS = 40_000_000          # far below Pillow's warning (89 Mpx) and bomb (179 Mpx) levels
 MAX_ASPECT = 50                  # resizing a 1 x 100000 strip to 224 px would explode it
 MAX_BYTES = 50 * 1024 * 1024
+# `warnings.catch_warnings` swaps the process's one filter list: images load on several
+# threads at once (dual_encoder.decode_all), and unguarded, one thread restored a list that
+# held another's "ignore" filter, silencing every warning in the process
+_QUIET = threading.Lock()
 
 
 def _name(src) -> str:
@@ -60,7 +65,7 @@ def load_image(src) -> Image.Image:
                     raise InputError(f"{name} is {path.stat().st_size:,} bytes; the limit is "
                                      f"{MAX_BYTES:,}.")
                 fp = path
-            with warnings.catch_warnings():               # our own cap applies below
+            with _QUIET, warnings.catch_warnings():       # our own cap applies below
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im = Image.open(fp, formats=FORMATS)      # reads the header only
         except InputError:
@@ -91,7 +96,7 @@ def upright(im: Image.Image) -> Image.Image:
     fine), and the result carries no EXIF, so a second pass (a loaded image handed back to
     this loader) changes nothing and cannot fail."""
     try:
-        with warnings.catch_warnings():
+        with _QUIET, warnings.catch_warnings():
             warnings.simplefilter("ignore")              # "Corrupt EXIF data"
             im = ImageOps.exif_transpose(im)
     except Exception:  # noqa: BLE001 - any EXIF parser error: keep the pixels as they are

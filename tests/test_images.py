@@ -107,3 +107,31 @@ def test_junk_exif_loads_and_a_loaded_image_loads_again():
     Image.new("RGB", (40, 30), "red").save(rotated, "JPEG", exif=exif)
     once = load_image(rotated.getvalue())
     assert once.size == (30, 40) and load_image(once).size == (30, 40)   # not turned twice
+
+
+def test_loading_on_many_threads_leaves_the_warning_filters_alone():
+    """Gallery photos load on several threads at once (dual_encoder.decode_all). The loader
+    silences Pillow's warnings around its header read and EXIF parsing; done with
+    `warnings.catch_warnings` unguarded, one thread restored a filter list holding the
+    other's "ignore everything", and every warning in the process went silent."""
+    import threading
+    import warnings
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photos = [saved(Image.new("RGB", (64, 48), "red"), "JPEG", exif=exif.tobytes()),
+              saved(Image.new("RGB", (48, 64), "blue"), "PNG")]
+    before = list(warnings.filters)
+    start = threading.Barrier(4)
+
+    def load_many(i):
+        start.wait()
+        for _ in range(200):
+            load_image(photos[i % 2])
+
+    threads = [threading.Thread(target=load_many, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warnings.filters == before
