@@ -135,7 +135,11 @@ class CompiledDecode:
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
             with self._lock:
                 if self._fn is None:
+                    # fullgraph: frames dynamo would compile after a graph break are
+                    # shared by every model of the class, and their module guards are
+                    # left out too (`_guards`): a break fails the compile (eager goes on)
                     self._fn = torch.compile(_own_code(self._step), dynamic=False,
+                                             fullgraph=True,
                                              options={"guard_filter_fn": self._guards})
             fn = self._fn
             device = next(self.model.parameters()).device

@@ -107,6 +107,25 @@ def test_each_model_keeps_its_own_graphs_and_few_guards(tiny_kit):
     assert not [name for names in kept for name in names if name.startswith("self.model.")]
 
 
+def test_a_step_that_breaks_its_graph_stays_eager(tiny_kit):
+    """After a graph break dynamo compiles the frames below it, whose code every model of
+    the class shares, with their module guards left out: two models could share a graph.
+    A break fails the compile instead, and decoding stays eager."""
+    import copy
+
+    model = copy.deepcopy(tiny_kit.model("causal_lm").model)
+    inner = model.forward
+
+    def breaking(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return inner(*args, **kwargs)
+
+    model.forward = breaking
+    decode = C.CompiledDecode(model)
+    assert decode.session(50) is None
+    assert decode.state[256].startswith("failed"), decode.state
+
+
 def test_a_failed_compile_leaves_eager_decoding(tiny_kit, monkeypatch):
     lm = tiny_kit.model("causal_lm")
 
