@@ -118,7 +118,7 @@ def from_gguf_q4_1(model, gguf_path: Path, dtype=torch.float32) -> int:
     """Swap the Q4_1 linears of a GGUF-converted Llama for 4-bit ones built from its blocks
     (q/k/v and gate/up: one product each, `SharedInputPart`s of it: per SmolLM2 layer 4
     4-bit matmuls instead of 7; bench_generate on two AMD EPYC cores: eager 3.41-3.59x ->
-    3.75x the pipeline, compiled 4.50-4.67x -> 4.90x), and the head for int8.
+    3.51-3.75x the pipeline, compiled 4.50-4.67x -> 4.90x), and the head for int8.
     Returns the number of linears now 4-bit."""
     tensors = _int4_tensors(gguf_path, model.config, dtype)
 
@@ -129,19 +129,28 @@ def from_gguf_q4_1(model, gguf_path: Path, dtype=torch.float32) -> int:
                              f"({out_features}, {in_features})")
         return Int4Linear(tensors[f"{name}.packed"], sz, in_features, out_features)
 
-    swapped = 0
-    for parent_name, parent in list(model.named_modules()):
-        for names in SHARED_INPUT_GROUPS:
-            key = f"{parent_name}.fused_{'_'.join(names)}"
-            parts = [getattr(parent, n, None) for n in names]
-            if f"{key}.packed" in tensors and all(isinstance(p, nn.Linear) for p in parts):
-                sizes = [p.out_features for p in parts]
-                install_fused(parent, names, layer(key, sum(sizes), parts[0].in_features), sizes)
-                swapped += len(names)
+    swapped = _install_stored(model, tensors, "packed", layer)
     swapped += replace_linears(model, lambda name, linear: layer(name, *linear.weight.shape)
                                if f"{name}.packed" in tensors else None)
     _int8_head(model, dtype)
     return swapped
+
+
+def _install_stored(model: nn.Module, tensors: dict, field: str, build) -> int:
+    """Each `SHARED_INPUT_GROUPS` group stored fused in `tensors` (`_store_fused`: a key
+    `{parent}.fused_{names}.{field}`) whose parts are still separate linears on `model`
+    becomes `SharedInputPart`s of one module, `build(key, out_features, in_features)`.
+    Returns how many linears it replaced."""
+    replaced = 0
+    for parent_name, parent in list(model.named_modules()):
+        for names in SHARED_INPUT_GROUPS:
+            key = f"{parent_name}.fused_{'_'.join(names)}"
+            parts = [getattr(parent, n, None) for n in names]
+            if f"{key}.{field}" in tensors and all(isinstance(p, nn.Linear) for p in parts):
+                sizes = [p.out_features for p in parts]
+                install_fused(parent, names, build(key, sum(sizes), parts[0].in_features), sizes)
+                replaced += len(names)
+    return replaced
 
 
 def _store_fused(out: dict, fields: dict) -> None:
@@ -229,6 +238,8 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
         return _twins[model]
 
     def make(name, module):
+        if isinstance(module, DynamicInt8Linear) and module.passes == 1:
+            return None                                   # installed from `tensors` above
         if f"{name}.qweight" in tensors:
             return DynamicInt8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"],
                                      getattr(module, "bias", None))
@@ -241,18 +252,14 @@ def scoring_twin(model, tensors: dict) -> nn.Module:
         return None
 
     twin = _sharing_copy(model)
-    replace_linears(twin, make, kinds=(nn.Linear, Int4Linear, Int8Linear, DynamicInt8Linear))
     # q/k/v and gate/up: one product each (its prefill twin, a copy, shares them), from
     # weights stored fused (made from separate ones they would double their memory at load:
-    # the allocator keeps what the separate ones freed, +55 MB of RSS); they replace the
-    # (shared 4-bit) modules `make` left there
-    for parent_name, parent in list(twin.named_modules()):
-        for names in SHARED_INPUT_GROUPS:
-            key = f"{parent_name}.fused_{'_'.join(names)}"
-            if f"{key}.qweight" in tensors and all(hasattr(parent, n) for n in names):
-                install_fused(parent, names,
-                              DynamicInt8Linear(tensors[f"{key}.qweight"], tensors[f"{key}.scales"]),
-                              [getattr(parent, n).out_features for n in names])
+    # the allocator keeps what the separate ones freed, +55 MB of RSS): where the model
+    # holds them separate (fp32, no 4-bit kernel), installed here; a 4-bit model's fused
+    # layer is swapped by `make`, its parts kept
+    _install_stored(twin, tensors, "qweight", lambda key, n, k: DynamicInt8Linear(
+        tensors[f"{key}.qweight"], tensors[f"{key}.scales"]))
+    replace_linears(twin, make, kinds=(nn.Linear, Int4Linear, Int8Linear, DynamicInt8Linear))
     fuse_shared_inputs(twin)                # groups not stored fused
     twin.config.tie_word_embeddings = False
     _twins[model] = twin
