@@ -72,7 +72,11 @@ def split_transform(transform) -> tuple:
         for i, step in enumerate(steps):
             if type(step).__name__ in _TO_TENSOR:
                 return type(transform)(steps[:i]), type(transform)(steps[i:])
-    return (lambda image: image), transform
+    return _unchanged, transform
+
+
+def _unchanged(image):
+    return image
 
 
 class DualEncoder:

@@ -103,7 +103,7 @@ def test_int4_stacked_parts_equal_their_own_layers():
     parent = torch.nn.Module()
     names = ("q_proj", "k_proj", "v_proj")
     precision.install_fused(parent, names, stacked, sizes)
-    for rows in (1, 7):
+    for rows in (1, 7, 64):
         x = torch.randn(2, rows, 128)
         got = [getattr(parent, n)(x) for n in names]
         for out, layer in zip(got, layers):

@@ -174,8 +174,8 @@ def test_streams_arriving_together_share_one_prefill(tiny_kit, scheduler):
     jobs = {"b": (PROMPTS[1], dict(max_new_tokens=20)),
             "c": ("the cat sat", dict(max_new_tokens=9, forced=forced)),
             "d": (PROMPTS[3], dict(max_new_tokens=25, temperature=0.9, seed=4)),
-            "e": (PROMPTS[2], dict(max_new_tokens=1)),              # ends at its first token
-            "f": ("hi", dict(max_new_tokens=15))}
+            "e": (PROMPTS[3] + " and", dict(max_new_tokens=1)),     # the longest: ends at
+            "f": ("hi", dict(max_new_tokens=15))}                     # its first token
     results = {}
 
     def user(name, prompt, kw):
@@ -205,6 +205,7 @@ def test_streams_arriving_together_share_one_prefill(tiny_kit, scheduler):
     chat = G.use_chat(tok, G.SamplingParams().chat)
     widths = [len(G.prompt_ids(tok, p, chat)) + len(kw.get("forced", ())) for p, kw in jobs.values()]
     assert prompt_forwards[1:] == [(len(jobs), max(widths))]
+    assert max(widths) == widths[3]         # e's rows left the batch: its padding trimmed
     assert scheduler.peak_batch == 1 + len(jobs) - 1           # e left before joining
     same_run(results["a"], alone(tiny_kit, PROMPTS[0], max_new_tokens=40))
     for name, (prompt, kw) in jobs.items():
