@@ -353,22 +353,28 @@ def fuse_shared_inputs(module: nn.Module) -> int:
     (no extra memory once the originals are freed). Fewer, larger products: per SmolLM2
     layer 4 quantisations and int8 matmuls instead of 7. Returns how many groups."""
     fused_groups = 0
-    for parent in list(module.modules()):
-        for names in SHARED_INPUT_GROUPS:
-            linears = [getattr(parent, n, None) for n in names]
-            if not all(isinstance(lin, DynamicInt8Linear) for lin in linears) or \
-                    len({(lin.in_features, lin.passes) for lin in linears}) != 1:
-                continue
-            biases = [lin.bias for lin in linears]
-            bias = None if all(b is None for b in biases) else torch.cat(
-                [b.detach() if b is not None else torch.zeros(lin.out_features)
-                 for b, lin in zip(biases, linears)])
-            fused = DynamicInt8Linear(torch.cat([lin.qweight_t.T for lin in linears]),
-                                      torch.cat([lin.scales for lin in linears]), bias,
-                                      linears[0].passes)
-            install_fused(parent, names, fused, [lin.out_features for lin in linears])
-            fused_groups += 1
+    for _, parent, names, linears in shared_input_groups(module):
+        if not all(isinstance(lin, DynamicInt8Linear) for lin in linears) or \
+                len({(lin.in_features, lin.passes) for lin in linears}) != 1:
+            continue
+        biases = [lin.bias for lin in linears]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else torch.zeros(lin.out_features)
+             for b, lin in zip(biases, linears)])
+        fused = DynamicInt8Linear(torch.cat([lin.qweight_t.T for lin in linears]),
+                                  torch.cat([lin.scales for lin in linears]), bias,
+                                  linears[0].passes)
+        install_fused(parent, names, fused, [lin.out_features for lin in linears])
+        fused_groups += 1
     return fused_groups
+
+
+def shared_input_groups(module: nn.Module):
+    """(parent's name, parent, names, the modules there or None) for each parent under
+    `module` and each of `SHARED_INPUT_GROUPS` (listed first: installing changes the tree)."""
+    for parent_name, parent in list(module.named_modules()):
+        for names in SHARED_INPUT_GROUPS:
+            yield parent_name, parent, names, [getattr(parent, n, None) for n in names]
 
 
 def install_fused(parent: nn.Module, names: tuple, fused: nn.Module,

@@ -23,7 +23,7 @@ from torch import nn
 
 from .precision import (SHARED_INPUT_GROUPS, DynamicInt8Linear, Int4Linear, Int8Linear,
                         dynamic_int8_pays, fuse_shared_inputs, install_fused, int8_scales,
-                        quantize_int8, replace_linears)
+                        quantize_int8, replace_linears, shared_input_groups)
 
 # GGUF tensor name (per block) -> transformers Llama module name (per layer)
 _LLAMA_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -142,14 +142,12 @@ def _install_stored(model: nn.Module, tensors: dict, field: str, build) -> int:
     becomes `SharedInputPart`s of one module, `build(key, out_features, in_features)`.
     Returns how many linears it replaced."""
     replaced = 0
-    for parent_name, parent in list(model.named_modules()):
-        for names in SHARED_INPUT_GROUPS:
-            key = f"{parent_name}.fused_{'_'.join(names)}"
-            parts = [getattr(parent, n, None) for n in names]
-            if f"{key}.{field}" in tensors and all(isinstance(p, nn.Linear) for p in parts):
-                sizes = [p.out_features for p in parts]
-                install_fused(parent, names, build(key, sum(sizes), parts[0].in_features), sizes)
-                replaced += len(names)
+    for parent_name, parent, names, parts in shared_input_groups(model):
+        key = f"{parent_name}.fused_{'_'.join(names)}"
+        if f"{key}.{field}" in tensors and all(isinstance(p, nn.Linear) for p in parts):
+            sizes = [p.out_features for p in parts]
+            install_fused(parent, names, build(key, sum(sizes), parts[0].in_features), sizes)
+            replaced += len(names)
     return replaced
 
 
