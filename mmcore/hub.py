@@ -206,6 +206,10 @@ def load_role(role: str, source: str, device):
     check_load_report(role, source, info)
     check_tokenizer(role, source, processor, config)
     model.eval().to(device)
+    if role == "causal_lm":
+        from .gqa import use_grouped_sdpa
+
+        use_grouped_sdpa(model)         # masked batches of streams: one grouped SDPA call
     return model, processor
 
 
