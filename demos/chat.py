@@ -6,7 +6,7 @@ import contextlib
 
 import gradio as gr
 
-from mmcore import InputError, chat
+from mmcore import InputError, chat, generation
 from mmcore.text import as_number, clean_text
 
 from .context import AppContext, Pacer, guarded
@@ -44,22 +44,25 @@ def build(ctx: AppContext) -> None:
         if not continue_last:
             history = history + [{"role": "assistant", "content": ""}]
         start = history[-1]["content"]
-        pieces = kit.stream(prompt, max_new_tokens=n, temperature=temperature, seed=seed,
-                            chat=False)
-        text, pace = "", Pacer(LIGHT, lambda: ctx.streams.interval(LIGHT, HEAVY))
+        pace = Pacer(LIGHT, lambda: ctx.streams.interval(LIGHT, HEAVY))
+        params = generation.SamplingParams(n, temperature, seed=seed, chat=False)
+        run = generation.Generation(params)
+        # the handler sleeps until its next update is due, not woken per token
+        tokens = kit.generate_tokens(prompt, params, run=run, pace=pace.wait)
         try:
             with contextlib.ExitStack() as decoding:
-                for i, piece in enumerate(pieces):
-                    if i == 0:                      # counted from its first piece
+                for i, _ in enumerate(tokens):
+                    if i == 0:                      # counted from its first token
                         decoding.enter_context(ctx.streams.running())
-                    text += piece
-                    history[-1] = {"role": "assistant", "content": start + text}
-                    if pace.due():         # not per token: each update costs the decoder
-                        yield history
+                    # run.text: what is safe to show (never part of a stop sequence)
+                    history[-1] = {"role": "assistant", "content": start + run.text}
+                    if not run.behind and pace.due():   # not per token: each update
+                        yield history                   # costs the decoder
         finally:
-            close = getattr(pieces, "close", None)
+            close = getattr(tokens, "close", None)
             if close is not None:
                 close()                       # Stop or a closed page ends the decode too
+        history[-1] = {"role": "assistant", "content": start + run.text}
         yield history
 
     @guarded

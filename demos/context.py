@@ -364,6 +364,14 @@ class Pacer:
         self.every, self.last = every, None
         self.interval = interval          # seconds now, asked at each check (else `every`)
 
+    def wait(self) -> float:
+        """Seconds until the next update is due (0: due now): how long a paced stream's
+        handler may sleep (`Kit.generate_tokens(pace=...)`)."""
+        if self.last is None:
+            return 0.0
+        every = self.interval() if self.interval is not None else self.every
+        return self.last + every - time.perf_counter()
+
     def due(self, now: float | None = None) -> bool:
         now = time.perf_counter() if now is None else now
         every = self.interval() if self.interval is not None else self.every

@@ -106,6 +106,8 @@ def build(ctx: AppContext) -> None:
             (re-drawing a long token view starves the browser), everything at the end; None
             when nothing is due (no update is sent: each one costs the decoding thread
             time)."""
+            if run.behind and not final:    # more tokens are here already: show them too
+                return None
             now = time.perf_counter()
             big = heavy.due(now) or final
             small = light.due(now) or big
@@ -119,8 +121,9 @@ def build(ctx: AppContext) -> None:
 
         try:
             with contextlib.ExitStack() as decoding:
+                # the handler sleeps until its next update is due, not woken per token
                 for i, info in enumerate(kit.generate_tokens(prompt, params, halt, forced,
-                                                             run)):
+                                                             run, pace=light.wait)):
                     if i == 0:                      # counted from its first token, not
                         decoding.enter_context(ctx.streams.running())   # while it waits
                     tokens.append({"text": info.text, "prob": info.prob, "id": info.token_id,

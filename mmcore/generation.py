@@ -92,6 +92,9 @@ class Generation:
     ttft: float = 0.0                                # seconds to the first token
     seconds: float = 0.0
     notices: list = field(default_factory=list)
+    # tokens decoded but not yet taken by the consumer when it took this one (a serving
+    # scheduler's queue; 0 when decoding runs on the consumer's thread)
+    behind: int = 0
 
     @property
     def tokens_per_second(self) -> float:

@@ -237,17 +237,24 @@ class Kit:
 
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed=None, stop=None, stop_event=None,
-               **options):
-        """An iterator of text pieces; set `stop_event` (or close it) to stop within a token."""
+               pace=None, **options):
+        """An iterator of text pieces; set `stop_event` (or close it) to stop within a token.
+        `pace`: see `generate_tokens`."""
         from .generation import SamplingParams
 
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed,
                                 stop=stop or (), **options)
-        return self._generator().stream(prompt, params, stop_event)
+        return self._generator().stream(prompt, params, stop_event, pace=pace)
 
-    def generate_tokens(self, prompt, params, stop_event=None, forced=None, run=None):
-        """`generation.generate_tokens` on this kit's causal LM (batched when serving)."""
-        return self._generator().generate_tokens(prompt, params, stop_event, forced, run)
+    def generate_tokens(self, prompt, params, stop_event=None, forced=None, run=None,
+                        pace=None):
+        """`generation.generate_tokens` on this kit's causal LM (batched when serving).
+        `pace`: a callable giving the seconds until the caller next shows tokens; when
+        serving, the caller's thread then sleeps between its updates rather than waking on
+        every token (`serving.Scheduler._drain`). Decoding on the caller's own thread, it
+        has nothing to wait for and is not used."""
+        return self._generator().generate_tokens(prompt, params, stop_event, forced, run,
+                                                 pace=pace)
 
     def _generator(self):
         """The scheduler when serving (and the model can be batched), else the causal LM."""

@@ -255,6 +255,39 @@ def test_one_streams_stop_does_not_touch_the_others(tiny_kit, scheduler):
     wait_until(lambda: scheduler.load()["active"] == 0)       # the stopped rows left
 
 
+def test_a_paced_consumer_sleeps_until_its_update_and_still_gets_every_token(tiny_kit,
+                                                                               scheduler):
+    """With `pace`, the consumer's thread is not woken per token: after its first token it
+    sleeps its interval (here far longer than the run), is woken by the stream's end, and
+    takes every token then, in order, the same as batch 1; `run.behind` says how many were
+    still queued behind each."""
+    run, seen = G.Generation(G.SamplingParams()), []
+    start = time.monotonic()
+    for info in scheduler.generate_tokens(PROMPTS[0], G.SamplingParams(max_new_tokens=40),
+                                          run=run, pace=lambda: 60.0):
+        seen.append(run.behind)
+    assert time.monotonic() - start < 60          # woken by the end, not by its interval
+    same_run(run, alone(tiny_kit, PROMPTS[0], max_new_tokens=40))
+    n = len(run.tokens)
+    assert n == 40 and seen[1:] == list(range(n - 2, -1, -1))     # one burst after the first
+
+
+def test_stop_wakes_a_paced_consumer(tiny_kit, scheduler):
+    """Stop pressed while the consumer sleeps between updates: the scheduler ends the
+    stream at its next step, which wakes the consumer (not its interval)."""
+    halt, run = threading.Event(), G.Generation(G.SamplingParams())
+
+    def pace():
+        halt.set()                  # pressed as the consumer goes to sleep
+        return 60.0
+
+    start = time.monotonic()
+    list(scheduler.generate_tokens(PROMPTS[0], G.SamplingParams(max_new_tokens=200), halt,
+                                   run=run, pace=pace))
+    assert run.finish == "cancelled" and len(run.tokens) < 200
+    assert time.monotonic() - start < 60
+
+
 def test_one_streams_failure_in_a_step_fails_that_stream_alone(tiny_kit, scheduler,
                                                                 monkeypatch):
     """A stream whose own token choice fails mid-batch (its sampling settings) ends with its
