@@ -281,10 +281,13 @@ class Scheduler:
         there is, the caller's thread sleeps that long (or until the stream ends, its Stop
         included) and then takes what came meanwhile at once. Woken on every token instead,
         eight handler threads took the GIL eight times a step, which the scheduler's thread
-        needs between its ops (through the app, 8 users: a step 24-29 -> 22.6-23.1 ms)."""
+        needs between its ops (through the app, 8 users: a step 24-29 -> 22.6-23.1 ms).
+        After a Stop, an unpaced caller gets no further token; a paced one still gets those
+        decoded while it slept (it would have taken them had it been awake)."""
         try:
             while True:
-                if stream.stop_event is not None and stream.stop_event.is_set():
+                if stream.stop_event is not None and stream.stop_event.is_set() and \
+                        (pace is None or stream.out.empty()):
                     run.finish = "cancelled"
                     break
                 if pace is not None and run.tokens and stream.out.empty():
@@ -312,6 +315,7 @@ class Scheduler:
                 self._cond.notify_all()
             run.finish = run.finish or "cancelled"
             run.seconds = time.perf_counter() - stream.start
+            run.behind = 0
 
     # ---------------------------------------------------------------- the scheduler thread
 

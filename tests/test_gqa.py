@@ -95,7 +95,7 @@ def test_masked_steps_are_one_grouped_call_with_transformers_numbers(monkeypatch
 
 def test_a_row_of_the_masked_batch_equals_that_prompt_alone():
     model, _ = tiny_llama()
-    gqa.use_grouped_sdpa(model)
+    assert gqa.use_grouped_sdpa(model)
     batch, _ = padded_batch(model)
     rows = [[5, 9, 2], [7, 1, 4, 4, 8], [3, 3, 6, 2, 9, 1, 5]]
     for i, row in enumerate(rows):
@@ -114,7 +114,7 @@ def test_a_row_of_the_masked_batch_equals_that_prompt_alone():
 
 def test_unmasked_calls_stay_on_transformers_path(monkeypatch):
     model, _ = tiny_llama()
-    gqa.use_grouped_sdpa(model)
+    assert gqa.use_grouped_sdpa(model)
     calls = sdpa_calls(monkeypatch)
     with torch.inference_mode():
         model(input_ids=torch.tensor([[5, 9, 2, 7]]))
@@ -126,8 +126,28 @@ def test_scoring_runs_on_the_grouped_path_with_transformers_numbers():
     """Candidate scoring's tree forward (a 4D mask) on the grouped path."""
     ref, tok = tiny_llama()
     ours = copy.deepcopy(ref)
-    gqa.use_grouped_sdpa(ours)
+    assert gqa.use_grouped_sdpa(ours)
     conts = [[5, 9], [7, 1, 4], [3], [8, 8, 8, 2]]
     got, want = ([t for t in lm_scoring.score_continuations(
         m, lm_scoring.run_prefix(m, tok, "the cat sat on"), conts)] for m in (ours, ref))
     assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_only_families_that_never_test_the_implementations_name_are_switched():
+    """Gemma 4's code checks `_attn_implementation == "sdpa"` (its shared-KV layers): under
+    another name its logits change, so it and families like it stay on SDPA."""
+    import importlib
+    import inspect
+
+    for family in gqa.FAMILIES:
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        assert '"sdpa"' not in inspect.getsource(module), family
+    gemma4 = importlib.import_module("transformers.models.gemma4.modeling_gemma4")
+    assert '"sdpa"' in inspect.getsource(gemma4)         # the case the list guards against
+
+    class Other:
+        config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2)
+
+    Other.config._attn_implementation = "sdpa"
+    Other.config.model_type = "gemma4_text"
+    assert not gqa.use_grouped_sdpa(Other())

@@ -260,32 +260,62 @@ def test_a_paced_consumer_sleeps_until_its_update_and_still_gets_every_token(tin
     """With `pace`, the consumer's thread is not woken per token: after its first token it
     sleeps its interval (here far longer than the run), is woken by the stream's end, and
     takes every token then, in order, the same as batch 1; `run.behind` says how many were
-    still queued behind each."""
+    still queued behind each. (Decoding waits until the consumer goes to sleep, so the
+    burst does not depend on which thread is quicker.)"""
+    asleep, step = threading.Event(), scheduler._step
+
+    def gated_step():
+        asleep.wait(60)
+        step()
+
+    scheduler._step = gated_step
+    calls = []
+
+    def pace():
+        calls.append(len(run.tokens))
+        asleep.set()
+        return 60.0
+
     run, seen = G.Generation(G.SamplingParams()), []
     start = time.monotonic()
     for info in scheduler.generate_tokens(PROMPTS[0], G.SamplingParams(max_new_tokens=40),
-                                          run=run, pace=lambda: 60.0):
+                                          run=run, pace=pace):
         seen.append(run.behind)
     assert time.monotonic() - start < 60          # woken by the end, not by its interval
     same_run(run, alone(tiny_kit, PROMPTS[0], max_new_tokens=40))
-    n = len(run.tokens)
-    assert n == 40 and seen[1:] == list(range(n - 2, -1, -1))     # one burst after the first
+    assert calls == [1]                            # one sleep, after the first token
+    assert seen == [0] + list(range(38, -1, -1)) and run.behind == 0
 
 
-def test_stop_wakes_a_paced_consumer(tiny_kit, scheduler):
+def test_stop_wakes_a_paced_consumer_with_the_tokens_decoded_while_it_slept(tiny_kit,
+                                                                             scheduler):
     """Stop pressed while the consumer sleeps between updates: the scheduler ends the
-    stream at its next step, which wakes the consumer (not its interval)."""
-    halt, run = threading.Event(), G.Generation(G.SamplingParams())
+    stream at its next step, which wakes the consumer (not its interval), and the consumer
+    still gets the five tokens decoded while it slept, then no more."""
+    halt, asleep, step, steps = threading.Event(), threading.Event(), scheduler._step, []
+
+    def gated_step():
+        asleep.wait(60)
+        step()
+        steps.append(1)
+        if len(steps) == 5:
+            halt.set()              # Stop, pressed after five more tokens
+
+    scheduler._step = gated_step
+    calls = []
 
     def pace():
-        halt.set()                  # pressed as the consumer goes to sleep
+        calls.append(1)
+        asleep.set()
         return 60.0
 
-    start = time.monotonic()
+    run, start = G.Generation(G.SamplingParams()), time.monotonic()
     list(scheduler.generate_tokens(PROMPTS[0], G.SamplingParams(max_new_tokens=200), halt,
                                    run=run, pace=pace))
-    assert run.finish == "cancelled" and len(run.tokens) < 200
     assert time.monotonic() - start < 60
+    assert calls == [1] and run.finish == "cancelled" and len(run.tokens) == 6
+    ref = alone(tiny_kit, PROMPTS[0], max_new_tokens=6)
+    assert [t.token_id for t in run.tokens] == [t.token_id for t in ref.tokens]
 
 
 def test_one_streams_failure_in_a_step_fails_that_stream_alone(tiny_kit, scheduler,
