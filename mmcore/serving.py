@@ -294,8 +294,9 @@ class Scheduler:
                     wait = pace()
                     if wait > 0:
                         stream.ended.wait(wait)
+                        self._check_alive(stream)
                         continue
-                item = stream.out.get()
+                item = self._take(stream)
                 if isinstance(item, tuple) and item[0] == "end":
                     run.finish, run.text = stream.finish, item[1]
                     break
@@ -316,6 +317,21 @@ class Scheduler:
             run.finish = run.finish or "cancelled"
             run.seconds = time.perf_counter() - stream.start
             run.behind = 0
+
+    def _take(self, stream: _Stream, every: float = 1.0):
+        """The stream's next item, waiting for it (`_check_alive` every `every` s)."""
+        while True:
+            try:
+                return stream.out.get(timeout=every)
+            except queue.Empty:
+                self._check_alive(stream)
+
+    def _check_alive(self, stream: _Stream) -> None:
+        """A RuntimeError, not a wait without end, if the scheduler thread has died with
+        the stream still in it (every stream it ends gets its item first, so an empty
+        queue and no thread mean nothing will come)."""
+        if not self.running and stream.out.empty() and not stream.ended.is_set():
+            raise RuntimeError("The generation scheduler stopped; please try again.")
 
     # ---------------------------------------------------------------- the scheduler thread
 

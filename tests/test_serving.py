@@ -318,6 +318,23 @@ def test_stop_wakes_a_paced_consumer_with_the_tokens_decoded_while_it_slept(tiny
     assert [t.token_id for t in run.tokens] == [t.token_id for t in ref.tokens]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("paced", [False, True])
+def test_a_dead_scheduler_thread_fails_its_streams_instead_of_hanging(tiny_kit, scheduler,
+                                                                     paced):
+    """Something escaping the scheduler's own error handling (here a BaseException from a
+    step) kills its thread; its consumers get an error instead of waiting forever."""
+    def dying_step():
+        raise SystemExit("a bug")
+
+    scheduler._step = dying_step
+    run = G.Generation(G.SamplingParams())
+    with pytest.raises(RuntimeError, match="scheduler stopped"):
+        list(scheduler.generate_tokens(PROMPTS[0], G.SamplingParams(max_new_tokens=20),
+                                       run=run, pace=(lambda: 0.05) if paced else None))
+    assert len(run.tokens) == 1 and not scheduler.running
+
+
 def test_one_streams_failure_in_a_step_fails_that_stream_alone(tiny_kit, scheduler,
                                                                 monkeypatch):
     """A stream whose own token choice fails mid-batch (its sampling settings) ends with its
