@@ -54,9 +54,9 @@ def build(ctx: AppContext) -> None:
                 for i, _ in enumerate(tokens):
                     if i == 0:                      # counted from its first token
                         decoding.enter_context(ctx.streams.running())
-                    # run.text: what is safe to show (never part of a stop sequence)
-                    history[-1] = {"role": "assistant", "content": start + run.text}
                     if not run.behind and pace.due():   # not per token: each update
+                        # run.text: what is safe to show (never part of a stop sequence)
+                        history[-1] = {"role": "assistant", "content": start + run.text}
                         yield history                   # costs the decoder
         finally:
             close = getattr(tokens, "close", None)

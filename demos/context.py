@@ -369,16 +369,17 @@ class Pacer:
         handler may sleep (`Kit.generate_tokens(pace=...)`)."""
         if self.last is None:
             return 0.0
-        every = self.interval() if self.interval is not None else self.every
-        return self.last + every - time.perf_counter()
+        return self.last + self._every() - time.perf_counter()
 
     def due(self, now: float | None = None) -> bool:
         now = time.perf_counter() if now is None else now
-        every = self.interval() if self.interval is not None else self.every
-        if self.last is not None and now - self.last < every:
+        if self.last is not None and now - self.last < self._every():
             return False
         self.last = now
         return True
+
+    def _every(self) -> float:
+        return self.interval() if self.interval is not None else self.every
 
 
 class Streams:

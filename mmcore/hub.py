@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import ModelUnavailable
+from .gqa import use_grouped_sdpa
 
 OFFLINE_HINT = "Use `--kit offline` (or MMCORE_KIT=offline), which needs no network."
 SPACE_HINT = ("On a Space: check the Space's logs for network errors, and list the models under "
@@ -207,8 +208,6 @@ def load_role(role: str, source: str, device):
     check_tokenizer(role, source, processor, config)
     model.eval().to(device)
     if role == "causal_lm":
-        from .gqa import use_grouped_sdpa
-
         use_grouped_sdpa(model)         # masked batches of streams: one grouped SDPA call
     return model, processor
 

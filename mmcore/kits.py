@@ -237,14 +237,13 @@ class Kit:
 
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed=None, stop=None, stop_event=None,
-               pace=None, **options):
-        """An iterator of text pieces; set `stop_event` (or close it) to stop within a token.
-        `pace`: see `generate_tokens`."""
+               **options):
+        """An iterator of text pieces; set `stop_event` (or close it) to stop within a token."""
         from .generation import SamplingParams
 
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed,
                                 stop=stop or (), **options)
-        return self._generator().stream(prompt, params, stop_event, pace=pace)
+        return self._generator().stream(prompt, params, stop_event)
 
     def generate_tokens(self, prompt, params, stop_event=None, forced=None, run=None,
                         pace=None):

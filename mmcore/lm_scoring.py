@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .gqa import NAME as GROUPED_SDPA
 
 _vocab_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 TREE_TOKENS = 512        # continuation tokens per scoring sequence (the mask grows with its square)
@@ -154,10 +155,8 @@ def _tree_scores(model, rows: list, device) -> list:
     offline fill-mask: the copies were half the scoring forward). A sequence holds at most
     TREE_TOKENS tokens (more rows start another) and a forward at most TREE_TOKENS, so the
     mask and the logits (V floats per token: 100 MB for SmolLM2 at 512) stay bounded."""
-    from .gqa import NAME
-
     implementation = getattr(model.config, "_attn_implementation", "eager")
-    if implementation not in ("sdpa", "eager", NAME):
+    if implementation not in ("sdpa", "eager", GROUPED_SDPA):
         raise InputError(f"Scoring text needs sdpa or eager attention (a 4D mask); this "
                          f"model runs {implementation}.")
     prefixes, used, spans = [], [], []       # per sequence: its prefix, its tokens so far

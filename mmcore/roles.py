@@ -89,14 +89,14 @@ class CausalLM(TextRole):
             return generation.generate(self.model, self.tokenizer, prompt, params,
                                        num_candidates, self.compiled())
 
-    def stream(self, prompt, params, stop_event=None, pace=None):
-        # `pace` (Kit.generate_tokens) is for a scheduler's consumers: decoding here runs on
-        # the caller's thread
+    def stream(self, prompt, params, stop_event=None):
         return _long(generation.stream(self.model, self.tokenizer, prompt, params, stop_event,
                                        self.compiled()))
 
     def generate_tokens(self, prompt, params, stop_event=None, forced=None, run=None,
                         pace=None):
+        # `pace` (Kit.generate_tokens) is for a scheduler's consumers: decoding here runs on
+        # the caller's thread
         return _long(generation.generate_tokens(self.model, self.tokenizer, prompt, params,
                                                 stop_event, forced, run, self.compiled()))
 

@@ -218,11 +218,10 @@ class Scheduler:
             outs.append(run.text)
         return outs[0] if n == 1 else outs
 
-    def stream(self, prompt, params: SamplingParams, stop_event=None, pace=None):
+    def stream(self, prompt, params: SamplingParams, stop_event=None):
         """Text pieces, as `generation.stream`: never a piece of a stop sequence."""
         run = Generation(params)
-        yield from text_pieces(run, self.generate_tokens(prompt, params, stop_event, run=run,
-                                                         pace=pace))
+        yield from text_pieces(run, self.generate_tokens(prompt, params, stop_event, run=run))
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread; streams still running or waiting end as "cancelled"."""
