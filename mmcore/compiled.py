@@ -171,10 +171,12 @@ def prefill(model, decode, seq: torch.Tensor, total: int, logits_to_keep: int,
             wait: bool = True) -> tuple:
     """(logits (T', V) of the last `logits_to_keep` positions, cache, step): one prefill of
     `seq` (1, T) on the static cache of `decode`'s bucket for `total` positions when that
-    is compiled (step: the compiled step), else on a DynamicCache (step None); on the
-    model's two-pass int8 twin where it has one (`quantized_lm.prefill_twin`)."""
+    is compiled (step: the compiled step), else on a DynamicCache whose decode steps write
+    in place (step None; `kv_cache.with_room`); on the model's two-pass int8 twin where it
+    has one (`quantized_lm.prefill_twin`)."""
     from transformers import DynamicCache
 
+    from .kv_cache import with_room
     from .quantized_lm import prefill_model
 
     session = decode.session(total, wait=wait) if decode is not None else None
@@ -182,7 +184,7 @@ def prefill(model, decode, seq: torch.Tensor, total: int, logits_to_keep: int,
     where = {"cache_position": torch.arange(seq.shape[1], device=seq.device)} if step else {}
     logits = prefill_model(model)(input_ids=seq, cache=cache, use_cache=True,
                                   logits_to_keep=logits_to_keep, **where).logits[0]
-    return logits, cache, step
+    return logits, cache if step else with_room(cache), step
 
 
 def _own_code(method):

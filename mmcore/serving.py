@@ -4,9 +4,10 @@
 per step (as text-generation-inference and vLLM do). A stream's prompt (plus any forced
 tokens) is prefilled at batch 1, exactly as `generation.generate_tokens` does it, or, when
 several streams join at once, in one left-padded forward with theirs; the KV cache rows then
-join the batch between two decode steps. The batch is one `DynamicCache`,
-left-padded: each row has its own attention mask and explicit position ids, so a row reads
-the same keys at the same positions as it would alone. A stream leaves the batch on EOS, a
+join the batch between two decode steps. The batch is one `DynamicCache` (its layers write
+each step's keys and values in place: `kv_cache`), left-padded: each row has its own
+attention mask and explicit position ids, so a row reads the same keys at the same
+positions as it would alone. A stream leaves the batch on EOS, a
 stop sequence, `max_new_tokens`, its own stop event, or when its consumer closes the
 generator (Gradio's Stop, a dropped client); its row is removed before the next step and
 columns that only padding still uses are trimmed.
@@ -562,8 +563,9 @@ class Scheduler:
         a row has a token) and their last tokens. `step`: a lone stream's compiled step."""
         from transformers import DynamicCache
 
-        if step is None and any(type(layer).__name__ != "DynamicLayer"
-                                for layer in cache.layers):
+        from .kv_cache import full_attention, with_room
+
+        if step is None and not all(map(full_attention, cache.layers)):
             raise NotImplementedError("continuous batching needs a full-attention KV cache")
         tokens = torch.tensor([s.generated[-1] for s in streams], device=self.device)
         mask = mask.to(device=self.device, dtype=torch.long)
@@ -583,6 +585,8 @@ class Scheduler:
             self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
             self._pos = torch.cat([self._pos, lengths])
             self._next = torch.cat([self._next, tokens])
+        if self._single is None:
+            with_room(self._cache)              # decode steps write in place (kv_cache)
         self._active.extend(streams)
         self.peak_batch = max(self.peak_batch, len(self._active))
 
@@ -653,7 +657,9 @@ def _dynamic(cache, length: int):
     """A static cache's first `length` positions as a DynamicCache (a batch's kind)."""
     from transformers import DynamicCache
 
-    if all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+    from .kv_cache import full_attention
+
+    if all(map(full_attention, cache.layers)):
         return cache
     return DynamicCache(ddp_cache_data=[(layer.keys[:, :, :length], layer.values[:, :, :length])
                                         for layer in cache.layers])

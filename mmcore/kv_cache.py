@@ -1,0 +1,86 @@
+"""A KV cache layer that writes a decode step's keys and values in place.
+
+transformers' `DynamicLayer` appends with `torch.cat`: every decode step copies the whole
+cache of every layer into new tensors, a cost that grows with batch x length (the offline
+LM at `fast`, fp32 cache, 30 layers: 16 rows at 300 positions copy ~220 MB a step).
+`RoomyLayer` keeps its keys and values as views of buffers with room for more positions
+and copies only the new ones in; only when the room runs out (every `room(t)` positions)
+does it copy the cache, into a larger buffer. The values, and so every output, are the same.
+
+`with_room(cache)` switches a `DynamicCache`'s full-attention layers to it in place (other
+layer kinds, sliding windows, are left alone). Code that replaces a layer's `keys` (the
+scheduler trimming padding, selecting rows) simply gets a fresh buffer at the next update.
+"""
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+MIN_ROOM = 32        # positions of room at least: one copy of the cache per 32 decode steps
+
+
+def room(length: int) -> int:
+    """Positions of room a buffer gets beyond `length`: an eighth more (at most 12.5% of
+    the cache held spare), at least MIN_ROOM."""
+    return max(MIN_ROOM, length // 8)
+
+
+class RoomyLayer(DynamicLayer):
+    """`DynamicLayer` with in-place appends (module docstring)."""
+
+    _key_buffer = _value_buffer = None
+    _keys_view = _values_view = None      # what `update` last returned, while still in place
+    _length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.keys is self._keys_view and self.values is self._values_view and \
+                self._length + n <= self._key_buffer.shape[-2]:
+            t = self._length                  # the usual decode step: nothing to copy
+        else:                                 # a first update, no room left, or keys and
+            t = self._rebuffer(key_states, value_states)     # values replaced from outside
+        self._key_buffer.narrow(-2, t, n).copy_(key_states)
+        self._value_buffer.narrow(-2, t, n).copy_(value_states)
+        self._length = t + n
+        self.keys = self._keys_view = self._key_buffer.narrow(-2, 0, t + n)
+        self.values = self._values_view = self._value_buffer.narrow(-2, 0, t + n)
+        return self.keys, self.values
+
+    def _rebuffer(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
+        """New buffers holding the current keys and values with room after them (for the
+        new states and more); the number of positions they hold."""
+        t = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0   # empty: (0,)
+        want = t + key_states.shape[-2]
+        self._key_buffer = _buffer(self.keys, key_states, t, want + room(want))
+        self._value_buffer = _buffer(self.values, value_states, t, want + room(want))
+        return t
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = self._keys_view = self._values_view = None
+        self._length = 0
+        super().reset()
+
+
+def _buffer(old: torch.Tensor, like: torch.Tensor, t: int, size: int) -> torch.Tensor:
+    """A tensor shaped as `like` with `size` positions, its first `t` copied from `old`."""
+    shape = list(like.shape)
+    shape[-2] = size
+    buffer = like.new_empty(shape)
+    if t:
+        buffer.narrow(-2, 0, t).copy_(old)
+    return buffer
+
+
+def with_room(cache):
+    """`cache` (a DynamicCache) with its plain `DynamicLayer`s switched to `RoomyLayer`
+    (same object, same tensors; the first update copies them into a roomy buffer)."""
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = RoomyLayer
+    return cache
+
+
+def full_attention(layer) -> bool:
+    """Whether a cache layer keeps every position (what batching and trimming assume)."""
+    return type(layer) in (DynamicLayer, RoomyLayer)

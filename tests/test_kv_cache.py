@@ -1,0 +1,112 @@
+"""The KV cache layer that appends in place (`mmcore.kv_cache`): the same keys and values as
+transformers' DynamicLayer, whatever replaces them from outside, and no copy of the whole
+cache per decode step, in batch-1 generation and in the scheduler's batch. (That outputs
+stay equal is checked where they are made: greedy against `model.generate`, batched
+against batch 1.)"""
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from mmcore import generation as G
+from mmcore import serving as S
+from mmcore.kv_cache import MIN_ROOM, RoomyLayer, room, with_room
+from test_serving import together
+
+
+def both(ref, ours, n, rows=2):
+    k, v = torch.randn(rows, 3, n, 4), torch.randn(rows, 3, n, 4)
+    a, b = ref.update(k, v), ours.update(k, v)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(ref.keys, ours.keys) and torch.equal(ref.values, ours.values)
+    assert ours.get_seq_length() == ref.get_seq_length()
+
+
+def test_it_holds_what_dynamic_layer_holds_across_its_room():
+    torch.manual_seed(0)
+    ref, ours = DynamicLayer(), RoomyLayer()
+    for n in [5] + [1] * (3 * MIN_ROOM) + [7, 1, 1]:      # a prompt, steps, a chunk, steps
+        both(ref, ours, n)
+    assert ours.get_seq_length() == 5 + 3 * MIN_ROOM + 9
+
+
+def test_it_follows_keys_replaced_from_outside():
+    """What the scheduler does to a batch's layers: keep some rows, trim leading padding
+    columns, and what transformers may do: crop, reset."""
+    torch.manual_seed(1)
+    ref, ours = DynamicLayer(), RoomyLayer()
+    both(ref, ours, 6, rows=3)
+    both(ref, ours, 1, rows=3)
+    idx = torch.tensor([0, 2])
+    ref.batch_select_indices(idx)
+    ours.batch_select_indices(idx)
+    both(ref, ours, 1)
+    for layer in (ref, ours):                         # serving._trim
+        layer.keys, layer.values = layer.keys[..., 2:, :], layer.values[..., 2:, :]
+    both(ref, ours, 1)
+    ref.crop(-3)
+    ours.crop(-3)
+    both(ref, ours, 1)
+    both(ref, ours, 2)
+    ref.reset()
+    ours.reset()
+    both(ref, ours, 4, rows=1)
+
+
+def test_its_room_is_bounded():
+    assert room(10) == MIN_ROOM and room(8 * MIN_ROOM) == MIN_ROOM and room(4000) == 500
+    layer = RoomyLayer()
+    layer.update(torch.zeros(1, 2, 400, 8), torch.zeros(1, 2, 400, 8))
+    assert layer._key_buffer.shape[-2] == 400 + room(400)
+
+
+def test_only_full_attention_layers_switch():
+    cache = DynamicCache(ddp_cache_data=[(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))])
+    cache.layers.append(DynamicSlidingWindowLayer(sliding_window=8))
+    keys = cache.layers[0].keys
+    assert with_room(cache) is cache
+    assert type(cache.layers[0]) is RoomyLayer and cache.layers[0].keys is keys
+    assert type(cache.layers[1]) is DynamicSlidingWindowLayer
+
+
+def pointers_per_step(model, monkeypatch):
+    """After each forward of `model` on a cache: the storage of its first layer's keys."""
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        cache = kwargs.get("cache") or kwargs.get("past_key_values")
+        if cache is not None and args == () and kwargs["input_ids"].shape[1] == 1:
+            seen.append(cache.layers[0].keys.data_ptr())
+        return out
+
+    monkeypatch.setattr(model, "forward", spy)
+    return seen
+
+
+def kept(pointers) -> int:
+    return sum(a == b for a, b in zip(pointers, pointers[1:]))
+
+
+def test_batch_one_decoding_writes_each_step_in_place(tiny_kit, monkeypatch):
+    lm = tiny_kit.model("causal_lm")
+    seen = pointers_per_step(lm.model, monkeypatch)
+    params = G.SamplingParams(max_new_tokens=40, chat=False)
+    tokens = list(G.generate_tokens(lm.model, lm.tokenizer, "the cat sat on the", params))
+    assert len(tokens) == 40 and len(seen) == 39
+    assert kept(seen) >= len(seen) - 3          # a new buffer only when the room runs out
+
+
+def test_the_schedulers_batch_writes_each_step_in_place(tiny_kit, monkeypatch):
+    lm = tiny_kit.model("causal_lm")
+    seen = pointers_per_step(lm.model, monkeypatch)
+    sched = S.Scheduler(lm.model, lm.tokenizer, S.ServingConfig(max_batch=4,
+                                                                 pause_for_short=True))
+    try:
+        runs = together(sched, [(p, dict(max_new_tokens=n, chat=False)) for p, n in
+                                (("the cat sat on the", 40), ("hello", 30), ("a photo", 35))])
+    finally:
+        sched.close()
+    assert [len(r.tokens) for r in runs] == [40, 30, 35] and sched.peak_batch >= 2
+    # new buffers: when the room runs out, a stream joins or leaves, padding is trimmed
+    assert len(seen) >= 39 and kept(seen) >= len(seen) - 8
