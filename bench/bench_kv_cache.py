@@ -5,9 +5,11 @@ offline kit's causal LM, at several batch sizes and cache lengths.
 For each (rows, positions): the rows prefilled to that length, then `--steps` greedy decode
 steps on each cache, rounds interleaved; prints the median step time of each, the ratio,
 and whether both gave the same logits at every step (they must: the same values are read).
+Below `kv_cache.IN_PLACE_FROM` rows x positions ours appends by torch.cat too; pass
+`--in-place-from 0` to time in-place appends at every size.
 
     .venv/bin/python bench/bench_kv_cache.py [--precision fast] [--shapes 1x70,8x70,8x400,16x300]
-                                             [--steps 40] [--rounds 3]
+                                             [--steps 40] [--rounds 3] [--in-place-from N]
 """
 
 import argparse
@@ -57,7 +59,12 @@ def main() -> None:
     p.add_argument("--shapes", default="1x70,8x70,8x200,8x400,16x300")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--in-place-from", type=int, default=None)
     a = p.parse_args()
+    if a.in_place_from is not None:
+        from mmcore import kv_cache
+
+        kv_cache.IN_PLACE_FROM = a.in_place_from
 
     import mmcore
     from mmcore import precision

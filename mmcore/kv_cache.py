@@ -6,6 +6,7 @@ LM at `fast`, fp32 cache, 30 layers: 16 rows at 300 positions copy ~220 MB a ste
 `RoomyLayer` keeps its keys and values as views of buffers with room for more positions
 and copies only the new ones in; only when the room runs out (every `room(t)` positions)
 does it copy the cache, into a larger buffer. The values, and so every output, are the same.
+A small cache (under IN_PLACE_FROM rows x positions) still appends by `torch.cat`.
 
 `with_room(cache)` switches a `DynamicCache`'s full-attention layers to it in place (other
 layer kinds, sliding windows, are left alone). Code that replaces a layer's `keys` (the
@@ -16,6 +17,10 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 MIN_ROOM = 32        # positions of room at least: one copy of the cache per 32 decode steps
+# rows x positions below which a layer appends as DynamicLayer does (torch.cat): a small
+# cache costs little to copy, and in place measured no faster there (bench_kv_cache, offline
+# LM: 8 x 70 0.97-1.01x, 16 x 70 1.02x, 8 x 200 1.00-1.02x), with more ops per update
+IN_PLACE_FROM = 2048
 
 
 def room(length: int) -> int:
@@ -38,8 +43,13 @@ class RoomyLayer(DynamicLayer):
         if self.keys is self._keys_view and self.values is self._values_view and \
                 self._length + n <= self._key_buffer.shape[-2]:
             t = self._length                  # the usual decode step: nothing to copy
-        else:                                 # a first update, no room left, or keys and
-            t = self._rebuffer(key_states, value_states)     # values replaced from outside
+        else:      # a first update, no room left, keys and values replaced from outside
+            t = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0  # empty: (0,)
+            if key_states.shape[0] * (t + n) < IN_PLACE_FROM:
+                if self._key_buffer is not None:
+                    self.reset_buffers()
+                return super().update(key_states, value_states)
+            self._rebuffer(key_states, value_states, t)
         self._key_buffer.narrow(-2, t, n).copy_(key_states)
         self._value_buffer.narrow(-2, t, n).copy_(value_states)
         self._length = t + n
@@ -47,18 +57,20 @@ class RoomyLayer(DynamicLayer):
         self.values = self._values_view = self._value_buffer.narrow(-2, 0, t + n)
         return self.keys, self.values
 
-    def _rebuffer(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
-        """New buffers holding the current keys and values with room after them (for the
-        new states and more); the number of positions they hold."""
-        t = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0   # empty: (0,)
+    def _rebuffer(self, key_states: torch.Tensor, value_states: torch.Tensor, t: int) -> None:
+        """New buffers holding the first `t` positions of the current keys and values, with
+        room after them for the new states and more."""
         want = t + key_states.shape[-2]
         self._key_buffer = _buffer(self.keys, key_states, t, want + room(want))
         self._value_buffer = _buffer(self.values, value_states, t, want + room(want))
-        return t
 
-    def reset(self) -> None:
+    def reset_buffers(self) -> None:
+        """Let go of the buffers (the keys and values stay)."""
         self._key_buffer = self._value_buffer = self._keys_view = self._values_view = None
         self._length = 0
+
+    def reset(self) -> None:
+        self.reset_buffers()
         super().reset()
 
 

@@ -4,13 +4,22 @@ cache per decode step, in batch-1 generation and in the scheduler's batch. (That
 stay equal is checked where they are made: greedy against `model.generate`, batched
 against batch 1.)"""
 
+import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from mmcore import generation as G
+from mmcore import kv_cache
 from mmcore import serving as S
 from mmcore.kv_cache import MIN_ROOM, RoomyLayer, room, with_room
+from test_generation import hf_tokens, ours_tokens
 from test_serving import together
+
+
+@pytest.fixture(autouse=True)
+def in_place_at_any_size(monkeypatch):
+    """The tiny shapes here are below the size from which layers append in place."""
+    monkeypatch.setattr(kv_cache, "IN_PLACE_FROM", 0)
 
 
 def both(ref, ours, n, rows=2):
@@ -57,6 +66,24 @@ def test_its_room_is_bounded():
     layer = RoomyLayer()
     layer.update(torch.zeros(1, 2, 400, 8), torch.zeros(1, 2, 400, 8))
     assert layer._key_buffer.shape[-2] == 400 + room(400)
+
+
+def test_a_small_cache_appends_by_cat_and_a_large_one_in_place(monkeypatch):
+    monkeypatch.setattr(kv_cache, "IN_PLACE_FROM", 2 * 100)
+    torch.manual_seed(2)
+    ref, ours = DynamicLayer(), RoomyLayer()
+    both(ref, ours, 90)                             # 2 rows x 91 positions: a cat
+    both(ref, ours, 1)
+    assert ours._key_buffer is None
+    both(ref, ours, 9)                              # 2 x 100: into a buffer from here
+    kept = ours.keys.data_ptr()
+    both(ref, ours, 1)
+    assert ours.keys.data_ptr() == kept and ours._key_buffer is not None
+    idx = torch.tensor([1])
+    ref.batch_select_indices(idx)                   # 1 row x 101: small again
+    ours.batch_select_indices(idx)
+    both(ref, ours, 1, rows=1)
+    assert ours._key_buffer is None                 # the large buffer let go of
 
 
 def test_only_full_attention_layers_switch():
@@ -110,3 +137,14 @@ def test_the_schedulers_batch_writes_each_step_in_place(tiny_kit, monkeypatch):
     assert [len(r.tokens) for r in runs] == [40, 30, 35] and sched.peak_batch >= 2
     # new buffers: when the room runs out, a stream joins or leaves, padding is trimmed
     assert len(seen) >= 39 and kept(seen) >= len(seen) - 8
+    for (prompt, n), run in zip((("the cat sat on the", 40), ("hello", 30), ("a photo", 35)),
+                                runs):
+        assert [t.token_id for t in run.tokens] == hf_tokens(tiny_kit, prompt, False,
+                                                             max_new_tokens=n)
+
+
+def test_greedy_in_place_equals_model_generate_offline(offline_kit):
+    """Real weights, every append in place: token for token what transformers gives."""
+    for chat, prompt in ((True, "Write one sentence about the sea."), (False, "The sea is")):
+        ours, _ = ours_tokens(offline_kit, prompt, max_new_tokens=40, chat=chat)
+        assert ours == hf_tokens(offline_kit, prompt, chat, max_new_tokens=40)
