@@ -30,7 +30,9 @@ def room(length: int) -> int:
 
 
 class RoomyLayer(DynamicLayer):
-    """`DynamicLayer` with in-place appends (module docstring)."""
+    """`DynamicLayer` with in-place appends (module docstring). It appends as DynamicLayer
+    does (torch.cat) where in place would not pay or not be safe: a small cache, autograd
+    on, new states that do not match the cache (the cat raises or promotes, as it would)."""
 
     _key_buffer = _value_buffer = None
     _keys_view = _values_view = None      # what `update` last returned, while still in place
@@ -40,12 +42,13 @@ class RoomyLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        if self.keys is self._keys_view and self.values is self._values_view and \
-                self._length + n <= self._key_buffer.shape[-2]:
+        if self._in_place(key_states, value_states, n):
             t = self._length                  # the usual decode step: nothing to copy
         else:      # a first update, no room left, keys and values replaced from outside
             t = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0  # empty: (0,)
-            if key_states.shape[0] * (t + n) < IN_PLACE_FROM:
+            if key_states.shape[0] * (t + n) < IN_PLACE_FROM or torch.is_grad_enabled() or \
+                    (t and not (_fits(key_states, self.keys) and
+                                _fits(value_states, self.values))):
                 if self._key_buffer is not None:
                     self.reset_buffers()
                 return super().update(key_states, value_states)
@@ -56,6 +59,17 @@ class RoomyLayer(DynamicLayer):
         self.keys = self._keys_view = self._key_buffer.narrow(-2, 0, t + n)
         self.values = self._values_view = self._value_buffer.narrow(-2, 0, t + n)
         return self.keys, self.values
+
+    def _in_place(self, key_states: torch.Tensor, value_states: torch.Tensor, n: int) -> bool:
+        """Whether the keys and values are still the buffers' views this layer returned,
+        the buffers have room for `n` more, and the new states fit them (shape, dtype,
+        device; inference mode as when they were made; no autograd)."""
+        buffer = self._key_buffer
+        return (self.keys is self._keys_view and self.values is self._values_view
+                and self._length + n <= buffer.shape[-2]
+                and _fits(key_states, buffer) and _fits(value_states, self._value_buffer)
+                and buffer.is_inference() == torch.is_inference_mode_enabled()
+                and not torch.is_grad_enabled())
 
     def _rebuffer(self, key_states: torch.Tensor, value_states: torch.Tensor, t: int) -> None:
         """New buffers holding the first `t` positions of the current keys and values, with
@@ -69,9 +83,38 @@ class RoomyLayer(DynamicLayer):
         self._key_buffer = self._value_buffer = self._keys_view = self._values_view = None
         self._length = 0
 
+    # What replaces the keys and values lets go of the buffers at once, not at the next
+    # update: a batch that lost a row would hold both caches meanwhile.
     def reset(self) -> None:
         self.reset_buffers()
         super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.reset_buffers()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.reset_buffers()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.reset_buffers()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.reset_buffers()
+
+    def offload(self) -> None:
+        super().offload()
+        self.reset_buffers()
+
+
+def _fits(states: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether `states` can be written into (or after) `like` as they are: the same rows,
+    heads, head size, dtype and device (copy_ would broadcast or cast where cat fails)."""
+    return (states.dtype == like.dtype and states.device == like.device
+            and states.shape[:-2] == like.shape[:-2] and states.shape[-1] == like.shape[-1])
 
 
 def _buffer(old: torch.Tensor, like: torch.Tensor, t: int, size: int) -> torch.Tensor:
@@ -86,7 +129,11 @@ def _buffer(old: torch.Tensor, like: torch.Tensor, t: int, size: int) -> torch.T
 
 def with_room(cache):
     """`cache` (a DynamicCache) with its plain `DynamicLayer`s switched to `RoomyLayer`
-    (same object, same tensors; the first update copies them into a roomy buffer)."""
+    (same object, same tensors; the first update copies them into a roomy buffer). An
+    offloading cache is left as it is (its layers move between devices every step). Two
+    shallow copies of one layer would write into one buffer: copy a cache deeply."""
+    if getattr(cache, "offloading", False):
+        return cache
     for layer in getattr(cache, "layers", ()):
         if type(layer) is DynamicLayer:
             layer.__class__ = RoomyLayer

@@ -18,8 +18,11 @@ from test_serving import together
 
 @pytest.fixture(autouse=True)
 def in_place_at_any_size(monkeypatch):
-    """The tiny shapes here are below the size from which layers append in place."""
+    """The tiny shapes here are below the size from which layers append in place; and, as
+    in mmcore's decoding, autograd is off (with it on, layers append by cat)."""
     monkeypatch.setattr(kv_cache, "IN_PLACE_FROM", 0)
+    with torch.no_grad():
+        yield
 
 
 def both(ref, ours, n, rows=2):
@@ -61,6 +64,70 @@ def test_it_follows_keys_replaced_from_outside():
     both(ref, ours, 4, rows=1)
 
 
+def test_what_it_returned_stays_as_it_was():
+    """It hands out views of its buffers: later appends, a crop or a row selection must not
+    change a view returned before."""
+    torch.manual_seed(3)
+    layer = RoomyLayer()
+    layer.update(torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4))
+    keys, values = layer.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+    saved = keys.clone(), values.clone()
+    for _ in range(MIN_ROOM + 3):
+        layer.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+    layer.crop(-4)
+    layer.update(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4))
+    layer.batch_select_indices(torch.tensor([1]))
+    layer.update(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+    assert torch.equal(keys, saved[0]) and torch.equal(values, saved[1])
+
+
+def test_values_replaced_alone_are_followed_too():
+    torch.manual_seed(4)
+    ref, ours = DynamicLayer(), RoomyLayer()
+    both(ref, ours, 6)
+    both(ref, ours, 1)
+    for layer in (ref, ours):
+        layer.values = layer.values * 2
+    both(ref, ours, 1)
+    both(ref, ours, 1)
+
+
+def test_states_that_do_not_fit_are_handled_as_dynamic_layer_handles_them():
+    torch.manual_seed(5)
+    for layer in (DynamicLayer(), RoomyLayer()):     # other rows: the same error
+        layer.update(torch.randn(4, 3, 6, 4), torch.randn(4, 3, 6, 4))
+        layer.update(torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4))
+        with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+            layer.update(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+    ref, ours = DynamicLayer(), RoomyLayer()        # another dtype: promoted, as by cat
+    both(ref, ours, 6)
+    both(ref, ours, 1)
+    k, v = torch.randn(2, 3, 1, 4, dtype=torch.float64), torch.randn(2, 3, 1, 4)
+    a, b = ref.update(k, v), ours.update(k, v)
+    assert a[0].dtype == b[0].dtype == torch.float64 and torch.equal(a[0], b[0])
+
+
+def test_with_autograd_on_it_appends_by_cat():
+    layer = RoomyLayer()
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    with torch.enable_grad():
+        keys, _ = layer.update(x * 1, x * 2)
+        keys, values = layer.update(x[..., :1, :] * 3, x[..., :1, :] * 4)
+        (keys.sum() + values.sum()).backward()
+    assert layer._key_buffer is None and x.grad is not None
+
+
+def test_leaving_rows_lets_go_of_the_buffers_at_once():
+    layer = RoomyLayer()
+    with torch.inference_mode():
+        layer.update(torch.randn(4, 3, 6, 4), torch.randn(4, 3, 6, 4))
+        layer.update(torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4))
+        assert layer._key_buffer is not None
+        layer.batch_select_indices(torch.tensor([0, 2]))
+    assert layer._key_buffer is None and layer._keys_view is None
+    assert layer.keys.shape == (2, 3, 7, 4)
+
+
 def test_its_room_is_bounded():
     assert room(10) == MIN_ROOM and room(8 * MIN_ROOM) == MIN_ROOM and room(4000) == 500
     layer = RoomyLayer()
@@ -93,6 +160,10 @@ def test_only_full_attention_layers_switch():
     assert with_room(cache) is cache
     assert type(cache.layers[0]) is RoomyLayer and cache.layers[0].keys is keys
     assert type(cache.layers[1]) is DynamicSlidingWindowLayer
+    moving = DynamicCache(ddp_cache_data=[(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))])
+    moving.offloading = True                        # (made so only with an accelerator)
+    with_room(moving)                               # offloading: layers move every step
+    assert type(moving.layers[0]) is DynamicLayer
 
 
 def pointers_per_step(model, monkeypatch):
@@ -122,6 +193,8 @@ def test_batch_one_decoding_writes_each_step_in_place(tiny_kit, monkeypatch):
     tokens = list(G.generate_tokens(lm.model, lm.tokenizer, "the cat sat on the", params))
     assert len(tokens) == 40 and len(seen) == 39
     assert kept(seen) >= len(seen) - 3          # a new buffer only when the room runs out
+    assert [t.token_id for t in tokens] == hf_tokens(tiny_kit, "the cat sat on the", False,
+                                                     max_new_tokens=40)
 
 
 def test_the_schedulers_batch_writes_each_step_in_place(tiny_kit, monkeypatch):
