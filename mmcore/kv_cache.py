@@ -9,8 +9,9 @@ does it copy the cache, into a larger buffer. The values, and so every output, a
 A small cache (under IN_PLACE_FROM rows x positions) still appends by `torch.cat`.
 
 `with_room(cache)` switches a `DynamicCache`'s full-attention layers to it in place (other
-layer kinds, sliding windows, are left alone). Code that replaces a layer's `keys` (the
-scheduler trimming padding, selecting rows) simply gets a fresh buffer at the next update.
+layer kinds, sliding windows, are left alone). A layer whose `keys` are replaced from
+outside (the scheduler trimming padding) gets a fresh buffer at the next update; its own
+methods that replace them (selecting rows, crop, ...) let go of the buffers at once.
 """
 
 import torch
@@ -36,16 +37,14 @@ class RoomyLayer(DynamicLayer):
 
     _key_buffer = _value_buffer = None
     _keys_view = _values_view = None      # what `update` last returned, while still in place
-    _length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        if self._in_place(key_states, value_states, n):
-            t = self._length                  # the usual decode step: nothing to copy
-        else:      # a first update, no room left, keys and values replaced from outside
-            t = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0  # empty: (0,)
+        t = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0   # empty: (0,)
+        if not self._in_place(key_states, value_states, t + n):
+            # a first update, no room left, keys and values replaced from outside
             if key_states.shape[0] * (t + n) < IN_PLACE_FROM or torch.is_grad_enabled() or \
                     (t and not (_fits(key_states, self.keys) and
                                 _fits(value_states, self.values))):
@@ -53,20 +52,20 @@ class RoomyLayer(DynamicLayer):
                     self.reset_buffers()
                 return super().update(key_states, value_states)
             self._rebuffer(key_states, value_states, t)
-        self._key_buffer.narrow(-2, t, n).copy_(key_states)
-        self._value_buffer.narrow(-2, t, n).copy_(value_states)
-        self._length = t + n
+        self._key_buffer.narrow(-2, t, n).copy_(key_states)      # the usual decode step:
+        self._value_buffer.narrow(-2, t, n).copy_(value_states)  # only the new positions
         self.keys = self._keys_view = self._key_buffer.narrow(-2, 0, t + n)
         self.values = self._values_view = self._value_buffer.narrow(-2, 0, t + n)
         return self.keys, self.values
 
-    def _in_place(self, key_states: torch.Tensor, value_states: torch.Tensor, n: int) -> bool:
+    def _in_place(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                  total: int) -> bool:
         """Whether the keys and values are still the buffers' views this layer returned,
-        the buffers have room for `n` more, and the new states fit them (shape, dtype,
-        device; inference mode as when they were made; no autograd)."""
+        the buffers have room for `total` positions, and the new states fit them (shape,
+        dtype, device; inference mode as when they were made; no autograd)."""
         buffer = self._key_buffer
         return (self.keys is self._keys_view and self.values is self._values_view
-                and self._length + n <= buffer.shape[-2]
+                and total <= buffer.shape[-2]
                 and _fits(key_states, buffer) and _fits(value_states, self._value_buffer)
                 and buffer.is_inference() == torch.is_inference_mode_enabled()
                 and not torch.is_grad_enabled())
@@ -81,7 +80,6 @@ class RoomyLayer(DynamicLayer):
     def reset_buffers(self) -> None:
         """Let go of the buffers (the keys and values stay)."""
         self._key_buffer = self._value_buffer = self._keys_view = self._values_view = None
-        self._length = 0
 
     # What replaces the keys and values lets go of the buffers at once, not at the next
     # update: a batch that lost a row would hold both caches meanwhile.

@@ -7,10 +7,10 @@ several streams join at once, in one left-padded forward with theirs; the KV cac
 join the batch between two decode steps. The batch is one `DynamicCache` (its layers write
 each step's keys and values in place: `kv_cache`), left-padded: each row has its own
 attention mask and explicit position ids, so a row reads the same keys at the same
-positions as it would alone. A stream leaves the batch on EOS, a
-stop sequence, `max_new_tokens`, its own stop event, or when its consumer closes the
-generator (Gradio's Stop, a dropped client); its row is removed before the next step and
-columns that only padding still uses are trimmed.
+positions as it would alone. A stream leaves the batch on EOS, a stop sequence,
+`max_new_tokens`, its own stop event, or when its consumer closes the generator (Gradio's
+Stop, a dropped client); its row is removed before the next step and columns that only
+padding still uses are trimmed.
 
 Everything about a token stays per stream: sampling parameters, repetition penalty, its own
 `torch.Generator` (so a seed gives the same text whatever the batch holds), stop sequences,

@@ -202,18 +202,17 @@ def test_the_schedulers_batch_writes_each_step_in_place(tiny_kit, monkeypatch):
     seen = pointers_per_step(lm.model, monkeypatch)
     sched = S.Scheduler(lm.model, lm.tokenizer, S.ServingConfig(max_batch=4,
                                                                  pause_for_short=True))
+    jobs = [(p, dict(max_new_tokens=n, chat=False))
+            for p, n in (("the cat sat on the", 40), ("hello", 30), ("a photo", 35))]
     try:
-        runs = together(sched, [(p, dict(max_new_tokens=n, chat=False)) for p, n in
-                                (("the cat sat on the", 40), ("hello", 30), ("a photo", 35))])
+        runs = together(sched, jobs)
     finally:
         sched.close()
     assert [len(r.tokens) for r in runs] == [40, 30, 35] and sched.peak_batch >= 2
     # new buffers: when the room runs out, a stream joins or leaves, padding is trimmed
     assert len(seen) >= 39 and kept(seen) >= len(seen) - 8
-    for (prompt, n), run in zip((("the cat sat on the", 40), ("hello", 30), ("a photo", 35)),
-                                runs):
-        assert [t.token_id for t in run.tokens] == hf_tokens(tiny_kit, prompt, False,
-                                                             max_new_tokens=n)
+    for (prompt, kw), run in zip(jobs, runs):
+        assert [t.token_id for t in run.tokens] == hf_tokens(tiny_kit, prompt, **kw)
 
 
 def test_greedy_in_place_equals_model_generate_offline(offline_kit):
