@@ -10,6 +10,14 @@ and level it prints aggregate tokens/s, p50/p95 time to first token (seen by the
 queueing included), p50/p95 latency of the short calls against their idle latency, and the
 server's peak RSS.
 
+The simulated users share this machine's cores with the server, so what they cost is kept
+small: every client shares one TLS context (`ssl_verify=`): gradio_client opens a new
+`httpx` client for each call, and each one loaded the CA bundle again (17.6 ms of CPU,
+measured), so eight users starting at once spent ~0.25 s of both cores before the server
+heard from them (8 users: bench process 0.58-0.68 -> 0.08 s of CPU a round; pushes spread
+over 0.07-0.22 -> 0.005-0.027 s; 191-211 -> 274-283 tok/s). Every prompt runs its 64 tokens
+without reaching EOS, so each user does the work one user alone does.
+
     .venv/bin/python bench/bench_serving.py [--tiny] [--users 1,4,8,16] [--tokens 64]
         [--rounds 3]
 """
@@ -18,6 +26,7 @@ import argparse
 import os
 import re
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -36,7 +45,7 @@ PROMPTS = ["Once upon a time, in a village by the mountains,",
            "In the deep ocean, far below the reach of sunlight,",
            "My grandmother always told me that",
            "The first thing you notice about the old lighthouse is",
-           "Scientists announced today that"]
+           "Every morning, the baker on our street"]   # none ends (EOS) within 64 greedy tokens
 FILL = "The capital of France is [MASK]."
 
 
@@ -89,10 +98,13 @@ class Server:
         self.log.close()
 
 
+_TLS = ssl.create_default_context()      # made once: see the module docstring
+
+
 def client(url):
     from gradio_client import Client
 
-    return Client(url, verbose=False)
+    return Client(url, verbose=False, ssl_verify=_TLS)
 
 
 def generate(c, prompt: str, tokens: int, every: float = 0.01) -> tuple:
@@ -178,6 +190,7 @@ def level(server: Server, clients: list, short_client, image, users: int, tokens
     for t in side:
         t.join()
     return {"tok_s": sum(counts) / wall, "tokens": sum(counts), "wall": wall,
+            "early": sum(n < tokens for n in counts),
             "ttft": ttfts, "short": shorts, "rss": peak[0], "errors": errors}
 
 
@@ -189,6 +202,7 @@ def rounds(n: int, run) -> dict:
     return {**mid, "ttft": [t for r in runs for t in r["ttft"]],
             "short": {k: [v for r in runs for v in r["short"][k]] for k in mid["short"]},
             "rss": max(r["rss"] for r in runs), "errors": [e for r in runs for e in r["errors"]],
+            "early": sum(r["early"] for r in runs),
             "all_tok_s": [r["tok_s"] for r in runs]}
 
 
@@ -245,6 +259,7 @@ def main() -> None:
                 print(f"{s.name:13s} {users:2d} users: {r['tok_s']:6.1f} tok/s "
                       f"({r['tokens']} tokens in {r['wall']:.1f} s; rounds "
                       f"{', '.join(f'{x:.1f}' for x in r['all_tok_s'])})"
+                      + (f"  {r['early']} generations ended early (EOS)" if r["early"] else "")
                       + (f"  ERRORS {r['errors'][:2]}" if r["errors"] else ""), flush=True)
     finally:
         for s in servers:
