@@ -11,11 +11,12 @@ queueing included), p50/p95 latency of the short calls against their idle latenc
 server's peak RSS.
 
 The simulated users share this machine's cores with the server, so what they cost is kept
-small: every client shares one TLS context (`ssl_verify=`): gradio_client opens a new
-`httpx` client for each call, and each one loaded the CA bundle again (17.6 ms of CPU,
-measured), so eight users starting at once spent ~0.25 s of both cores before the server
-heard from them (8 users: bench process 0.58-0.68 -> 0.08 s of CPU a round; pushes spread
-over 0.07-0.22 -> 0.005-0.027 s; 191-211 -> 274-283 tok/s). Every prompt runs its 64 tokens
+small: every client shares one TLS context (`ssl_verify=`, which gradio_client hands to
+httpx): gradio_client opens a new `httpx` client for each call, and each one loaded the CA
+bundle again (17.6 ms of CPU, measured). In an 8-user round with short calls, the
+benchmark's process then used 0.58-0.68 s of CPU, 0.08 s with one context; the eight
+requests reached the server's queue over 0.07-0.22 s, then 0.005-0.027 s; 191-249 tok/s,
+then 274-283 (three rounds each, the earlier prompts). Every prompt runs its 64 tokens
 without reaching EOS, so each user does the work one user alone does.
 
     .venv/bin/python bench/bench_serving.py [--tiny] [--users 1,4,8,16] [--tokens 64]
