@@ -48,8 +48,7 @@ class RoomyLayer(DynamicLayer):
             if key_states.shape[0] * (t + n) < IN_PLACE_FROM or torch.is_grad_enabled() or \
                     (t and not (_fits(key_states, self.keys) and
                                 _fits(value_states, self.values))):
-                if self._key_buffer is not None:
-                    self.reset_buffers()
+                self.reset_buffers()
                 return super().update(key_states, value_states)
             self._rebuffer(key_states, value_states, t)
         self._key_buffer.narrow(-2, t, n).copy_(key_states)      # the usual decode step:
@@ -74,8 +73,9 @@ class RoomyLayer(DynamicLayer):
         """New buffers holding the first `t` positions of the current keys and values, with
         room after them for the new states and more."""
         want = t + key_states.shape[-2]
-        self._key_buffer = _buffer(self.keys, key_states, t, want + room(want))
-        self._value_buffer = _buffer(self.values, value_states, t, want + room(want))
+        size = want + room(want)
+        self._key_buffer = _buffer(self.keys, key_states, t, size)
+        self._value_buffer = _buffer(self.values, value_states, t, size)
 
     def reset_buffers(self) -> None:
         """Let go of the buffers (the keys and values stay)."""
